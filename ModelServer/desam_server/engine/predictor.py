@@ -1,0 +1,240 @@
+"""SlicePredictor: encode a slice once, then answer many prompts cheaply.
+
+Shaped like ``segment_anything.SamPredictor``: ``set_image`` then ``predict`` (SAM's own
+prompted decoder; same argument meanings, coordinate frame and outputs), plus
+``predict_auto`` for DeSAM's prompt-free whole-box and grid-points modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..modeling.desam import DeSAM, ImageFeatures
+from .postprocess import grid_points, nms_keep, remove_small_regions
+from .preprocess import IntensityWindow, prepare_input, to_input_frame, to_rgb
+from .runtime import Precision, choose_precision
+
+HOW_TO_GET_A_DECODER = (
+    "DeSAM's automatic modes need a trained DeSAM decoder (PRIM + PDMM) for this encoder; "
+    "PDMM starts from random weights and its output would be meaningless. Train one "
+    "(desam-server train, or the Train tab in Slicer) and pass it with --decoder / "
+    "decoder_checkpoint=..., or use the prompted mode (points or a box)."
+)
+
+
+class UntrainedDecoderError(RuntimeError):
+    """Automatic segmentation was asked of a model without a trained DeSAM decoder."""
+
+
+@dataclass
+class AutoResult:
+    """Result of an automatic mode on one slice.
+
+    mask: H x W bool in the original slice frame (empty when nothing survived);
+    iou: the predicted IoU of the chosen mask (nan when empty);
+    candidates: prompts scored; survivors: masks left after the IoU filter and NMS.
+    """
+
+    mask: np.ndarray
+    iou: float
+    candidates: int
+    survivors: int
+
+
+class SlicePredictor:
+    """Arguments: a DeSAM model (already on its device); ``precision`` 'auto', 'fp32',
+    'bf16' or 'fp16' for the encoder pass (decoders always run in fp32)."""
+
+    def __init__(self, model: DeSAM, *, precision: str | Precision = "auto") -> None:
+        self.model = model
+        self.precision = precision if isinstance(precision, Precision) else choose_precision(model.device, precision)
+        self.features: ImageFeatures | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.features is not None
+
+    def reset_image(self) -> None:
+        self.features = None
+
+    # ---- image -------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray, window: IntensityWindow | None = None) -> None:
+        """Encode one slice: H x W intensities (with ``window``; uint8 needs none) or
+        H x W x 3 uint8 RGB. Keeps the neck embedding and the taps for later prompts."""
+        rgb = to_rgb(image, window)
+        x, input_size = prepare_input(self.model, rgb)
+        with self.precision.autocast():
+            embedding, taps = self.model.encode(x)
+        self.set_features(
+            ImageFeatures(
+                embedding=embedding.float(),
+                taps=[t.float() for t in taps],
+                input_size=input_size,
+                original_size=tuple(rgb.shape[:2]),
+            )
+        )
+
+    def set_features(self, features: ImageFeatures) -> None:
+        """Adopt precomputed features (e.g. from a cache) instead of encoding."""
+        self.features = features
+
+    def _require_image(self) -> ImageFeatures:
+        if self.features is None:
+            raise RuntimeError("An image must be set with set_image(...) before prediction.")
+        return self.features
+
+    # ---- prompted mode -------------------------------------------------------------------
+    def _prompt_tensors(self, point_coords, point_labels, box):
+        feats = self._require_image()
+        h, w = feats.original_size
+        points = boxes = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be given with point_coords")
+            coords = np.asarray(point_coords, dtype=np.float64).reshape(-1, 2)
+            labels = np.asarray(point_labels).reshape(-1)
+            if coords.shape[0] != labels.shape[0] or coords.shape[0] == 0:
+                raise ValueError("point_coords (N x 2) and point_labels (N) must have the same N >= 1")
+            if not np.isfinite(coords).all():
+                raise ValueError("point coordinates must be finite")
+            if not np.isin(labels, (0, 1)).all():
+                raise ValueError("point labels must be 1 (foreground) or 0 (background)")
+            if (coords[:, 0] < 0).any() or (coords[:, 0] > w).any() or (coords[:, 1] < 0).any() or (coords[:, 1] > h).any():
+                raise ValueError(f"points must lie inside the {w} x {h} slice (x in [0, {w}], y in [0, {h}])")
+            if not self.model.convention.supports_points:
+                raise ValueError(f"encoder {self.model.encoder_name} was trained with box prompts only")
+            coords = to_input_frame(coords, feats.original_size, self.model.img_size)
+            points = (
+                torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
+                torch.as_tensor(labels, dtype=torch.int, device=self.device)[None],
+            )
+        if box is not None:
+            b = np.asarray(box, dtype=np.float64).reshape(-1)
+            if b.shape != (4,) or not np.isfinite(b).all():
+                raise ValueError("box must be 4 finite numbers x0, y0, x1, y1")
+            if b[2] <= b[0] or b[3] <= b[1]:
+                raise ValueError("box must have x1 > x0 and y1 > y0")
+            if b[0] < 0 or b[1] < 0 or b[2] > w or b[3] > h:
+                raise ValueError(f"box must lie inside the {w} x {h} slice")
+            b = to_input_frame(b.reshape(2, 2), feats.original_size, self.model.img_size).reshape(1, 4)
+            boxes = torch.as_tensor(b, dtype=torch.float, device=self.device)
+        return points, boxes
+
+    @torch.no_grad()
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SAM's prompted decoder on the current slice.
+
+        point_coords: N x 2 (x, y) in original slice pixels; point_labels: N (1 fg, 0 bg);
+        box: x0, y0, x1, y1 in original pixels; mask_input: 1 x L x L low-res logits from a
+        previous call (L = 4E: 256 for SAM). Returns (masks C x H x W (bool, or float
+        logits with return_logits), iou scores C, low-res logits C x L x L), C = 3 with
+        multimask_output else 1.
+        """
+        feats = self._require_image()
+        points, boxes = self._prompt_tensors(point_coords, point_labels, box)
+        if points is None and boxes is None and mask_input is None:
+            raise ValueError("give at least one prompt: points, a box or a mask")
+        mask_tensor = None
+        if mask_input is not None:
+            side = 4 * self.model.prompt_encoder.image_embedding_size[0]
+            m = np.asarray(mask_input, dtype=np.float32)
+            if m.shape != (1, side, side) or not np.isfinite(m).all():
+                raise ValueError(f"mask_input must be finite logits of shape 1 x {side} x {side}")
+            mask_tensor = torch.as_tensor(m, device=self.device)[None]
+        low_res, iou = self.model.sam_decode(
+            feats.embedding, points=points, boxes=boxes, mask_input=mask_tensor,
+            multimask_output=multimask_output,
+        )
+        masks = self.model.postprocess_logits(low_res, feats.input_size, feats.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks[0].cpu().numpy(), iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
+
+    # ---- automatic (DeSAM) modes ----------------------------------------------------------
+    def _skips(self, feats: ImageFeatures) -> list[torch.Tensor]:
+        if feats.skips is None:
+            feats.skips = self.model.image_skips(feats.taps)
+        return feats.skips
+
+    @torch.no_grad()
+    def predict_auto(
+        self,
+        mode: str = "box",
+        grid_size: int = 9,
+        *,
+        iou_threshold: float = 0.5,
+        nms_threshold: float = 0.7,
+        min_region_area: int = 64,
+        chunk_size: int = 16,
+        reuse_image_part: bool = True,
+    ) -> AutoResult:
+        """DeSAM without a user prompt.
+
+        mode 'box': one forward with the box covering the whole slice; no IoU filtering.
+        mode 'grid': grid_size x grid_size single positive points, each scored by PRIM;
+          predictions with IoU <= iou_threshold are dropped, the rest decoded (in chunks of
+          ``chunk_size`` prompts), thresholded at logit 0 and suppressed by box NMS at
+          ``nms_threshold`` ranked by IoU; the top-ranked survivor is the result.
+        Both: holes and islands smaller than ``min_region_area`` pixels are removed.
+        reuse_image_part: compute PDMM's prompt-independent part once per slice (False
+          recomputes it for every chunk; the results are identical, it is only slower).
+        """
+        if not self.model.has_trained_decoder:
+            raise UntrainedDecoderError(HOW_TO_GET_A_DECODER)
+        feats = self._require_image()
+        h, w = feats.original_size
+        if mode == "box":
+            box = to_input_frame(np.array([[0.0, 0.0], [w, h]]), feats.original_size, self.model.img_size)
+            boxes = torch.as_tensor(box.reshape(1, 4), dtype=torch.float, device=self.device)
+            iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats), boxes=boxes)
+            mask = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[0, 0] > 0
+            mask = remove_small_regions(mask.cpu().numpy(), min_region_area)
+            return AutoResult(mask=mask, iou=float(iou[0]), candidates=1, survivors=int(mask.any()))
+        if mode != "grid":
+            raise ValueError(f"unknown automatic mode {mode!r}: use 'box' or 'grid'")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        pts = to_input_frame(grid_points(grid_size, h, w), feats.original_size, self.model.img_size)
+        coords = torch.as_tensor(pts, dtype=torch.float, device=self.device)[:, None, :]
+        labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=self.device)
+
+        kept_masks, kept_scores = [], []
+        for start in range(0, coords.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            skips = self._skips(feats) if reuse_image_part else self.model.image_skips(feats.taps)
+            sparse, dense = self.model.prompt_encoder(points=(coords[chunk], labels[chunk]), boxes=None, masks=None)
+            iou, mask_embedding = self.model.prim(
+                feats.embedding, self.model.prompt_encoder.get_dense_pe(), sparse, dense
+            )
+            keep = iou > iou_threshold
+            if not keep.any():
+                continue  # PDMM's decode is only needed for prompts that can survive
+            logits = self.model.pdmm.decode(mask_embedding[keep], skips)
+            masks = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[:, 0] > 0
+            nonempty = masks.flatten(1).any(dim=1)
+            kept_masks.append(masks[nonempty])
+            kept_scores.append(iou[keep][nonempty])
+        if not kept_masks or sum(m.shape[0] for m in kept_masks) == 0:
+            return AutoResult(mask=np.zeros((h, w), bool), iou=float("nan"), candidates=coords.shape[0], survivors=0)
+        masks = torch.cat(kept_masks)
+        scores = torch.cat(kept_scores)
+        order = nms_keep(masks, scores, nms_threshold)
+        best = int(order[0])
+        mask = remove_small_regions(masks[best].cpu().numpy(), min_region_area)
+        return AutoResult(mask=mask, iou=float(scores[best]), candidates=coords.shape[0], survivors=int(order.numel()))

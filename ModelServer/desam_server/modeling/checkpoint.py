@@ -1,0 +1,183 @@
+"""Checkpoint files: SAM-family checkpoints (read strictly) and DeSAM decoder files.
+
+A DeSAM decoder file holds PRIM + PDMM only (never the encoder) as safetensors, with one
+metadata entry ``desam`` whose value is JSON: format, format version, encoder name and
+weights hash, tap indices and widths, input convention, structure name, training summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..atomic import atomic_write_bytes
+from .desam import DeSAM
+
+DECODER_FORMAT = "desam-decoder"
+DECODER_FORMAT_VERSION = 1
+SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or does not fit the model."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, memoised per (path, size, mtime) within the process."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+        _HASH_MEMO[key] = digest.hexdigest()
+    return _HASH_MEMO[key]
+
+
+def _describe_keys(label: str, keys: set[str]) -> str:
+    shown = ", ".join(sorted(keys)[:8])
+    more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+    return f"{len(keys)} {label}: {shown}{more}"
+
+
+def _check_keys(path: Path, expected: set[str], found: set[str]) -> None:
+    missing, unexpected = expected - found, found - expected
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(_describe_keys("missing keys", missing))
+        if unexpected:
+            parts.append(_describe_keys("unexpected keys", unexpected))
+        raise CheckpointError(f"{path}: does not match the model: " + "; ".join(parts))
+
+
+def load_sam_checkpoint(model: DeSAM, path: str | os.PathLike, *, expected_sha256: str | None = None) -> None:
+    """Load a SAM-family checkpoint (official layout) strictly into the model's encoder,
+    prompt encoder and SAM mask decoder. Records the file's sha256 on the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: SAM checkpoint not found")
+    digest = sha256_file(path)
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise CheckpointError(
+            f"{path}: sha256 {digest} does not match the expected {expected_sha256} "
+            "(incomplete download or a different file)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/corrupt archives
+        raise CheckpointError(f"{path}: cannot read SAM checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a flat state dict of tensors")
+    expected = {k for k in model.state_dict() if k.split(".", 1)[0] in SAM_PARTS}
+    _check_keys(path, expected, set(state))
+    for part in SAM_PARTS:
+        prefix = part + "."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            getattr(model, part).load_state_dict(sub, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: {part} does not fit: {exc}") from exc
+    model.encoder_weights_sha256 = digest
+
+
+def decoder_state_dict(model: DeSAM) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, module in model.decoder_modules().items():
+        for key, value in module.state_dict().items():
+            state[f"{name}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+    return state
+
+
+def decoder_metadata(model: DeSAM, *, structure: str, training: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "format": DECODER_FORMAT,
+        "format_version": DECODER_FORMAT_VERSION,
+        "encoder": model.encoder_name,
+        "encoder_weights_sha256": model.encoder_weights_sha256,
+        "tap_indices": list(model.tap_indices),
+        "tap_channels": list(model.image_encoder.tap_channels),
+        "input": model.convention.to_json(),
+        "structure": structure,
+        "training": training or {},
+    }
+
+
+def save_decoder(
+    model: DeSAM, path: str | os.PathLike, *, structure: str, training: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write PRIM + PDMM and their metadata atomically; returns the metadata."""
+    if not structure or not structure.strip():
+        raise ValueError("a decoder file needs a structure name")
+    meta = decoder_metadata(model, structure=structure.strip(), training=training)
+    data = st_save(decoder_state_dict(model), metadata={"desam": json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(Path(path), data)
+    return meta
+
+
+def read_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and validate a decoder file's container and metadata (not yet the model fit)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: decoder file not found")
+    raw = path.read_bytes()
+    try:
+        tensors = st_load(raw)
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + header_len])
+    except (SafetensorError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{path}: not a readable DeSAM decoder file (truncated or corrupt): {exc}") from exc
+    try:
+        meta = json.loads(header.get("__metadata__", {})["desam"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: no DeSAM metadata in this safetensors file") from exc
+    if meta.get("format") != DECODER_FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {DECODER_FORMAT!r}")
+    if meta.get("format_version") != DECODER_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: decoder format version {meta.get('format_version')} is not supported "
+            f"(this build reads version {DECODER_FORMAT_VERSION})"
+        )
+    return tensors, meta
+
+
+def load_decoder(model: DeSAM, path: str | os.PathLike) -> dict[str, Any]:
+    """Load PRIM + PDMM from a decoder file after checking that it was made for this
+    encoder (name, tap layout and, when both are known, encoder weights hash)."""
+    path = Path(path)
+    tensors, meta = read_decoder(path)
+    if meta.get("encoder") != model.encoder_name:
+        raise CheckpointError(
+            f"{path}: decoder was trained for encoder {meta.get('encoder')!r}, "
+            f"the loaded encoder is {model.encoder_name!r}"
+        )
+    if list(meta.get("tap_indices", [])) != list(model.tap_indices):
+        raise CheckpointError(f"{path}: decoder taps {meta.get('tap_indices')} != model taps {list(model.tap_indices)}")
+    theirs, ours = meta.get("encoder_weights_sha256"), model.encoder_weights_sha256
+    if theirs != ours:
+        raise CheckpointError(
+            f"{path}: decoder was trained on encoder weights {theirs or 'random (none)'}, "
+            f"the loaded encoder weights are {ours or 'random (none)'}"
+        )
+    expected = set(decoder_state_dict(model))
+    _check_keys(path, expected, set(tensors))
+    for name, module in model.decoder_modules().items():
+        prefix = name + "."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(sub, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: {name} does not fit: {exc}") from exc
+    model.decoder_metadata = meta
+    return meta

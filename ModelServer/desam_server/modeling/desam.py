@@ -1,0 +1,201 @@
+"""The DeSAM assembly: a frozen SAM-family encoder, SAM's prompt encoder and mask decoder
+(the prompted path), and the trainable DeSAM decoders PRIM + PDMM (the automatic path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from segment_anything.modeling import MaskDecoder, PromptEncoder
+from torch import nn
+from torch.nn import functional as F
+
+from .pdmm import PDMM
+from .prim import PRIM
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """How an 8-bit RGB slice becomes encoder input.
+
+    img_size: side of the square encoder input; the slice is resized so its longest
+      side is img_size, normalised as (x - pixel_mean) / pixel_std on the 0-255 scale,
+      and padded bottom/right with zeros.
+    supports_points: False for encoders fine-tuned with box prompts only (LiteMedSAM).
+    """
+
+    name: str
+    img_size: int
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    supports_points: bool = True
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "img_size": self.img_size,
+            "pixel_mean": list(self.pixel_mean),
+            "pixel_std": list(self.pixel_std),
+            "supports_points": self.supports_points,
+        }
+
+
+SAM_CONVENTION_1024 = InputConvention(
+    name="sam-meanstd", img_size=1024,
+    pixel_mean=(123.675, 116.28, 103.53), pixel_std=(58.395, 57.12, 57.375),
+)
+
+
+@dataclass
+class ImageFeatures:
+    """Encoder output for one slice (batch 1).
+
+    embedding: 1 x 256 x E x E neck output; taps: three 1 x C_i x S_i x S_i maps, shallow
+    to deep; input_size: (h, w) of the resized slice inside the padded input;
+    original_size: (H, W) of the slice as given.
+    """
+
+    embedding: torch.Tensor
+    taps: list[torch.Tensor]
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+    skips: list[torch.Tensor] | None = field(default=None, repr=False)
+
+
+class DeSAM(nn.Module):
+    """Keyword-only arguments: the registry name of the encoder, the built submodules and
+    the input convention. ``image_encoder`` must return ``(embedding, taps)`` and expose
+    ``tap_channels``, ``tap_sizes`` and ``embedding_size``."""
+
+    mask_threshold: float = 0.0
+
+    def __init__(
+        self,
+        *,
+        encoder_name: str,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        prim: PRIM,
+        pdmm: PDMM,
+        convention: InputConvention,
+        tap_indices: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.encoder_name = encoder_name
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.prim = prim
+        self.pdmm = pdmm
+        self.convention = convention
+        self.tap_indices = tuple(int(i) for i in tap_indices)
+        self.register_buffer("pixel_mean", torch.tensor(convention.pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(convention.pixel_std).view(-1, 1, 1), False)
+        # Provenance, filled by the loaders: sha256 of the SAM-family checkpoint the encoder
+        # came from (None for random weights) and the metadata of a loaded DeSAM decoder.
+        self.encoder_weights_sha256: str | None = None
+        self.decoder_metadata: dict | None = None
+
+    # ---- properties -----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def img_size(self) -> int:
+        return self.convention.img_size
+
+    @property
+    def has_trained_decoder(self) -> bool:
+        """True once PRIM + PDMM weights were loaded from a DeSAM decoder file."""
+        return self.decoder_metadata is not None
+
+    def decoder_modules(self) -> dict[str, nn.Module]:
+        return {"prim": self.prim, "pdmm": self.pdmm}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for module in self.decoder_modules().values() for p in module.parameters()]
+
+    def freeze_frozen_parts(self) -> None:
+        """Encoder, prompt encoder and SAM's mask decoder never train in DeSAM."""
+        for module in (self.image_encoder, self.prompt_encoder, self.mask_decoder):
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    # ---- image side -----------------------------------------------------------------
+    def normalize_and_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """B x 3 x h x w on the 0-255 scale (longest side img_size) -> B x 3 x S x S."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Normalised padded input B x 3 x S x S -> (embedding B x 256 x E x E, taps)."""
+        return self.image_encoder(x)
+
+    # ---- the automatic (DeSAM) path ---------------------------------------------------
+    def image_skips(self, taps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """PDMM's prompt-independent part for one slice; reuse it for every prompt."""
+        return self.pdmm.encode_image(taps)
+
+    def desam_decode(
+        self,
+        embedding: torch.Tensor,
+        skips: Sequence[torch.Tensor],
+        *,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PRIM + the prompt-dependent part of PDMM.
+
+        embedding: 1 x 256 x E x E; skips: from ``image_skips``; points: (B x N x 2 coords
+        in the padded input frame (x, y), B x N labels); boxes: B x 4 XYXY in that frame.
+        Returns (iou B, logits B x 1 x 4E x 4E).
+        """
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+        iou, mask_embedding = self.prim(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        return iou, self.pdmm.decode(mask_embedding, skips)
+
+    def desam_forward(
+        self,
+        embedding: torch.Tensor,
+        taps: Sequence[torch.Tensor],
+        *,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training form: per-sample features (batch B everywhere) -> (iou B, logits)."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+        iou, mask_embedding = self.prim(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        return iou, self.pdmm(mask_embedding, taps)
+
+    # ---- the prompted (SAM) path -------------------------------------------------------
+    def sam_decode(
+        self,
+        embedding: torch.Tensor,
+        *,
+        points: tuple[torch.Tensor, torch.Tensor] | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's own decoder: (low-res logits B x C x 4E x 4E, iou B x C)."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return self.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    def postprocess_logits(
+        self, logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Low-res logits B x C x L x L -> B x C x H x W in the original slice frame:
+        bilinear to S x S, crop the unpadded h x w region, bilinear to H x W."""
+        x = F.interpolate(logits.float(), (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        x = x[..., : input_size[0], : input_size[1]]
+        return F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)

@@ -1,0 +1,208 @@
+"""SlicePredictor: equivalence with SamPredictor, automatic modes, input validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamPredictor
+
+from conftest import phantom_slice
+from desam_server.engine import IntensityWindow, SlicePredictor, UntrainedDecoderError, apply_window, to_rgb
+from desam_server.engine.postprocess import grid_points, nms_keep, remove_small_regions
+from desam_server.modeling import build_desam, save_decoder
+
+
+@pytest.fixture(scope="module")
+def rgb_slice():
+    image, _ = phantom_slice(150, 220)
+    return to_rgb(image, IntensityWindow(center=40, width=400))
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_sam_checkpoint, rgb_slice):
+    """Our predictor and segment_anything's own, same weights (from the file), same image."""
+    path, sam = tiny_sam_checkpoint
+    ours = SlicePredictor(build_desam("tiny", sam_checkpoint=path), precision="fp32")
+    ours.set_image(rgb_slice)
+    theirs = SamPredictor(sam)
+    theirs.set_image(rgb_slice)
+    return ours, theirs
+
+
+PROMPTS = [
+    dict(point_coords=np.array([[120.0, 70.0]]), point_labels=np.array([1])),
+    dict(point_coords=np.array([[120.0, 70.0], [30.0, 20.0]]), point_labels=np.array([1, 0])),
+    dict(box=np.array([60.0, 30.0, 190.0, 120.0])),
+    dict(point_coords=np.array([[100.0, 80.0]]), point_labels=np.array([0]), box=np.array([50.0, 20.0, 200.0, 140.0])),
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("multimask", [True, False])
+def test_prompted_predict_matches_sam_predictor(pair, prompt, multimask):
+    ours, theirs = pair
+    torch.testing.assert_close(ours.features.embedding, theirs.features, rtol=1e-5, atol=1e-5)
+    m1, s1, l1 = ours.predict(**prompt, multimask_output=multimask)
+    m2, s2, l2 = theirs.predict(**prompt, multimask_output=multimask)
+    assert m1.shape == m2.shape == ((3 if multimask else 1), 150, 220)
+    np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(l1, l2, rtol=1e-4, atol=1e-4)
+    # Binary masks may differ only where the logit is within float noise of 0.
+    assert (m1 != m2).mean() < 1e-3
+    lg1, _, _ = ours.predict(**prompt, multimask_output=multimask, return_logits=True)
+    lg2, _, _ = theirs.predict(**prompt, multimask_output=multimask, return_logits=True)
+    np.testing.assert_allclose(lg1, lg2, rtol=1e-4, atol=1e-4)
+
+
+def test_refinement_with_previous_low_res_logits_matches(pair):
+    ours, theirs = pair
+    _, _, low = theirs.predict(**PROMPTS[0], multimask_output=False)
+    args = dict(point_coords=np.array([[120.0, 70.0], [150.0, 90.0]]), point_labels=np.array([1, 0]), mask_input=low)
+    m1, s1, l1 = ours.predict(**args, multimask_output=False)
+    m2, s2, l2 = theirs.predict(**args, multimask_output=False)
+    np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(l1, l2, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(point_coords=np.array([[500.0, 10.0]]), point_labels=np.array([1])), "inside"),
+        (dict(point_coords=np.array([[np.nan, 10.0]]), point_labels=np.array([1])), "finite"),
+        (dict(point_coords=np.array([[5.0, 10.0]]), point_labels=np.array([2])), "labels"),
+        (dict(point_coords=np.array([[5.0, 10.0]])), "point_labels"),
+        (dict(box=np.array([50.0, 50.0, 10.0, 80.0])), "x1 > x0"),
+        (dict(box=np.array([0.0, 0.0, 300.0, 80.0])), "inside"),
+        (dict(mask_input=np.zeros((1, 32, 32))), "mask_input"),
+        (dict(), "at least one prompt"),
+    ],
+)
+def test_bad_prompts_are_rejected_with_clear_errors(pair, kwargs, message):
+    ours, _ = pair
+    with pytest.raises(ValueError, match=message):
+        ours.predict(**kwargs)
+
+
+def test_predict_needs_an_image(tiny_model):
+    with pytest.raises(RuntimeError, match="set_image"):
+        SlicePredictor(tiny_model).predict(box=np.array([0, 0, 5, 5]))
+
+
+def test_automatic_modes_refuse_an_untrained_decoder(pair):
+    ours, _ = pair
+    assert not ours.model.has_trained_decoder
+    with pytest.raises(UntrainedDecoderError, match="trained DeSAM decoder"):
+        ours.predict_auto("box")
+    with pytest.raises(UntrainedDecoderError, match="train"):
+        ours.predict_auto("grid")
+
+
+@pytest.fixture(scope="module")
+def trained_predictor(tiny_sam_checkpoint, tmp_path_factory, rgb_slice):
+    """A model whose PRIM + PDMM come from a decoder file (random weights written by the
+    test, so that outputs are non-trivial and deterministic)."""
+    path, _ = tiny_sam_checkpoint
+    model = build_desam("tiny", sam_checkpoint=path)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.pdmm.parameters():
+            p.normal_(0, 0.05)
+    dec = tmp_path_factory.mktemp("dec") / "tiny_decoder.safetensors"
+    save_decoder(model, dec, structure="phantom")
+    loaded = build_desam("tiny", sam_checkpoint=path, decoder_checkpoint=dec)
+    pred = SlicePredictor(loaded, precision="fp32")
+    pred.set_image(rgb_slice)
+    return pred
+
+
+def naive_grid(pred: SlicePredictor, grid_size: int, iou_threshold: float, nms_threshold: float, min_area: int):
+    """The reference procedure: every prompt through the whole DeSAM decoder on its own
+    (PDMM image part recomputed per prompt), then the same selection rules."""
+    m, f = pred.model, pred.features
+    from desam_server.engine.preprocess import to_input_frame
+
+    pts = to_input_frame(grid_points(grid_size, *f.original_size), f.original_size, m.img_size)
+    masks, scores, all_ious = [], [], []
+    with torch.no_grad():
+        for x, y in pts:
+            points = (torch.tensor([[[x, y]]], dtype=torch.float), torch.ones(1, 1, dtype=torch.int))
+            iou, logits = m.desam_forward(f.embedding, f.taps, points=points)
+            all_ious.append(float(iou))
+            mask = m.postprocess_logits(logits, f.input_size, f.original_size)[0, 0] > 0
+            if float(iou) > iou_threshold and mask.any():
+                masks.append(mask)
+                scores.append(iou[0])
+    if not masks:
+        return None, all_ious
+    masks, scores = torch.stack(masks), torch.stack(scores)
+    best = int(nms_keep(masks, scores, nms_threshold)[0])
+    return remove_small_regions(masks[best].numpy(), min_area), all_ious
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_grid_mode_computing_the_image_part_once_equals_the_naive_procedure(trained_predictor, reuse):
+    pred = trained_predictor
+    # Choose the IoU threshold from the data so that some prompts pass and some do not.
+    _, ious = naive_grid(pred, 5, -1e9, 0.7, 16)
+    threshold = float(np.median(ious))
+    want, _ = naive_grid(pred, 5, threshold, 0.7, 16)
+    got = pred.predict_auto("grid", grid_size=5, iou_threshold=threshold, min_region_area=16,
+                            chunk_size=7, reuse_image_part=reuse)
+    assert got.candidates == 25
+    assert want is not None and got.mask.any()
+    np.testing.assert_array_equal(got.mask, want)
+    assert got.iou > threshold
+
+
+def test_grid_mode_returns_empty_when_nothing_passes(trained_predictor):
+    res = trained_predictor.predict_auto("grid", grid_size=3, iou_threshold=1e9)
+    assert res.survivors == 0 and not res.mask.any() and np.isnan(res.iou)
+    assert res.mask.shape == (150, 220)
+
+
+def test_box_mode_is_one_forward_with_the_whole_slice_box(trained_predictor):
+    pred = trained_predictor
+    m, f = pred.model, pred.features
+    res = pred.predict_auto("box", min_region_area=0)
+    box = torch.tensor([[0.0, 0.0, 256.0, 175.0]])  # 150 x 220 resizes to 175 x 256
+    with torch.no_grad():
+        iou, logits = m.desam_forward(f.embedding, f.taps, boxes=box)
+    want = (m.postprocess_logits(logits, f.input_size, f.original_size)[0, 0] > 0).numpy()
+    assert abs(res.iou - float(iou)) < 1e-5
+    assert (res.mask != want).mean() < 1e-3
+    with pytest.raises(ValueError, match="unknown automatic mode"):
+        pred.predict_auto("everything")
+
+
+def test_grid_points_are_cell_centres():
+    pts = grid_points(3, 30, 60)
+    assert pts.shape == (9, 2)
+    np.testing.assert_allclose(pts[0], [10.0, 5.0])
+    np.testing.assert_allclose(pts[-1], [50.0, 25.0])
+
+
+def test_remove_small_regions_fills_holes_and_drops_islands():
+    mask = np.zeros((40, 40), bool)
+    mask[5:30, 5:30] = True
+    mask[15:17, 15:17] = False  # a 4-pixel hole
+    mask[35:37, 35:37] = True  # a 4-pixel island
+    out = remove_small_regions(mask, 10)
+    assert out[15:17, 15:17].all() and not out[35:37, 35:37].any()
+    assert out.sum() == 25 * 25
+    np.testing.assert_array_equal(remove_small_regions(mask, 0), mask)
+
+
+def test_windowing_and_rgb_conversion():
+    w = IntensityWindow(center=40, width=400)
+    out = apply_window(np.array([[-1000, -160, 40, 240, 3000]], dtype=np.int16), w)
+    np.testing.assert_array_equal(out, [[0, 0, 128, 255, 255]])
+    rgb = to_rgb(np.array([[-160, 240]], np.int16), w)
+    assert rgb.shape == (1, 2, 3) and rgb.dtype == np.uint8
+    with pytest.raises(ValueError, match="window"):
+        to_rgb(np.zeros((4, 4), np.float32))
+    with pytest.raises(ValueError):
+        IntensityWindow(center=0, width=0)
+    mr = IntensityWindow.from_percentiles(np.arange(1000, dtype=np.float32))
+    assert 0 < mr.low < 10 and mr.width > 980
+    assert IntensityWindow.default_for(np.array([-1024, 500], np.int16)) == IntensityWindow.ct_soft_tissue()
