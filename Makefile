@@ -1,0 +1,39 @@
+# SlicerDeSAM developer entry points. `make demo` and `make test` each do all setup first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow bench lock clean
+
+$(STAMP): ModelServer/pyproject.toml ModelServer/requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r ModelServer/requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e ModelServer
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: fetch the pretrained default weights (MobileSAM, LiteMedSAM) and the
+# sample head CT, then segment the head on every slice headlessly into a .seg.nrrd.
+demo: $(STAMP)
+	$(VENV)/bin/desam-server fetch-weights
+	$(PY) scripts/demo.py --out $(OUT)
+
+# The default test run (what CI runs); slow tests are excluded.
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+bench: $(STAMP)
+	$(VENV)/bin/desam-server bench --json $(OUT)/bench_engine.json
+
+lock: $(STAMP)
+	{ head -n 2 ModelServer/requirements.lock; $(PY) -m pip freeze --exclude-editable; } > ModelServer/requirements.lock.new
+	mv ModelServer/requirements.lock.new ModelServer/requirements.lock
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache
