@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .engine.postprocess import largest_component
 from .engine.predictor import SlicePredictor
 from .engine.preprocess import IntensityWindow, apply_window
 
@@ -45,8 +46,9 @@ def parse_slice_range(text: str | None, count: int) -> range:
 class PromptRule:
     """Where prompted mode gets its prompt on each slice.
 
-    reference: a K x J x I mask; its bounding box on the slice (grown by ``margin``
-      pixels) is the box; slices where it is empty are left empty.
+    reference: a K x J x I mask; the bounding box of its largest connected component on
+      the slice (grown by ``margin`` pixels) is the box, as a user boxes the structure and
+      not stray islands of a threshold-made mask; slices where it is empty stay empty.
     box: x0, y0, x1, y1 used on every slice; point: x, y (foreground) on every slice.
     """
 
@@ -57,7 +59,7 @@ class PromptRule:
 
     def describe(self) -> str:
         if self.reference is not None:
-            return f"bounding box of the reference mask on each slice (margin {self.margin} px)"
+            return f"bounding box of the reference mask's largest component on each slice (margin {self.margin} px)"
         if self.box is not None:
             return f"fixed box {self.box} on every slice"
         return f"fixed foreground point {self.point} on every slice"
@@ -65,7 +67,7 @@ class PromptRule:
     def prompt_for(self, axis: int, index: int, shape: tuple[int, int]) -> dict | None:
         h, w = shape
         if self.reference is not None:
-            ref = slice_view(self.reference, axis, index)
+            ref = largest_component(slice_view(self.reference, axis, index))
             ys, xs = np.nonzero(ref)
             if ys.size == 0:
                 return None

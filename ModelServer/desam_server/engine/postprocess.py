@@ -55,6 +55,15 @@ def _drop_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
     return sitk.GetArrayFromImage(kept) > 0
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected foreground component of an H x W mask (empty stays empty)."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    return sitk.GetArrayFromImage(labels) == 1
+
+
 def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     """Fill background regions (holes) and drop foreground islands smaller than
     ``min_area`` pixels. H x W bool -> H x W bool. ``min_area`` <= 0 changes nothing."""

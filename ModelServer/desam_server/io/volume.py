@@ -1,0 +1,683 @@
+"""Volumes in, segmentations out: NRRD, NIfTI, MetaImage and DICOM with exact geometry.
+
+Conventions (the same as 3D Slicer's, ITK's and DICOM's):
+
+- ``Volume.array`` is indexed ``[k, j, i]`` (numpy ``[z, y, x]``); index axis ``i`` is the
+  fastest-varying one in every file.
+- ``Geometry`` is in LPS (DICOM patient coordinates, millimetres): ``origin`` is the centre
+  of voxel (0, 0, 0), ``spacing`` is along ``(i, j, k)`` and column ``c`` of ``direction``
+  is the unit vector of index axis ``c``. Direction matrices may be oblique and may have a
+  negative determinant; nothing here rounds or "fixes" them.
+- NIfTI files are RAS: ``ijk_to_ras = diag(-1, -1, 1, 1) @ ijk_to_lps`` on the way out, and
+  the inverse on the way in. NIfTI-1 stores that matrix as float32, so NIfTI round trips are
+  exact only to float32 precision (~1e-7 relative, i.e. ~1e-5 mm on a 100 mm origin);
+  NRRD and MetaImage keep float64 (NRRD stores direction x spacing, so splitting it back
+  costs at most a few ulps, ~1e-15).
+
+Reading goes through SimpleITK (the ITK readers 3D Slicer itself uses), so a file means
+here what it means in Slicer. NRRD files, including Slicer ``.seg.nrrd``, are written by
+this module: a plain NRRD header (``space: left-posterior-superior``, ``space directions``,
+``space origin``, ``kinds``) with gzip-compressed data, plus the ``Segmentation_*`` /
+``SegmentN_*`` key-value fields of Slicer's ``vtkMRMLSegmentationStorageNode`` for
+segmentations. Key-value text is written as UTF-8 with NRRD's backslash escaping, as
+Slicer's writer does (pynrrd can neither write nor read back non-ASCII segment names).
+
+Every write is atomic (temporary file in the target directory, fsync, rename). Nothing
+here logs voxel values or DICOM attributes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..atomic import atomic_output_path, atomic_write, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Geometry",
+    "Volume",
+    "SegmentInfo",
+    "read_volume",
+    "write_volume",
+    "write_segmentation",
+    "read_segmentation",
+    "write_labelmap_nifti",
+    "LPS_TO_RAS",
+]
+
+#: Multiply an LPS point (or a 4x4 LPS matrix, from the left) by this to get RAS.
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+_NRRD_COMPRESSION_LEVEL = 6
+_CHUNK = 1 << 22
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid placement in LPS millimetres (see the module docstring)."""
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+
+    def __post_init__(self) -> None:
+        spacing = tuple(float(s) for s in np.asarray(self.spacing, dtype=np.float64).reshape(-1))
+        origin = tuple(float(o) for o in np.asarray(self.origin, dtype=np.float64).reshape(-1))
+        direction = np.array(self.direction, dtype=np.float64, copy=True)
+        if len(spacing) != 3 or len(origin) != 3 or direction.shape not in ((3, 3), (9,)):
+            raise ValueError("a Geometry needs 3 spacings, 3 origin coordinates and a 3x3 direction matrix")
+        direction = direction.reshape(3, 3)
+        if not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise ValueError(f"spacing must be finite and positive, got {spacing}")
+        if not all(math.isfinite(o) for o in origin) or not np.all(np.isfinite(direction)):
+            raise ValueError("origin and direction must be finite")
+        if abs(np.linalg.det(direction)) < 1e-6:
+            raise ValueError("the direction matrix is singular")
+        direction.setflags(write=False)
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "direction", direction)
+
+    # construction -------------------------------------------------------------------
+    @classmethod
+    def identity(cls, spacing: Iterable[float] = (1.0, 1.0, 1.0),
+                 origin: Iterable[float] = (0.0, 0.0, 0.0)) -> "Geometry":
+        return cls(spacing=tuple(spacing), origin=tuple(origin), direction=np.eye(3))
+
+    @classmethod
+    def from_ijk_to_lps(cls, matrix: np.ndarray) -> "Geometry":
+        """Split a 4x4 (or 3x4) IJK -> LPS matrix into spacing, direction and origin."""
+        m = np.asarray(matrix, dtype=np.float64)
+        linear = m[:3, :3]
+        spacing = np.linalg.norm(linear, axis=0)
+        if np.any(spacing <= 0):
+            raise ValueError("the IJK -> LPS matrix has a zero column")
+        return cls(spacing=tuple(spacing), origin=tuple(m[:3, 3]), direction=linear / spacing)
+
+    @classmethod
+    def from_ijk_to_ras(cls, matrix: np.ndarray) -> "Geometry":
+        return cls.from_ijk_to_lps(LPS_TO_RAS @ _as_4x4(matrix))
+
+    # matrices ---------------------------------------------------------------------------
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix taking homogeneous (i, j, k, 1) to (L, P, S, 1)."""
+        m = np.eye(4)
+        m[:3, :3] = self.direction * np.asarray(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def lps_to_ijk(self) -> np.ndarray:
+        return np.linalg.inv(self.ijk_to_lps())
+
+    def ijk_to_ras(self) -> np.ndarray:
+        return LPS_TO_RAS @ self.ijk_to_lps()
+
+    # comparison -------------------------------------------------------------------------
+    def is_close(self, other: "Geometry", tol: float = 1e-6) -> bool:
+        """True when every spacing, origin and direction element agrees within ``tol``
+        (absolute for values up to 1, relative above: ``|a - b| <= tol * max(1, |b|)``)."""
+        if not isinstance(other, Geometry):
+            return False
+        for a, b in ((self.spacing, other.spacing), (self.origin, other.origin),
+                     (self.direction, other.direction)):
+            a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            if np.any(np.abs(a - b) > tol * np.maximum(1.0, np.abs(b))):
+                return False
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Geometry):
+            return NotImplemented
+        return (self.spacing == other.spacing and self.origin == other.origin
+                and bool(np.array_equal(self.direction, other.direction)))
+
+    def __hash__(self) -> int:
+        return hash((self.spacing, self.origin, self.direction.tobytes()))
+
+    def __repr__(self) -> str:
+        rows = ", ".join("(" + ", ".join(f"{v:.6g}" for v in row) + ")" for row in self.direction)
+        return (f"Geometry(spacing={tuple(round(s, 9) for s in self.spacing)}, "
+                f"origin={tuple(round(o, 9) for o in self.origin)}, direction=({rows}))")
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form: spacing, origin, direction (row-major, LPS)."""
+        return {"spacing": list(self.spacing), "origin": list(self.origin),
+                "direction": self.direction.tolist(), "space": "LPS"}
+
+
+def _as_4x4(matrix: np.ndarray) -> np.ndarray:
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape == (4, 4):
+        return m
+    if m.shape == (3, 4):
+        return np.vstack([m, [0.0, 0.0, 0.0, 1.0]])
+    raise ValueError(f"expected a 4x4 or 3x4 matrix, got shape {m.shape}")
+
+
+@dataclass(eq=False)
+class Volume:
+    """A scalar 3D image: ``array`` indexed [k, j, i] and its LPS ``geometry``."""
+
+    array: np.ndarray
+    geometry: Geometry
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if self.array.ndim != 3:
+            raise ValueError(f"a Volume array must be 3-D (K x J x I), got shape {self.array.shape}")
+        if not isinstance(self.geometry, Geometry):
+            raise TypeError("geometry must be a Geometry")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One segment of a segmentation: display name, RGB colour in 0-1, its value in the
+    labelmap and (optionally) the Slicer segment ID (default ``Segment_<label_value>``)."""
+
+    name: str
+    color: tuple[float, float, float]
+    label_value: int = 1
+    segment_id: str | None = None
+
+    def __post_init__(self) -> None:
+        color = tuple(float(c) for c in self.color)
+        if len(color) != 3 or not all(0.0 <= c <= 1.0 for c in color):
+            raise ValueError(f"segment colour must be 3 numbers in 0..1, got {self.color!r}")
+        object.__setattr__(self, "color", color)
+        if isinstance(self.label_value, bool) or int(self.label_value) != self.label_value:
+            raise ValueError(f"label_value must be an integer, got {self.label_value!r}")
+        object.__setattr__(self, "label_value", int(self.label_value))
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("a segment needs a non-empty name")
+
+    @property
+    def resolved_id(self) -> str:
+        return self.segment_id or f"Segment_{self.label_value}"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a scalar volume: NRRD (.nrrd/.nhdr), NIfTI (.nii/.nii.gz), MetaImage
+    (.mha/.mhd), a single DICOM file, or a folder holding a DICOM series (the series with
+    the most files wins; sub-folders are searched too). 2-D images become one slice;
+    4-D, vector and RGB images raise ValueError."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder")
+    if p.is_dir():
+        image = _read_dicom_folder(p)
+    else:
+        image = _read_image_file(p)
+    volume = _volume_from_sitk(image, p)
+    log.debug("read %s: shape %s, %s, spacing %s", p, volume.array.shape, volume.array.dtype,
+              tuple(round(s, 4) for s in volume.geometry.spacing))
+    return volume
+
+
+def _itk_reason(exc: Exception) -> str:
+    """The useful sentence of an ITK exception (they carry source paths and addresses)."""
+    text = str(exc)
+    if "Unable to determine ImageIO reader" in text:
+        return "not a NRRD, NIfTI, MetaImage or DICOM file that ITK can read"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if "ITK ERROR" in line or "ERROR:" in line:
+            reason = line.split("): ", 1)[-1]
+            if reason.endswith(":") or len(reason) < 12:
+                reason = " ".join([reason] + lines[i + 1:i + 2])
+            return reason[:300]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def _file_reader(p: Path):
+    import SimpleITK as sitk
+
+    if not os.access(p, os.R_OK):
+        raise ValueError(f"{p}: file is not readable (permission denied)")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ValueError(f"{p}: cannot read as an image volume ({_itk_reason(exc)})") from None
+    return reader
+
+
+def _check_scalar_3d(p: Path, dimension: int, size: Sequence[int], components: int, pixel_type: str) -> None:
+    if components != 1:
+        raise ValueError(f"{p}: {components}-component (vector or RGB) image of size {tuple(size)}; "
+                         "only scalar 3-D volumes are supported")
+    if "complex" in pixel_type.lower():
+        raise ValueError(f"{p}: complex-valued image; only real scalar volumes are supported")
+    if dimension not in (2, 3) and not (dimension == 4 and size[3] == 1):
+        raise ValueError(f"{p}: {dimension}-D image of size {tuple(size)}; only 3-D scalar volumes "
+                         "(or 2-D images, read as one slice) are supported")
+
+
+def _pixel_type(reader) -> str:
+    import SimpleITK as sitk
+
+    try:
+        return sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    except (RuntimeError, TypeError, ValueError):
+        return ""
+
+
+def _read_image_file(p: Path):
+    reader = _file_reader(p)
+    _check_scalar_3d(p, reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(),
+                     _pixel_type(reader))
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise ValueError(f"{p}: cannot read the image data ({_itk_reason(exc)})") from None
+
+
+def _read_dicom_folder(folder: Path):
+    import SimpleITK as sitk
+
+    candidates: list[tuple[int, str, list[str]]] = []
+    for dirpath, dirnames, _ in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        try:
+            series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(dirpath)
+        except RuntimeError:
+            continue
+        for series_id in series_ids:
+            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(dirpath, series_id))
+            if files:
+                candidates.append((len(files), dirpath, files))
+    if not candidates:
+        raise ValueError(f"{folder}: no DICOM series found (no readable DICOM image files in the folder "
+                         "or its sub-folders)")
+    count, where, files = max(candidates, key=lambda c: c[0])  # first of the largest on ties
+    if len(candidates) > 1:
+        log.info("%s holds %d DICOM series; reading the largest (%d files, in %s)",
+                 folder, len(candidates), count, where)
+    first = _file_reader(Path(files[0]))
+    _check_scalar_3d(Path(files[0]), 3, (*first.GetSize()[:2], count), first.GetNumberOfComponents(),
+                     _pixel_type(first))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise ValueError(f"{folder}: cannot read the DICOM series in {where} ({_itk_reason(exc)})") from None
+
+
+def _geometry_from_sitk(image) -> Geometry:
+    dim = image.GetDimension()
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    if dim == 2:
+        d3 = np.eye(3)
+        d3[:2, :2] = direction
+        return Geometry(spacing=(spacing[0], spacing[1], 1.0), origin=(origin[0], origin[1], 0.0), direction=d3)
+    return Geometry(spacing=tuple(spacing[:3]), origin=tuple(origin[:3]), direction=direction[:3, :3])
+
+
+def _volume_from_sitk(image, p: Path) -> Volume:
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{p}: vector image; only scalar volumes are supported")
+    array = sitk.GetArrayFromImage(image)
+    if image.GetDimension() == 2:
+        array = array[np.newaxis]
+    elif image.GetDimension() == 4:
+        array = array[0]
+    array = np.ascontiguousarray(array)
+    try:
+        geometry = _geometry_from_sitk(image)
+    except ValueError as exc:
+        raise ValueError(f"{p}: invalid geometry ({exc})") from None
+    return Volume(array=array, geometry=geometry)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_volume(path: str | os.PathLike, volume: Volume) -> Path:
+    """Write ``volume`` by extension: .nrrd (gzip), .nii.gz / .nii, or .mha (compressed)."""
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith(".nrrd"):
+        _write_nrrd(p, volume.array, volume.geometry)
+    elif name.endswith(".nii.gz") or name.endswith(".nii"):
+        _write_nifti(p, volume.array, volume.geometry)
+    elif name.endswith(".mha"):
+        _write_sitk(p, volume.array, volume.geometry)
+    else:
+        raise ValueError(f"{p}: unsupported output format; use .nrrd, .nii.gz, .nii or .mha")
+    return p
+
+
+def write_labelmap_nifti(path: str | os.PathLike, labelmap: np.ndarray, geometry: Geometry) -> Path:
+    """Write a K x J x I labelmap as NIfTI-1 (.nii.gz or .nii) with the volume's geometry
+    (converted to RAS; sform and qform both set, code 1 = scanner) and the NIfTI label
+    intent."""
+    p = Path(path)
+    if not (p.name.lower().endswith(".nii.gz") or p.name.lower().endswith(".nii")):
+        raise ValueError(f"{p}: a NIfTI labelmap needs the extension .nii.gz or .nii")
+    _write_nifti(p, _as_label_array(labelmap), geometry, label=True)
+    return p
+
+
+def _as_label_array(labelmap: np.ndarray) -> np.ndarray:
+    lab = np.asarray(labelmap)
+    if lab.ndim != 3:
+        raise ValueError(f"a labelmap must be 3-D (K x J x I), got shape {lab.shape}")
+    if lab.dtype == bool:
+        return lab.astype(np.uint8)
+    if not np.issubdtype(lab.dtype, np.integer):
+        if np.issubdtype(lab.dtype, np.floating) and np.all(np.isfinite(lab)) and np.all(lab == np.round(lab)):
+            lab = lab.astype(np.int64)
+        else:
+            raise ValueError(f"a labelmap must hold integer labels, got dtype {lab.dtype}")
+    if lab.size and lab.min() < 0:
+        raise ValueError("a labelmap must not hold negative labels")
+    top = int(lab.max()) if lab.size else 0
+    if top <= 255:
+        return lab.astype(np.uint8, copy=False)
+    if top <= 65535:
+        return lab.astype(np.uint16, copy=False)
+    raise ValueError(f"label values up to {top} do not fit a labelmap (max 65535)")
+
+
+def _check_array_for(array: np.ndarray, geometry: Geometry) -> np.ndarray:
+    a = np.asarray(array)
+    if a.ndim != 3:
+        raise ValueError(f"expected a 3-D K x J x I array, got shape {a.shape}")
+    if not isinstance(geometry, Geometry):
+        raise TypeError("geometry must be a Geometry")
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    return a
+
+
+# NRRD ------------------------------------------------------------------------------
+
+_NRRD_TYPES = {
+    "int8": "signed char", "uint8": "unsigned char", "int16": "short", "uint16": "unsigned short",
+    "int32": "int", "uint32": "unsigned int", "int64": "long long int", "uint64": "unsigned long long int",
+    "float32": "float", "float64": "double",
+}
+
+
+def _num(x: float) -> str:
+    """Shortest text that reads back as the same float64 (``repr``), integers without
+    a trailing ``.0``, and never ``-0``."""
+    x = float(x) + 0.0
+    if x.is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return repr(x)
+
+
+def _vec(values: Iterable[float]) -> str:
+    return "(" + ",".join(_num(v) for v in values) + ")"
+
+
+def _escape_nrrd_value(text: str) -> str:
+    # As teem's writer (used by Slicer) does: escape backslash and newline, other
+    # whitespace becomes a space.
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.translate({ord(c): " " for c in "\r\t\v\f"})
+
+
+def _nrrd_header(array: np.ndarray, geometry: Geometry, keyvalues: Sequence[tuple[str, str]] = ()) -> bytes:
+    k, j, i = array.shape
+    columns = geometry.direction * np.asarray(geometry.spacing)
+    lines = [
+        "NRRD0004",
+        "# Complete NRRD file format specification at:",
+        "# http://teem.sourceforge.net/nrrd/format.html",
+        f"type: {_NRRD_TYPES[array.dtype.name]}",
+        "dimension: 3",
+        "space: left-posterior-superior",
+        f"sizes: {i} {j} {k}",
+        "space directions: " + " ".join(_vec(columns[:, c]) for c in range(3)),
+        "kinds: domain domain domain",
+    ]
+    if array.dtype.itemsize > 1:
+        lines.append("endian: little")
+    lines += ["encoding: gzip", "space origin: " + _vec(geometry.origin)]
+    for key, value in keyvalues:
+        if not key or any(ch in key for ch in ":\n\r") or not key.isascii():
+            raise ValueError(f"invalid NRRD key {key!r}")
+        lines.append(f"{key}:={_escape_nrrd_value(value)}")
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def _write_nrrd(path: Path, array: np.ndarray, geometry: Geometry,
+                keyvalues: Sequence[tuple[str, str]] = ()) -> None:
+    a = _check_array_for(array, geometry)
+    if a.dtype.name not in _NRRD_TYPES:
+        raise ValueError(f"cannot write voxel type {a.dtype} to NRRD")
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    header = _nrrd_header(a, geometry, keyvalues)
+    raw = memoryview(a.reshape(-1).view(np.uint8))
+    compressor = zlib.compressobj(_NRRD_COMPRESSION_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    with atomic_write(path, "wb") as handle:
+        handle.write(header)
+        for start in range(0, len(raw), _CHUNK):
+            handle.write(compressor.compress(raw[start:start + _CHUNK]))
+        handle.write(compressor.flush())
+
+
+# NIfTI -----------------------------------------------------------------------------
+
+
+def _write_nifti(path: Path, array: np.ndarray, geometry: Geometry, *, label: bool = False) -> None:
+    import nibabel as nib
+
+    a = _check_array_for(array, geometry)
+    if a.dtype in (np.int64, np.uint64):
+        info = np.iinfo(np.int32)
+        if a.size and (a.min() < info.min or a.max() > info.max):
+            raise ValueError(f"{path}: 64-bit voxel values do not fit NIfTI's int32")
+        a = a.astype(np.int32)
+    elif a.dtype == np.float16:
+        a = a.astype(np.float32)
+    affine = geometry.ijk_to_ras()
+    image = nib.Nifti1Image(a.transpose(2, 1, 0), affine)  # NIfTI is i-fastest: (i, j, k)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    header = image.header
+    header.set_xyzt_units(xyz="mm")
+    if label:
+        header.set_intent("label")
+    data = image.to_bytes()
+    if path.name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=6, mtime=0)
+    atomic_write_bytes(path, data)
+
+
+# MetaImage -------------------------------------------------------------------------
+
+
+def _to_sitk(array: np.ndarray, geometry: Geometry):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(tuple(geometry.direction.ravel()))
+    return image
+
+
+def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry) -> None:
+    import SimpleITK as sitk
+
+    image = _to_sitk(_check_array_for(array, geometry), geometry)
+    with atomic_output_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: cannot write ({_itk_reason(exc)})") from None
+
+
+# --------------------------------------------------------------------------- segmentations
+
+# Field names and value formats of 3D Slicer's vtkMRMLSegmentationStorageNode (binary
+# labelmap representation, one shared layer).
+_MASTER_REPRESENTATION = "Binary labelmap"
+_REFERENCE_GEOMETRY_PARAMETER = "Reference image geometry"
+_REFERENCE_GEOMETRY_DESCRIPTION = (
+    "Image geometry description string determining the geometry of the labelmap that is created in "
+    "course of conversion. Can be copied from a volume, using the button.")
+
+
+def _reference_image_geometry(geometry: Geometry, shape_kji: tuple[int, int, int]) -> str:
+    """vtkSegmentationConverter::SerializeImageGeometry: the 16 elements of the IJK -> RAS
+    matrix row by row, then the extent, each followed by ';'."""
+    k, j, i = shape_kji
+    values = [_num(v) for v in geometry.ijk_to_ras().ravel()]
+    values += [str(v) for v in (0, i - 1, 0, j - 1, 0, k - 1)]
+    return "".join(v + ";" for v in values)
+
+
+def _color_text(color: Sequence[float]) -> str:
+    return " ".join(_num(c) for c in color)
+
+
+def write_segmentation(path: str | os.PathLike, labelmap: np.ndarray, geometry: Geometry,
+                       segments: Sequence[SegmentInfo]) -> Path:
+    """Write a 3D Slicer segmentation (.seg.nrrd): one shared labelmap layer (uint8,
+    K x J x I, value ``label_value`` for each segment, 0 = background) with the
+    ``Segmentation_*`` / ``SegmentN_*`` fields Slicer's segmentation storage node reads."""
+    p = Path(path)
+    lab = _as_label_array(labelmap)
+    if lab.dtype != np.uint8:
+        raise ValueError("a .seg.nrrd labelmap layer holds label values 0..255")
+    segments = list(segments)
+    ids = [s.resolved_id for s in segments]
+    values = [s.label_value for s in segments]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"segment IDs must be unique, got {ids}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"segment label values must be unique within one layer, got {values}")
+    if any(not 1 <= v <= 255 for v in values):
+        raise ValueError(f"segment label values must be in 1..255, got {values}")
+    present = set(np.flatnonzero(np.bincount(lab.ravel(), minlength=256)).tolist()) - {0}
+    undeclared = sorted(present - set(values))
+    if undeclared:
+        raise ValueError(f"the labelmap holds label values {undeclared[:10]} that no segment declares")
+
+    if present:
+        extent = []
+        for axis in (2, 1, 0):  # i, j, k
+            other = tuple(a for a in range(3) if a != axis)
+            hit = np.flatnonzero(lab.any(axis=other))
+            extent += [int(hit[0]), int(hit[-1])]
+    else:
+        extent = [0, -1, 0, -1, 0, -1]  # Slicer's "empty" extent
+    extent_text = " ".join(str(v) for v in extent)
+
+    fields: dict[str, str] = {
+        "Segmentation_MasterRepresentation": _MASTER_REPRESENTATION,
+        "Segmentation_ContainedRepresentationNames": _MASTER_REPRESENTATION + "|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+        "Segmentation_ConversionParameters": (
+            f"{_REFERENCE_GEOMETRY_PARAMETER}|{_reference_image_geometry(geometry, lab.shape)}"
+            f"|{_REFERENCE_GEOMETRY_DESCRIPTION}&"),
+    }
+    for index, (segment, segment_id) in enumerate(zip(segments, ids)):
+        for text in (segment.name, segment_id):
+            if "\n" in text or "\r" in text:
+                raise ValueError(f"segment names and IDs must be one line, got {text!r}")
+        prefix = f"Segment{index}_"
+        fields.update({
+            prefix + "ID": segment_id,
+            prefix + "Name": segment.name,
+            prefix + "Color": _color_text(segment.color),
+            prefix + "ColorAutoGenerated": "0",
+            prefix + "NameAutoGenerated": "0",
+            prefix + "Extent": extent_text,
+            prefix + "Layer": "0",
+            prefix + "LabelValue": str(segment.label_value),
+            prefix + "Tags": "",
+        })
+    # Slicer keeps these in a std::map, so its files list them in byte order.
+    keyvalues = sorted(fields.items(), key=lambda kv: kv[0].encode())
+    _write_nrrd(p, lab, geometry, keyvalues)
+    return p
+
+
+def read_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, Geometry, list[SegmentInfo]]:
+    """Read a single-layer Slicer .seg.nrrd (or any labelmap NRRD / image): the K x J x I
+    labelmap, its geometry and its segments. A plain labelmap without segment fields gets
+    one segment per label value, named ``Segment_<value>`` as Slicer names them.
+    Segmentations with overlapping segments (several layers) raise ValueError."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    if p.is_dir():
+        raise ValueError(f"{p}: is a folder, not a segmentation file")
+    reader = _file_reader(p)
+    meta = {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
+    layers = reader.GetNumberOfComponents()
+    if layers != 1:
+        raise ValueError(f"{p}: segmentation with {layers} layers (overlapping segments); only "
+                         "single-layer segmentations are supported")
+    _check_scalar_3d(p, reader.GetDimension(), reader.GetSize(), 1, "")
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise ValueError(f"{p}: cannot read the image data ({_itk_reason(exc)})") from None
+    volume = _volume_from_sitk(image, p)
+    try:
+        labelmap = _as_label_array(volume.array)
+    except ValueError as exc:
+        raise ValueError(f"{p}: {exc}") from None
+
+    segments: list[SegmentInfo] = []
+    index = 0
+    while f"Segment{index}_ID" in meta:
+        prefix = f"Segment{index}_"
+        layer = meta.get(prefix + "Layer", str(index)).strip() or str(index)
+        if int(float(layer)) != 0:
+            raise ValueError(f"{p}: segment {index} is in layer {layer} but the file has one layer")
+        segment_id = meta[prefix + "ID"]
+        color_text = meta.get(prefix + "Color") or meta.get(prefix + "DefaultColor") or ""
+        color = [0.5, 0.5, 0.5]  # Slicer's fallback
+        for n, token in enumerate(color_text.split()[:3]):
+            try:
+                color[n] = min(1.0, max(0.0, float(token)))
+            except ValueError:
+                break
+        label_text = meta.get(prefix + "LabelValue", "1").strip() or "1"
+        segments.append(SegmentInfo(name=meta.get(prefix + "Name") or segment_id, color=tuple(color),
+                                    label_value=int(float(label_text)), segment_id=segment_id))
+        index += 1
+    if not segments:
+        values = np.flatnonzero(np.bincount(labelmap.ravel())).tolist() if labelmap.size else []
+        for value in (v for v in values if v != 0):
+            segments.append(SegmentInfo(name=f"Segment_{value}", color=_default_color(value),
+                                        label_value=int(value), segment_id=f"Segment_{value}"))
+    return labelmap, volume.geometry, segments
+
+
+def _default_color(value: int) -> tuple[float, float, float]:
+    palette = [(0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82),
+               (0.85, 0.4, 0.4), (0.57, 0.48, 0.78), (0.86, 0.63, 0.33), (0.3, 0.6, 0.3)]
+    return palette[(value - 1) % len(palette)]

@@ -1,0 +1,128 @@
+"""The headless command line: segment end to end on synthetic volumes, errors, help."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from desam_server.cli import build_parser, main
+from desam_server.io.volume import read_segmentation, read_volume
+from desam_server.segment import PromptRule, parse_slice_range
+
+
+def oblique_volume(path, shape=(6, 40, 50)):
+    """An int16 CT-like volume with an oblique direction and anisotropic spacing, plus an
+    exact ellipsoid reference mask on the same grid."""
+    k, j, i = np.mgrid[0 : shape[0], 0 : shape[1], 0 : shape[2]]
+    inside = ((j - 20) / 10.0) ** 2 + ((i - 28) / 14.0) ** 2 <= 1
+    arr = np.where(inside, 60, -1000).astype(np.int16)
+    c, s = np.cos(0.3), np.sin(0.3)
+    direction = (c, -s, 0.0, s * np.cos(0.2), c * np.cos(0.2), -np.sin(0.2), s * np.sin(0.2), c * np.sin(0.2), np.cos(0.2))
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.8, 2.5))
+    img.SetOrigin((-12.5, 30.25, 101.0))
+    img.SetDirection(direction)
+    sitk.WriteImage(img, str(path), True)
+    ref = sitk.GetImageFromArray(inside.astype(np.uint8))
+    ref.CopyInformation(img)
+    ref_path = path.with_name("ref.nrrd")
+    sitk.WriteImage(ref, str(ref_path), True)
+    return img, ref_path
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("segment", "fetch-weights", "fetch-sample", "info", "bench"):
+        assert command in out
+
+
+def test_segment_prompted_keeps_geometry_and_writes_all_outputs(tmp_path, capsys):
+    src = tmp_path / "vol.nrrd"
+    img, ref = oblique_volume(src)
+    out = tmp_path / "result.seg.nrrd"
+    rc = main(["segment", str(src), str(out), "--structure", "Organ", "--mode", "prompt",
+               "--encoder", "tiny", "--reference", str(ref), "--prompt-from-mask", "--margin", "2",
+               "--nifti", str(tmp_path / "result.nii.gz"), "--device", "cpu", "-q"])
+    assert rc == 0
+    labelmap, geometry, segments = read_segmentation(out)
+    source = read_volume(src)
+    assert labelmap.shape == source.array.shape
+    assert geometry.is_close(source.geometry, 1e-6)
+    assert [s.name for s in segments] == ["Organ"]
+    nifti = read_volume(tmp_path / "result.nii.gz")
+    assert nifti.geometry.is_close(source.geometry, 1e-5)
+    np.testing.assert_array_equal(nifti.array > 0, labelmap > 0)
+    report = json.loads((tmp_path / "result_report.json").read_text())
+    assert report["slices"] == 6 and report["encode"]["count"] == 6
+    assert report["encoder"] == "tiny" and "dice_vs_reference" in report
+    assert (tmp_path / "result_overlay.png").stat().st_size > 1000
+    assert "Dice vs reference" in capsys.readouterr().out
+
+
+def test_segment_axis_and_slice_range(tmp_path):
+    src = tmp_path / "vol.nrrd"
+    oblique_volume(src)
+    out = tmp_path / "j.seg.nrrd"
+    rc = main(["segment", str(src), str(out), "--structure", "S", "--mode", "prompt", "--encoder", "tiny",
+               "--axis", "j", "--slices", "10:13", "--prompt-box", "5,0,45,5", "--device", "cpu", "-q"])
+    assert rc == 0
+    labelmap, _, _ = read_segmentation(out)
+    assert labelmap.shape == (6, 40, 50)
+    touched = np.nonzero(labelmap.any(axis=(0, 2)))[0]
+    assert set(touched) <= {10, 11, 12}
+    report = json.loads((tmp_path / "j_report.json").read_text())
+    assert report["axis"] == "j" and report["slices"] == 3
+
+
+def test_segment_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    src = tmp_path / "vol.nrrd"
+    oblique_volume(src)
+    # Automatic mode without a trained decoder.
+    rc = main(["segment", str(src), str(tmp_path / "o.seg.nrrd"), "--structure", "S", "--encoder", "tiny",
+               "--mode", "box", "--device", "cpu", "-q"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "trained DeSAM decoder" in err and "Traceback" not in err
+    assert not (tmp_path / "o.seg.nrrd").exists()
+    # Missing input.
+    assert main(["segment", str(tmp_path / "none.nrrd"), str(tmp_path / "o.seg.nrrd"), "--structure", "S",
+                 "--encoder", "tiny", "--mode", "prompt", "--prompt-point", "3,3"]) == 2
+    # Prompted mode without a prompt rule.
+    assert main(["segment", str(src), str(tmp_path / "o.seg.nrrd"), "--structure", "S", "--encoder", "tiny",
+                 "--mode", "prompt", "--device", "cpu"]) == 2
+    assert "needs --prompt-from-mask" in capsys.readouterr().err
+    # A point outside the slice.
+    assert main(["segment", str(src), str(tmp_path / "o.seg.nrrd"), "--structure", "S", "--encoder", "tiny",
+                 "--mode", "prompt", "--prompt-point", "500,3", "--device", "cpu", "-q"]) == 2
+    assert "inside" in capsys.readouterr().err
+
+
+def test_bad_flag_values_are_rejected_by_the_parser():
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["segment", "a", "b", "--structure", "S", "--window", "40"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["segment", "a", "b", "--structure", "S", "--prompt-box", "1,2,x,4"])
+
+
+def test_slice_ranges_and_prompt_rules():
+    assert list(parse_slice_range("2:5", 10)) == [2, 3, 4]
+    assert list(parse_slice_range("-2:", 10)) == [8, 9]
+    assert list(parse_slice_range("7", 10)) == [7]
+    assert list(parse_slice_range(None, 3)) == [0, 1, 2]
+    with pytest.raises(ValueError):
+        parse_slice_range("12", 10)
+    with pytest.raises(ValueError):
+        parse_slice_range("a:b", 10)
+    ref = np.zeros((2, 10, 10), bool)
+    ref[1, 2:5, 3:8] = True
+    ref[1, 9, 0] = True  # a stray island is not part of the box
+    rule = PromptRule(reference=ref, margin=1)
+    assert rule.prompt_for(0, 0, (10, 10)) is None
+    np.testing.assert_array_equal(rule.prompt_for(0, 1, (10, 10))["box"], [2, 1, 9, 6])
