@@ -73,7 +73,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from .engine import IntensityWindow
     from .io.overlay import write_overlay_montage
-    from .io.volume import SegmentInfo, read_segmentation, read_volume, write_labelmap_nifti, write_segmentation
+    from .io import SegmentInfo, read_segmentation, read_volume, write_labelmap_nifti, write_segmentation
     from .segment import PromptRule, dice_score, parse_slice_range, segment_volume, AXES
     from .atomic import atomic_write_bytes
 

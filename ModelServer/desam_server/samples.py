@@ -53,7 +53,7 @@ from typing import Iterator
 import numpy as np
 
 from .atomic import atomic_write_bytes
-from .io.volume import Geometry, SegmentInfo, Volume, write_segmentation, write_volume
+from .io import Geometry, SegmentInfo, Volume, write_segmentation, write_volume
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ def make_sam_for(encoder: str):
     """A ``segment_anything.Sam`` with the same architecture as our ``encoder`` entry,
     random weights (seeded), so that its state dict is an official-layout checkpoint."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-    from functools import partial
 
     spec = get_spec(encoder)
     assert spec.family == "vit"

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from desam_server.cli import build_parser, main
-from desam_server.io.volume import read_segmentation, read_volume
+from desam_server.io import read_segmentation, read_volume
 from desam_server.segment import PromptRule, parse_slice_range
 
 

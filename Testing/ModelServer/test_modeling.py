@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from desam_server.modeling import ENCODERS, PDMM, build_decoders, build_desam, count_parameters, get_spec
+from desam_server.modeling import ENCODERS, PDMM, build_decoders, count_parameters, get_spec
 from desam_server.modeling.pdmm import SEResBlock
 
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import dice
 from desam_server.engine import IntensityWindow, SlicePredictor
 from desam_server.engine.postprocess import largest_component
-from desam_server.io.volume import read_volume
+from desam_server.io import read_volume
 from desam_server.modeling import build_desam
 from desam_server.weights import fetch_weights, get_entry
 

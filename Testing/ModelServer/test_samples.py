@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from desam_server import samples
-from desam_server.io.volume import Geometry, read_segmentation, read_volume
+from desam_server.io import Geometry, read_segmentation, read_volume
 
 
 def _network_marks() -> list:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from desam_server.atomic import atomic_output_path, atomic_write, atomic_write_bytes
 from desam_server.io.overlay import choose_slices, write_overlay_montage
-from desam_server.io.volume import (
+from desam_server.io import (
     LPS_TO_RAS,
     Geometry,
     SegmentInfo,

@@ -19,7 +19,7 @@ here what it means in Slicer. NRRD files, including Slicer ``.seg.nrrd``, are wr
 this module: a plain NRRD header (``space: left-posterior-superior``, ``space directions``,
 ``space origin``, ``kinds``) with gzip-compressed data, plus the ``Segmentation_*`` /
 ``SegmentN_*`` key-value fields of Slicer's ``vtkMRMLSegmentationStorageNode`` for
-segmentations. Key-value text is written as UTF-8 with NRRD's backslash escaping, as
+segmentations (``segmentation.py``). Key-value text is written as UTF-8 with NRRD's backslash escaping, as
 Slicer's writer does (pynrrd can neither write nor read back non-ASCII segment names).
 
 Every write is atomic (temporary file in the target directory, fsync, rename). Nothing
@@ -30,186 +30,30 @@ from __future__ import annotations
 
 import gzip
 import logging
-import math
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from ..atomic import atomic_output_path, atomic_write, atomic_write_bytes
+from .geometry import LPS_TO_RAS, Geometry, Volume
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "Geometry",
     "Volume",
-    "SegmentInfo",
     "read_volume",
     "write_volume",
-    "write_segmentation",
-    "read_segmentation",
     "write_labelmap_nifti",
     "LPS_TO_RAS",
 ]
 
-#: Multiply an LPS point (or a 4x4 LPS matrix, from the left) by this to get RAS.
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 _NRRD_COMPRESSION_LEVEL = 6
 _CHUNK = 1 << 22
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Voxel grid placement in LPS millimetres (see the module docstring)."""
-
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: np.ndarray
-
-    def __post_init__(self) -> None:
-        spacing = tuple(float(s) for s in np.asarray(self.spacing, dtype=np.float64).reshape(-1))
-        origin = tuple(float(o) for o in np.asarray(self.origin, dtype=np.float64).reshape(-1))
-        direction = np.array(self.direction, dtype=np.float64, copy=True)
-        if len(spacing) != 3 or len(origin) != 3 or direction.shape not in ((3, 3), (9,)):
-            raise ValueError("a Geometry needs 3 spacings, 3 origin coordinates and a 3x3 direction matrix")
-        direction = direction.reshape(3, 3)
-        if not all(math.isfinite(s) and s > 0 for s in spacing):
-            raise ValueError(f"spacing must be finite and positive, got {spacing}")
-        if not all(math.isfinite(o) for o in origin) or not np.all(np.isfinite(direction)):
-            raise ValueError("origin and direction must be finite")
-        if abs(np.linalg.det(direction)) < 1e-6:
-            raise ValueError("the direction matrix is singular")
-        direction.setflags(write=False)
-        object.__setattr__(self, "spacing", spacing)
-        object.__setattr__(self, "origin", origin)
-        object.__setattr__(self, "direction", direction)
-
-    # construction -------------------------------------------------------------------
-    @classmethod
-    def identity(cls, spacing: Iterable[float] = (1.0, 1.0, 1.0),
-                 origin: Iterable[float] = (0.0, 0.0, 0.0)) -> "Geometry":
-        return cls(spacing=tuple(spacing), origin=tuple(origin), direction=np.eye(3))
-
-    @classmethod
-    def from_ijk_to_lps(cls, matrix: np.ndarray) -> "Geometry":
-        """Split a 4x4 (or 3x4) IJK -> LPS matrix into spacing, direction and origin."""
-        m = np.asarray(matrix, dtype=np.float64)
-        linear = m[:3, :3]
-        spacing = np.linalg.norm(linear, axis=0)
-        if np.any(spacing <= 0):
-            raise ValueError("the IJK -> LPS matrix has a zero column")
-        return cls(spacing=tuple(spacing), origin=tuple(m[:3, 3]), direction=linear / spacing)
-
-    @classmethod
-    def from_ijk_to_ras(cls, matrix: np.ndarray) -> "Geometry":
-        return cls.from_ijk_to_lps(LPS_TO_RAS @ _as_4x4(matrix))
-
-    # matrices ---------------------------------------------------------------------------
-    def ijk_to_lps(self) -> np.ndarray:
-        """4x4 matrix taking homogeneous (i, j, k, 1) to (L, P, S, 1)."""
-        m = np.eye(4)
-        m[:3, :3] = self.direction * np.asarray(self.spacing)
-        m[:3, 3] = self.origin
-        return m
-
-    def lps_to_ijk(self) -> np.ndarray:
-        return np.linalg.inv(self.ijk_to_lps())
-
-    def ijk_to_ras(self) -> np.ndarray:
-        return LPS_TO_RAS @ self.ijk_to_lps()
-
-    # comparison -------------------------------------------------------------------------
-    def is_close(self, other: "Geometry", tol: float = 1e-6) -> bool:
-        """True when every spacing, origin and direction element agrees within ``tol``
-        (absolute for values up to 1, relative above: ``|a - b| <= tol * max(1, |b|)``)."""
-        if not isinstance(other, Geometry):
-            return False
-        for a, b in ((self.spacing, other.spacing), (self.origin, other.origin),
-                     (self.direction, other.direction)):
-            a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-            if np.any(np.abs(a - b) > tol * np.maximum(1.0, np.abs(b))):
-                return False
-        return True
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Geometry):
-            return NotImplemented
-        return (self.spacing == other.spacing and self.origin == other.origin
-                and bool(np.array_equal(self.direction, other.direction)))
-
-    def __hash__(self) -> int:
-        return hash((self.spacing, self.origin, self.direction.tobytes()))
-
-    def __repr__(self) -> str:
-        rows = ", ".join("(" + ", ".join(f"{v:.6g}" for v in row) + ")" for row in self.direction)
-        return (f"Geometry(spacing={tuple(round(s, 9) for s in self.spacing)}, "
-                f"origin={tuple(round(o, 9) for o in self.origin)}, direction=({rows}))")
-
-    def to_dict(self) -> dict:
-        """JSON-friendly form: spacing, origin, direction (row-major, LPS)."""
-        return {"spacing": list(self.spacing), "origin": list(self.origin),
-                "direction": self.direction.tolist(), "space": "LPS"}
-
-
-def _as_4x4(matrix: np.ndarray) -> np.ndarray:
-    m = np.asarray(matrix, dtype=np.float64)
-    if m.shape == (4, 4):
-        return m
-    if m.shape == (3, 4):
-        return np.vstack([m, [0.0, 0.0, 0.0, 1.0]])
-    raise ValueError(f"expected a 4x4 or 3x4 matrix, got shape {m.shape}")
-
-
-@dataclass(eq=False)
-class Volume:
-    """A scalar 3D image: ``array`` indexed [k, j, i] and its LPS ``geometry``."""
-
-    array: np.ndarray
-    geometry: Geometry
-
-    def __post_init__(self) -> None:
-        self.array = np.asarray(self.array)
-        if self.array.ndim != 3:
-            raise ValueError(f"a Volume array must be 3-D (K x J x I), got shape {self.array.shape}")
-        if not isinstance(self.geometry, Geometry):
-            raise TypeError("geometry must be a Geometry")
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    """One segment of a segmentation: display name, RGB colour in 0-1, its value in the
-    labelmap and (optionally) the Slicer segment ID (default ``Segment_<label_value>``)."""
-
-    name: str
-    color: tuple[float, float, float]
-    label_value: int = 1
-    segment_id: str | None = None
-
-    def __post_init__(self) -> None:
-        color = tuple(float(c) for c in self.color)
-        if len(color) != 3 or not all(0.0 <= c <= 1.0 for c in color):
-            raise ValueError(f"segment colour must be 3 numbers in 0..1, got {self.color!r}")
-        object.__setattr__(self, "color", color)
-        if isinstance(self.label_value, bool) or int(self.label_value) != self.label_value:
-            raise ValueError(f"label_value must be an integer, got {self.label_value!r}")
-        object.__setattr__(self, "label_value", int(self.label_value))
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError("a segment needs a non-empty name")
-
-    @property
-    def resolved_id(self) -> str:
-        return self.segment_id or f"Segment_{self.label_value}"
 
 
 # --------------------------------------------------------------------------- reading
@@ -534,150 +378,3 @@ def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry) -> None:
             sitk.WriteImage(image, str(tmp), useCompression=True)
         except RuntimeError as exc:
             raise ValueError(f"{path}: cannot write ({_itk_reason(exc)})") from None
-
-
-# --------------------------------------------------------------------------- segmentations
-
-# Field names and value formats of 3D Slicer's vtkMRMLSegmentationStorageNode (binary
-# labelmap representation, one shared layer).
-_MASTER_REPRESENTATION = "Binary labelmap"
-_REFERENCE_GEOMETRY_PARAMETER = "Reference image geometry"
-_REFERENCE_GEOMETRY_DESCRIPTION = (
-    "Image geometry description string determining the geometry of the labelmap that is created in "
-    "course of conversion. Can be copied from a volume, using the button.")
-
-
-def _reference_image_geometry(geometry: Geometry, shape_kji: tuple[int, int, int]) -> str:
-    """vtkSegmentationConverter::SerializeImageGeometry: the 16 elements of the IJK -> RAS
-    matrix row by row, then the extent, each followed by ';'."""
-    k, j, i = shape_kji
-    values = [_num(v) for v in geometry.ijk_to_ras().ravel()]
-    values += [str(v) for v in (0, i - 1, 0, j - 1, 0, k - 1)]
-    return "".join(v + ";" for v in values)
-
-
-def _color_text(color: Sequence[float]) -> str:
-    return " ".join(_num(c) for c in color)
-
-
-def write_segmentation(path: str | os.PathLike, labelmap: np.ndarray, geometry: Geometry,
-                       segments: Sequence[SegmentInfo]) -> Path:
-    """Write a 3D Slicer segmentation (.seg.nrrd): one shared labelmap layer (uint8,
-    K x J x I, value ``label_value`` for each segment, 0 = background) with the
-    ``Segmentation_*`` / ``SegmentN_*`` fields Slicer's segmentation storage node reads."""
-    p = Path(path)
-    lab = _as_label_array(labelmap)
-    if lab.dtype != np.uint8:
-        raise ValueError("a .seg.nrrd labelmap layer holds label values 0..255")
-    segments = list(segments)
-    ids = [s.resolved_id for s in segments]
-    values = [s.label_value for s in segments]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"segment IDs must be unique, got {ids}")
-    if len(set(values)) != len(values):
-        raise ValueError(f"segment label values must be unique within one layer, got {values}")
-    if any(not 1 <= v <= 255 for v in values):
-        raise ValueError(f"segment label values must be in 1..255, got {values}")
-    present = set(np.flatnonzero(np.bincount(lab.ravel(), minlength=256)).tolist()) - {0}
-    undeclared = sorted(present - set(values))
-    if undeclared:
-        raise ValueError(f"the labelmap holds label values {undeclared[:10]} that no segment declares")
-
-    if present:
-        extent = []
-        for axis in (2, 1, 0):  # i, j, k
-            other = tuple(a for a in range(3) if a != axis)
-            hit = np.flatnonzero(lab.any(axis=other))
-            extent += [int(hit[0]), int(hit[-1])]
-    else:
-        extent = [0, -1, 0, -1, 0, -1]  # Slicer's "empty" extent
-    extent_text = " ".join(str(v) for v in extent)
-
-    fields: dict[str, str] = {
-        "Segmentation_MasterRepresentation": _MASTER_REPRESENTATION,
-        "Segmentation_ContainedRepresentationNames": _MASTER_REPRESENTATION + "|",
-        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
-        "Segmentation_ConversionParameters": (
-            f"{_REFERENCE_GEOMETRY_PARAMETER}|{_reference_image_geometry(geometry, lab.shape)}"
-            f"|{_REFERENCE_GEOMETRY_DESCRIPTION}&"),
-    }
-    for index, (segment, segment_id) in enumerate(zip(segments, ids)):
-        for text in (segment.name, segment_id):
-            if "\n" in text or "\r" in text:
-                raise ValueError(f"segment names and IDs must be one line, got {text!r}")
-        prefix = f"Segment{index}_"
-        fields.update({
-            prefix + "ID": segment_id,
-            prefix + "Name": segment.name,
-            prefix + "Color": _color_text(segment.color),
-            prefix + "ColorAutoGenerated": "0",
-            prefix + "NameAutoGenerated": "0",
-            prefix + "Extent": extent_text,
-            prefix + "Layer": "0",
-            prefix + "LabelValue": str(segment.label_value),
-            prefix + "Tags": "",
-        })
-    # Slicer keeps these in a std::map, so its files list them in byte order.
-    keyvalues = sorted(fields.items(), key=lambda kv: kv[0].encode())
-    _write_nrrd(p, lab, geometry, keyvalues)
-    return p
-
-
-def read_segmentation(path: str | os.PathLike) -> tuple[np.ndarray, Geometry, list[SegmentInfo]]:
-    """Read a single-layer Slicer .seg.nrrd (or any labelmap NRRD / image): the K x J x I
-    labelmap, its geometry and its segments. A plain labelmap without segment fields gets
-    one segment per label value, named ``Segment_<value>`` as Slicer names them.
-    Segmentations with overlapping segments (several layers) raise ValueError."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    if p.is_dir():
-        raise ValueError(f"{p}: is a folder, not a segmentation file")
-    reader = _file_reader(p)
-    meta = {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
-    layers = reader.GetNumberOfComponents()
-    if layers != 1:
-        raise ValueError(f"{p}: segmentation with {layers} layers (overlapping segments); only "
-                         "single-layer segmentations are supported")
-    _check_scalar_3d(p, reader.GetDimension(), reader.GetSize(), 1, "")
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise ValueError(f"{p}: cannot read the image data ({_itk_reason(exc)})") from None
-    volume = _volume_from_sitk(image, p)
-    try:
-        labelmap = _as_label_array(volume.array)
-    except ValueError as exc:
-        raise ValueError(f"{p}: {exc}") from None
-
-    segments: list[SegmentInfo] = []
-    index = 0
-    while f"Segment{index}_ID" in meta:
-        prefix = f"Segment{index}_"
-        layer = meta.get(prefix + "Layer", str(index)).strip() or str(index)
-        if int(float(layer)) != 0:
-            raise ValueError(f"{p}: segment {index} is in layer {layer} but the file has one layer")
-        segment_id = meta[prefix + "ID"]
-        color_text = meta.get(prefix + "Color") or meta.get(prefix + "DefaultColor") or ""
-        color = [0.5, 0.5, 0.5]  # Slicer's fallback
-        for n, token in enumerate(color_text.split()[:3]):
-            try:
-                color[n] = min(1.0, max(0.0, float(token)))
-            except ValueError:
-                break
-        label_text = meta.get(prefix + "LabelValue", "1").strip() or "1"
-        segments.append(SegmentInfo(name=meta.get(prefix + "Name") or segment_id, color=tuple(color),
-                                    label_value=int(float(label_text)), segment_id=segment_id))
-        index += 1
-    if not segments:
-        values = np.flatnonzero(np.bincount(labelmap.ravel())).tolist() if labelmap.size else []
-        for value in (v for v in values if v != 0):
-            segments.append(SegmentInfo(name=f"Segment_{value}", color=_default_color(value),
-                                        label_value=int(value), segment_id=f"Segment_{value}"))
-    return labelmap, volume.geometry, segments
-
-
-def _default_color(value: int) -> tuple[float, float, float]:
-    palette = [(0.5, 0.68, 0.5), (0.95, 0.84, 0.57), (0.69, 0.48, 0.4), (0.44, 0.72, 0.82),
-               (0.85, 0.4, 0.4), (0.57, 0.48, 0.78), (0.86, 0.63, 0.33), (0.3, 0.6, 0.3)]
-    return palette[(value - 1) % len(palette)]
