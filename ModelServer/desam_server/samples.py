@@ -31,18 +31,13 @@ one grid.
 from __future__ import annotations
 
 import argparse
-import bz2
 import contextlib
-import gzip
 import hashlib
 import io
 import json
 import logging
-import lzma
 import os
 import plistlib
-import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -53,6 +48,8 @@ from typing import Iterator
 import numpy as np
 
 from .atomic import atomic_write_bytes
+from .debian import apt_download, deb_data_tar, tar_member
+from .hashing import sha256_file
 from .io import Geometry, SegmentInfo, Volume, write_segmentation, write_volume
 
 log = logging.getLogger(__name__)
@@ -116,14 +113,6 @@ def data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "slicer-desam" / "data"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Serialise fetches into one directory across processes (where fcntl exists)."""
@@ -176,7 +165,7 @@ def _cached(directory: Path) -> CraniumSample | None:
             path = directory / name
             if entry["name"] != name or not path.is_file() or path.stat().st_size != entry["size"]:
                 raise ValueError(f"{name} is missing or has the wrong size")
-            if _sha256_file(path) != entry["sha256"]:
+            if sha256_file(path) != entry["sha256"]:
                 raise ValueError(f"{name} does not match its recorded sha256")
         return _sample_from_manifest(directory, manifest)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -185,103 +174,6 @@ def _cached(directory: Path) -> CraniumSample | None:
 
 
 # ------------------------------------------------------------------------------ download
-
-
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LC_ALL="C", LANG="C", DEBIAN_FRONTEND="noninteractive")
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _lists_problem(output: str) -> bool:
-    """apt's ways of saying its package lists are missing or stale."""
-    markers = ("Unable to locate package", "has no installation candidate", "Can't select candidate",
-               "404", "Failed to fetch", "Hash Sum mismatch", "File has unexpected size")
-    return any(m in output for m in markers)
-
-
-def _apt_download(workdir: Path) -> Path:
-    """``apt-get download invesalius-examples`` into ``workdir``; runs ``apt-get update``
-    once and retries when the package lists are missing or stale."""
-    apt = shutil.which("apt-get")
-    if apt is None:
-        raise RuntimeError(
-            f"apt-get is not available: the sample CT comes from Debian's package '{PACKAGE}' "
-            "(fetched with `apt-get download`), which needs a Debian or Ubuntu system. Elsewhere, "
-            f"download {PACKAGE}_*.deb from packages.debian.org and pass it as "
-            "fetch_cranium(deb_file=...).")
-    log.info("downloading the sample CT: apt-get download %s", PACKAGE)
-    result = _run([apt, "download", PACKAGE], workdir)
-    if result.returncode != 0:
-        output = result.stdout + result.stderr
-        if not _lists_problem(output):
-            raise RuntimeError(f"`apt-get download {PACKAGE}` failed: {output.strip()[-600:]}")
-        if hasattr(os, "geteuid") and os.geteuid() != 0:
-            raise RuntimeError(
-                f"`apt-get download {PACKAGE}` failed because the package lists are missing or stale; "
-                f"run `sudo apt-get update` once and try again ({output.strip()[-300:]})")
-        log.info("package lists missing or stale: running apt-get update once")
-        update = _run([apt, "update"], workdir)
-        if update.returncode != 0:
-            raise RuntimeError(f"`apt-get update` failed: {(update.stdout + update.stderr).strip()[-600:]}")
-        result = _run([apt, "download", PACKAGE], workdir)
-        if result.returncode != 0:
-            raise RuntimeError(f"`apt-get download {PACKAGE}` failed after `apt-get update`: "
-                               f"{(result.stdout + result.stderr).strip()[-600:]}")
-    debs = sorted(workdir.glob(f"{PACKAGE}_*.deb"))
-    if not debs:
-        raise RuntimeError(f"`apt-get download {PACKAGE}` reported success but wrote no .deb file")
-    return debs[-1]
-
-
-def _deb_data_tar(deb: Path) -> bytes:
-    """The uncompressed data.tar of a .deb (an ar archive)."""
-    with open(deb, "rb") as handle:
-        if handle.read(8) != b"!<arch>\n":
-            raise RuntimeError(f"{deb}: not a Debian package (no ar signature)")
-        while True:
-            header = handle.read(60)
-            if len(header) < 60:
-                break
-            name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-            try:
-                size = int(header[48:58].decode("ascii").strip())
-            except ValueError:
-                raise RuntimeError(f"{deb}: corrupt ar member header") from None
-            if name.startswith("data.tar"):
-                payload = handle.read(size)
-                if len(payload) != size:
-                    raise RuntimeError(f"{deb}: truncated package")
-                if name == "data.tar":
-                    return payload
-                if name.endswith(".xz") or name.endswith(".lzma"):
-                    return lzma.decompress(payload)
-                if name.endswith(".gz"):
-                    return gzip.decompress(payload)
-                if name.endswith(".bz2"):
-                    return bz2.decompress(payload)
-                return _dpkg_fsys_tarfile(deb, name)
-            handle.seek(size + (size & 1), io.SEEK_CUR)
-    raise RuntimeError(f"{deb}: no data.tar member")
-
-
-def _dpkg_fsys_tarfile(deb: Path, member: str) -> bytes:
-    dpkg_deb = shutil.which("dpkg-deb")
-    if dpkg_deb is None:
-        raise RuntimeError(f"{deb}: {member} needs dpkg-deb to unpack, and dpkg-deb is not available")
-    result = subprocess.run([dpkg_deb, "--fsys-tarfile", str(deb)], capture_output=True, timeout=300)
-    if result.returncode != 0:
-        raise RuntimeError(f"dpkg-deb --fsys-tarfile {deb} failed: {result.stderr.decode(errors='replace')[-300:]}")
-    return result.stdout
-
-
-def _tar_member(tar_bytes: bytes, wanted: str, mode: str = "r:") -> bytes:
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode=mode) as tar:
-        for member in tar:
-            if member.isfile() and member.name.lstrip("./") == wanted:
-                extracted = tar.extractfile(member)
-                assert extracted is not None
-                return extracted.read()
-    raise RuntimeError(f"the package has no {wanted}")
 
 
 def _inv3_files(inv3: bytes) -> dict[str, bytes]:
@@ -369,12 +261,12 @@ def fetch_cranium(cache_dir: Path | str | None = None, *, deb_file: Path | str |
         if sample is not None:
             return sample
         with tempfile.TemporaryDirectory(prefix="desam-cranium-") as tmp:
-            deb = Path(deb_file) if deb_file is not None else _apt_download(Path(tmp))
+            deb = Path(deb_file) if deb_file is not None else apt_download(Path(tmp), PACKAGE)
             if not deb.is_file():
                 raise FileNotFoundError(f"{deb}: no such file")
             deb_name = deb.name
-            deb_sha256 = _sha256_file(deb)
-            inv3 = _tar_member(_deb_data_tar(deb), INV3_MEMBER)
+            deb_sha256 = sha256_file(deb)
+            inv3 = tar_member(deb_data_tar(deb), INV3_MEMBER)
         files = _inv3_files(inv3)
         del inv3
         volume, head, bone, facts = _convert(files)
@@ -402,7 +294,7 @@ def fetch_cranium(cache_dir: Path | str | None = None, *, deb_file: Path | str |
             "window": list(WINDOW),
             "reference_slice": REFERENCE_SLICE,
             **facts,
-            "files": {key: {"name": path.name, "size": path.stat().st_size, "sha256": _sha256_file(path)}
+            "files": {key: {"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
                       for key, path in paths.items()},
         }
         atomic_write_bytes(directory / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write
-from .modeling.checkpoint import sha256_file
+from .hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from desam_server import samples
+from desam_server import debian, samples
 from desam_server.io import Geometry, read_segmentation, read_volume
 
 
@@ -135,7 +135,7 @@ def test_cache_rejects_tampered_files(tmp_path, monkeypatch):
     (tmp_path / samples.MANIFEST_NAME).write_text(json.dumps(manifest))
     assert samples._cached(tmp_path) is None
     # no apt-get at all: a clear RuntimeError, nothing left behind
-    monkeypatch.setattr(samples.shutil, "which", lambda name: None)
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get is not available"):
         samples.fetch_cranium(tmp_path)
 
@@ -156,10 +156,10 @@ def test_deb_reader_finds_the_project(tmp_path):
         blob += header + content + (b"\n" if len(content) % 2 else b"")
     deb = tmp_path / "invesalius-examples_0_all.deb"
     deb.write_bytes(blob)
-    assert samples._tar_member(samples._deb_data_tar(deb), samples.INV3_MEMBER) == payload
+    assert debian.tar_member(debian.deb_data_tar(deb), samples.INV3_MEMBER) == payload
     (tmp_path / "bad.deb").write_bytes(b"not an archive")
     with pytest.raises(RuntimeError, match="not a Debian package"):
-        samples._deb_data_tar(tmp_path / "bad.deb")
+        debian.deb_data_tar(tmp_path / "bad.deb")
 
 
 def test_apt_update_runs_once_when_lists_are_missing(tmp_path, monkeypatch):
@@ -174,15 +174,15 @@ def test_apt_update_runs_once_when_lists_are_missing(tmp_path, monkeypatch):
             (cwd / f"{samples.PACKAGE}_1.0-1_all.deb").write_bytes(b"deb")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(samples.shutil, "which", lambda name: "/usr/bin/apt-get")
-    monkeypatch.setattr(samples, "_run", fake_run)
-    monkeypatch.setattr(samples.os, "geteuid", lambda: 0, raising=False)
-    assert samples._apt_download(tmp_path).name == f"{samples.PACKAGE}_1.0-1_all.deb"
+    monkeypatch.setattr(debian.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(debian, "_run", fake_run)
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 0, raising=False)
+    assert debian.apt_download(tmp_path, samples.PACKAGE).name == f"{samples.PACKAGE}_1.0-1_all.deb"
     assert calls == [["download", samples.PACKAGE], ["update"], ["download", samples.PACKAGE]]
     # not root: no update attempt, a clear instruction instead
     calls.clear()
     (tmp_path / f"{samples.PACKAGE}_1.0-1_all.deb").unlink()
-    monkeypatch.setattr(samples.os, "geteuid", lambda: 1000, raising=False)
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 1000, raising=False)
     with pytest.raises(RuntimeError, match="sudo apt-get update"):
-        samples._apt_download(tmp_path)
+        debian.apt_download(tmp_path, samples.PACKAGE)
     assert calls == [["download", samples.PACKAGE]]

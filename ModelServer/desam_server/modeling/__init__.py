@@ -1,7 +1,8 @@
 """DeSAM model code: encoder taps, PRIM, PDMM, the assembly, builders and checkpoints."""
 
 from .build import ENCODERS, EncoderSpec, build_decoders, build_desam, count_parameters, get_spec
-from .checkpoint import CheckpointError, load_decoder, load_sam_checkpoint, save_decoder, sha256_file
+from ..hashing import sha256_file
+from .checkpoint import CheckpointError, load_decoder, load_sam_checkpoint, save_decoder
 from .desam import DeSAM, ImageFeatures, InputConvention
 from .pdmm import PDMM
 from .prim import PRIM

@@ -7,7 +7,6 @@ weights hash, tap indices and widths, input convention, structure name, training
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,30 +18,16 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..atomic import atomic_write_bytes
+from ..hashing import sha256_file
 from .desam import DeSAM
 
 DECODER_FORMAT = "desam-decoder"
 DECODER_FORMAT_VERSION = 1
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
-_HASH_MEMO: dict[tuple[str, int, int], str] = {}
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or does not fit the model."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, memoised per (path, size, mtime) within the process."""
-    path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASH_MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-        _HASH_MEMO[key] = digest.hexdigest()
-    return _HASH_MEMO[key]
 
 
 def _describe_keys(label: str, keys: set[str]) -> str:
