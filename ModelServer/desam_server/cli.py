@@ -62,6 +62,9 @@ def load_model(args: argparse.Namespace):
     log.info("model: encoder=%s weights=%s device=%s precision=%s threads=%s decoder=%s",
              encoder, (sha or "user file")[:12], device, predictor.precision.name, threads,
              "trained" if model.has_trained_decoder else "none")
+    if path is None:
+        log.warning("encoder %s has no checkpoint: every weight is random and the masks are meaningless "
+                    "(use this only for tests and timing)", encoder)
     if encoder == "mobile_sam" and args.sam_checkpoint is None:
         log.info("using the embedded default model MobileSAM (no SAM ViT-H checkpoint configured)")
     return predictor
