@@ -15,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger("desam_server")
 
-SEGMENT_COLOR = (0.95, 0.55, 0.2)
+SEGMENT_COLOR = (120 / 255, 230 / 255, 90 / 255)  # the montage's first label colour: green stands out on CT grey
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:

@@ -22,7 +22,7 @@ __all__ = ["write_overlay_montage", "choose_slices"]
 
 #: Fill/contour colours (RGB 0-255) for label values 1, 2, ... (cycled).
 LABEL_COLORS = [
-    (255, 140, 50), (70, 200, 255), (120, 230, 90), (240, 80, 200),
+    (120, 230, 90), (70, 200, 255), (255, 140, 50), (240, 80, 200),
     (255, 225, 60), (150, 120, 255), (255, 90, 90), (60, 220, 180),
 ]
 FILL_ALPHA = 0.35
