@@ -116,9 +116,10 @@ def trained_predictor(tiny_sam_checkpoint, tmp_path_factory, rgb_slice):
     return pred
 
 
-def naive_grid(pred: SlicePredictor, grid_size: int, iou_threshold: float, nms_threshold: float, min_area: int):
-    """The reference procedure: every prompt through the whole DeSAM decoder on its own
-    (PDMM image part recomputed per prompt), then the same selection rules."""
+def naive_grid(pred: SlicePredictor, grid_size: int, iou_threshold: float, min_area: int, nms_threshold: float = 0.7):
+    """The reference procedure of DESAM_SPEC item 22, literally: every prompt through the
+    whole DeSAM decoder on its own (PDMM's image part recomputed per prompt), IoU filter,
+    logit > 0, holes/islands removed, empty masks dropped, box NMS ranked by IoU, top one."""
     m, f = pred.model, pred.features
     from desam_server.engine.preprocess import to_input_frame
 
@@ -130,34 +131,61 @@ def naive_grid(pred: SlicePredictor, grid_size: int, iou_threshold: float, nms_t
             iou, logits = m.desam_forward(f.embedding, f.taps, points=points)
             all_ious.append(float(iou))
             mask = m.postprocess_logits(logits, f.input_size, f.original_size)[0, 0] > 0
+            mask = torch.from_numpy(remove_small_regions(mask.numpy(), min_area))
             if float(iou) > iou_threshold and mask.any():
                 masks.append(mask)
                 scores.append(iou[0])
     if not masks:
-        return None, all_ious
+        return None, None, all_ious
     masks, scores = torch.stack(masks), torch.stack(scores)
     best = int(nms_keep(masks, scores, nms_threshold)[0])
-    return remove_small_regions(masks[best].numpy(), min_area), all_ious
+    return masks[best].numpy(), float(scores[best]), all_ious
 
 
+@pytest.fixture(scope="module")
+def grid_ious(trained_predictor):
+    return naive_grid(trained_predictor, 5, -1e9, 16)[2]
+
+
+@pytest.mark.parametrize("quantile,min_area", [(0.5, 16), (0.2, 16), (0.5, 2000), (0.9, 0)])
 @pytest.mark.parametrize("reuse", [True, False])
-def test_grid_mode_computing_the_image_part_once_equals_the_naive_procedure(trained_predictor, reuse):
+def test_grid_mode_equals_the_literal_procedure(trained_predictor, grid_ious, quantile, min_area, reuse):
+    """Scoring all prompts with PRIM, then decoding candidates in IoU order until one
+    survives, returns exactly what the full procedure (81 full decoder passes, NMS) does."""
     pred = trained_predictor
-    # Choose the IoU threshold from the data so that some prompts pass and some do not.
-    _, ious = naive_grid(pred, 5, -1e9, 0.7, 16)
-    threshold = float(np.median(ious))
-    want, _ = naive_grid(pred, 5, threshold, 0.7, 16)
-    got = pred.predict_auto("grid", grid_size=5, iou_threshold=threshold, min_region_area=16,
-                            chunk_size=7, reuse_image_part=reuse)
+    threshold = float(np.quantile(grid_ious, quantile))
+    want, want_iou, _ = naive_grid(pred, 5, threshold, min_area)
+    got = pred.predict_auto("grid", grid_size=5, iou_threshold=threshold, min_region_area=min_area,
+                            chunk_size=7, decode_chunk=2, reuse_image_part=reuse)
     assert got.candidates == 25
-    assert want is not None and got.mask.any()
-    np.testing.assert_array_equal(got.mask, want)
-    assert got.iou > threshold
+    assert got.passed == sum(i > threshold for i in grid_ious)
+    if want is None:
+        assert not got.mask.any() and np.isnan(got.iou)
+    else:
+        np.testing.assert_array_equal(got.mask, want)
+        assert got.iou == pytest.approx(want_iou, abs=1e-6)
+        assert got.decoded <= got.passed
+
+
+def test_grid_mode_skips_candidates_whose_cleaned_mask_is_empty(trained_predictor, grid_ious):
+    """With a minimum region area larger than the best candidate's mask, the next
+    candidates are decoded until one survives (or none does)."""
+    pred = trained_predictor
+    first = pred.predict_auto("grid", grid_size=5, iou_threshold=-1e9, min_region_area=0, decode_chunk=1)
+    area = int(first.mask.sum())
+    assert first.decoded == 1 and area > 0
+    res = pred.predict_auto("grid", grid_size=5, iou_threshold=-1e9, min_region_area=area + 1, decode_chunk=1)
+    want, _, _ = naive_grid(pred, 5, -1e9, area + 1)
+    assert res.decoded > 1
+    if want is None:
+        assert not res.mask.any()
+    else:
+        np.testing.assert_array_equal(res.mask, want)
 
 
 def test_grid_mode_returns_empty_when_nothing_passes(trained_predictor):
     res = trained_predictor.predict_auto("grid", grid_size=3, iou_threshold=1e9)
-    assert res.survivors == 0 and not res.mask.any() and np.isnan(res.iou)
+    assert res.passed == 0 and res.decoded == 0 and not res.mask.any() and np.isnan(res.iou)
     assert res.mask.shape == (150, 220)
 
 

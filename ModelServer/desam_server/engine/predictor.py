@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..modeling.desam import DeSAM, ImageFeatures
-from .postprocess import grid_points, nms_keep, remove_small_regions
+from .postprocess import grid_points, remove_small_regions
 from .preprocess import IntensityWindow, prepare_input, to_input_frame, to_rgb
 from .runtime import Precision, choose_precision
 
@@ -35,13 +35,15 @@ class AutoResult:
 
     mask: H x W bool in the original slice frame (empty when nothing survived);
     iou: the predicted IoU of the chosen mask (nan when empty);
-    candidates: prompts scored; survivors: masks left after the IoU filter and NMS.
+    candidates: prompts scored by PRIM; passed: prompts over the IoU threshold;
+    decoded: prompts that went through PDMM's prompt-dependent part.
     """
 
     mask: np.ndarray
     iou: float
     candidates: int
-    survivors: int
+    passed: int
+    decoded: int
 
 
 class SlicePredictor:
@@ -179,21 +181,26 @@ class SlicePredictor:
         grid_size: int = 9,
         *,
         iou_threshold: float = 0.5,
-        nms_threshold: float = 0.7,
         min_region_area: int = 64,
         chunk_size: int = 16,
+        decode_chunk: int = 4,
         reuse_image_part: bool = True,
     ) -> AutoResult:
         """DeSAM without a user prompt.
 
-        mode 'box': one forward with the box covering the whole slice; no IoU filtering.
-        mode 'grid': grid_size x grid_size single positive points, each scored by PRIM;
-          predictions with IoU <= iou_threshold are dropped, the rest decoded (in chunks of
-          ``chunk_size`` prompts), thresholded at logit 0 and suppressed by box NMS at
-          ``nms_threshold`` ranked by IoU; the top-ranked survivor is the result.
-        Both: holes and islands smaller than ``min_region_area`` pixels are removed.
+        mode 'box': one forward with the box covering the whole slice; no IoU filtering;
+          holes and islands smaller than ``min_region_area`` pixels are removed.
+        mode 'grid': grid_size x grid_size single positive points. The procedure (spec
+          item 22): drop predictions with IoU <= iou_threshold, threshold masks at logit 0,
+          remove holes and islands smaller than ``min_region_area``, drop empty masks, box
+          NMS at 0.7 ranked by IoU, return the top-ranked survivor. NMS always keeps the
+          highest-ranked box, so the result is the highest-IoU candidate whose cleaned mask
+          is non-empty. It is computed that way: PRIM scores every prompt (in chunks of
+          ``chunk_size``), then PDMM decodes candidates in decreasing IoU order,
+          ``decode_chunk`` at a time, until one survives. Same result, a fraction of the
+          decoder work.
         reuse_image_part: compute PDMM's prompt-independent part once per slice (False
-          recomputes it for every chunk; the results are identical, it is only slower).
+          recomputes it for every decode chunk; identical results, only slower).
         """
         if not self.model.has_trained_decoder:
             raise UntrainedDecoderError(HOW_TO_GET_A_DECODER)
@@ -205,36 +212,40 @@ class SlicePredictor:
             iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats), boxes=boxes)
             mask = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[0, 0] > 0
             mask = remove_small_regions(mask.cpu().numpy(), min_region_area)
-            return AutoResult(mask=mask, iou=float(iou[0]), candidates=1, survivors=int(mask.any()))
+            return AutoResult(mask=mask, iou=float(iou[0]), candidates=1, passed=1, decoded=1)
         if mode != "grid":
             raise ValueError(f"unknown automatic mode {mode!r}: use 'box' or 'grid'")
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be >= 1")
+        if chunk_size < 1 or decode_chunk < 1:
+            raise ValueError("chunk_size and decode_chunk must be >= 1")
         pts = to_input_frame(grid_points(grid_size, h, w), feats.original_size, self.model.img_size)
         coords = torch.as_tensor(pts, dtype=torch.float, device=self.device)[:, None, :]
         labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=self.device)
+        image_pe = self.model.prompt_encoder.get_dense_pe()
 
-        kept_masks, kept_scores = [], []
+        ious, embeddings = [], []
         for start in range(0, coords.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
-            skips = self._skips(feats) if reuse_image_part else self.model.image_skips(feats.taps)
             sparse, dense = self.model.prompt_encoder(points=(coords[chunk], labels[chunk]), boxes=None, masks=None)
-            iou, mask_embedding = self.model.prim(
-                feats.embedding, self.model.prompt_encoder.get_dense_pe(), sparse, dense
-            )
+            iou, mask_embedding = self.model.prim(feats.embedding, image_pe, sparse, dense)
             keep = iou > iou_threshold
-            if not keep.any():
-                continue  # PDMM's decode is only needed for prompts that can survive
-            logits = self.model.pdmm.decode(mask_embedding[keep], skips)
+            ious.append(iou)
+            # Only candidates can be decoded later; keep just their mask embeddings.
+            embeddings.extend(zip((start + keep.nonzero()[:, 0]).tolist(), mask_embedding[keep]))
+        ious = torch.cat(ious)
+        candidates = dict(embeddings)
+        # Decreasing IoU; ties keep grid order (stable sort), as NMS ranks them.
+        order = sorted(candidates, key=lambda i: -float(ious[i]))
+        decoded = 0
+        for start in range(0, len(order), decode_chunk):
+            batch = order[start : start + decode_chunk]
+            skips = self._skips(feats) if reuse_image_part else self.model.image_skips(feats.taps)
+            logits = self.model.pdmm.decode(torch.stack([candidates[i] for i in batch]), skips)
             masks = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[:, 0] > 0
-            nonempty = masks.flatten(1).any(dim=1)
-            kept_masks.append(masks[nonempty])
-            kept_scores.append(iou[keep][nonempty])
-        if not kept_masks or sum(m.shape[0] for m in kept_masks) == 0:
-            return AutoResult(mask=np.zeros((h, w), bool), iou=float("nan"), candidates=coords.shape[0], survivors=0)
-        masks = torch.cat(kept_masks)
-        scores = torch.cat(kept_scores)
-        order = nms_keep(masks, scores, nms_threshold)
-        best = int(order[0])
-        mask = remove_small_regions(masks[best].cpu().numpy(), min_region_area)
-        return AutoResult(mask=mask, iou=float(scores[best]), candidates=coords.shape[0], survivors=int(order.numel()))
+            decoded += len(batch)
+            for index, mask in zip(batch, masks.cpu().numpy()):
+                cleaned = remove_small_regions(mask, min_region_area)
+                if cleaned.any():
+                    return AutoResult(mask=cleaned, iou=float(ious[index]), candidates=coords.shape[0],
+                                      passed=len(order), decoded=decoded)
+        return AutoResult(mask=np.zeros((h, w), bool), iou=float("nan"), candidates=coords.shape[0],
+                          passed=len(order), decoded=decoded)
