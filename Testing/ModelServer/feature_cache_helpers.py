@@ -1,0 +1,64 @@
+"""Helpers shared by the feature cache tests: small synthetic features, keys, caches
+with budgets counted in entries, and the invariants every operation must keep."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from desam_server.engine.feature_cache import FeatureCache, FeatureCacheSettings, FeatureKey
+from desam_server.modeling.desam import ImageFeatures
+
+SECRET_VOLUME = "PATIENT-Doe^Jane-1234"
+
+
+def make_features(seed: int, channels: int = 8, side: int = 16) -> ImageFeatures:
+    g = torch.Generator().manual_seed(seed)
+    return ImageFeatures(
+        embedding=torch.randn(1, 16, 8, 8, generator=g) * 3,
+        taps=[torch.randn(1, channels, side, side, generator=g) * 10 for _ in range(3)],
+        input_size=(96, 128), original_size=(150, 200),
+    )
+
+
+def nbytes16(channels: int = 8, side: int = 16) -> int:
+    return 2 * (16 * 8 * 8 + 3 * channels * side * side)
+
+
+def key(i: int, **changes) -> FeatureKey:
+    fields = dict(volume_id=SECRET_VOLUME, axis="axial", slice_index=i, window_center=40.0, window_width=400.0,
+                  preprocessing_version=1, encoder="tiny", encoder_weights_sha256=None)
+    fields.update(changes)
+    return FeatureKey(**fields)
+
+
+def make_cache(tmp_path, entries_device=0, entries_host=0, entries_disk=0, **kw) -> FeatureCache:
+    """Budgets in units of one standard entry (disk: file size, ~1 KiB larger)."""
+    unit = nbytes16()
+    settings = FeatureCacheSettings(
+        directory=kw.pop("directory", tmp_path / "cache"), device_bytes=entries_device * unit,
+        host_bytes=entries_host * unit, disk_bytes=entries_disk * (unit + 1024), **kw)
+    return FeatureCache(settings)
+
+
+def assert_same(a: ImageFeatures, b: ImageFeatures) -> None:
+    assert a.embedding.dtype == torch.float32 and torch.equal(a.embedding, b.embedding)
+    for x, y in zip(a.taps, b.taps, strict=True):
+        assert x.dtype == torch.float32 and torch.equal(x, y)
+    assert tuple(a.input_size) == tuple(b.input_size) and tuple(a.original_size) == tuple(b.original_size)
+
+
+def check_invariants(cache: FeatureCache) -> None:
+    stats = cache.stats()
+    for name, tier in stats["tiers"].items():
+        assert tier["bytes_used"] <= tier["byte_budget"], name
+    for tier in (cache._device_tier, cache._host):
+        assert tier.used == sum(p.nbytes for p in tier.entries.values())
+        assert set(cache._device_tier.entries).isdisjoint(cache._host.entries)
+    disk = cache._disk
+    if disk.enabled and not cache._writing:
+        files = {p.name: p.stat().st_size for p in disk.directory.glob("*.dsfc")}
+        assert files == {f"{d}.dsfc": s for d, s in disk.index.items()}
+        assert disk.used == sum(files.values())
+    json.dumps(stats)
