@@ -55,6 +55,20 @@ def _temp_in(target: Path, suffix: str) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
+def _publish(tmp_name: str, target: Path) -> Iterator[None]:
+    """On clean exit rename the finished temporary file over ``target`` and fsync the
+    directory; on error remove the temporary file and leave ``target`` untouched."""
+    try:
+        yield
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on clean exit fsync it and rename it over
     ``path`` (and fsync the directory); on error remove it and leave ``path`` untouched."""
@@ -62,17 +76,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise ValueError("atomic_write only supports write modes ('w', 'wb', ...)")
     target = Path(path)
     fd, tmp_name = _temp_in(target, ".tmp")
-    try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(target.parent)
+    with _publish(tmp_name, target), os.fdopen(fd, mode) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -92,13 +99,7 @@ def atomic_output_path(path: str | os.PathLike) -> Iterator[Path]:
     suffix = name[dot:] if dot > 0 else ""
     fd, tmp_name = _temp_in(target, ".tmp" + suffix)
     os.close(fd)
-    try:
+    with _publish(tmp_name, target):
         yield Path(tmp_name)
         with open(tmp_name, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(target.parent)
