@@ -183,7 +183,7 @@ class SlicePredictor:
         iou_threshold: float = 0.5,
         min_region_area: int = 64,
         chunk_size: int = 16,
-        decode_chunk: int = 4,
+        decode_chunk: int = 1,
         reuse_image_part: bool = True,
     ) -> AutoResult:
         """DeSAM without a user prompt.
