@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
+from torchvision.ops import nms
 
 from conftest import phantom_slice
 from desam_server.engine import IntensityWindow, SlicePredictor, UntrainedDecoderError, apply_window, to_rgb
-from desam_server.engine.postprocess import grid_points, nms_keep, remove_small_regions
+from desam_server.engine.postprocess import grid_points, remove_small_regions
 from desam_server.modeling import build_desam, save_decoder
 
 
@@ -114,6 +115,37 @@ def trained_predictor(tiny_sam_checkpoint, tmp_path_factory, rgb_slice):
     pred = SlicePredictor(loaded, precision="fp32")
     pred.set_image(rgb_slice)
     return pred
+
+
+# The spec's box NMS, used only by the literal reference procedure below: the predictor
+# itself never needs it (NMS always keeps the top-ranked box).
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """B x H x W bool -> B x 4 XYXY boxes (inclusive pixel extents; zeros for empty)."""
+    b, h, w = masks.shape
+    if b == 0:
+        return torch.zeros((0, 4), device=masks.device)
+    rows = masks.any(dim=2)
+    cols = masks.any(dim=1)
+    ar_h = torch.arange(h, device=masks.device)[None].expand(b, -1)
+    ar_w = torch.arange(w, device=masks.device)[None].expand(b, -1)
+    y0 = torch.where(rows, ar_h, h).amin(dim=1)
+    y1 = torch.where(rows, ar_h, -1).amax(dim=1)
+    x0 = torch.where(cols, ar_w, w).amin(dim=1)
+    x1 = torch.where(cols, ar_w, -1).amax(dim=1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    empty = ~rows.any(dim=1)
+    boxes[empty] = 0
+    return boxes
+
+
+def nms_keep(masks: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Indices of masks surviving box NMS, ordered by decreasing score."""
+    if masks.shape[0] == 0:
+        return torch.zeros((0,), dtype=torch.long, device=masks.device)
+    boxes = masks_to_boxes(masks)
+    # Inclusive extents -> half-open so a one-pixel box has non-zero area.
+    boxes[:, 2:] += 1
+    return nms(boxes.float().cpu(), scores.float().cpu(), iou_threshold).to(masks.device)
 
 
 def naive_grid(pred: SlicePredictor, grid_size: int, iou_threshold: float, min_area: int, nms_threshold: float = 0.7):
