@@ -219,6 +219,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "encoder_precision": choose_precision(device).name,
         "threads": torch.get_num_threads(),
         "default_weights": default_weights_name(),
+        "embedded_default": "MobileSAM: used when no SAM ViT-H checkpoint is configured (--sam-checkpoint)",
         "weights_dir": str(weights_dir()),
         "weights": {n: {"encoder": e.encoder, "cached": cached_path(n) is not None, "license": e.license}
                     for n, e in catalog().items()},

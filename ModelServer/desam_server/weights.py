@@ -41,6 +41,7 @@ class WeightsError(RuntimeError):
 class WeightsEntry:
     name: str
     encoder: str
+    family: str
     description: str
     file_name: str
     size: int

@@ -55,5 +55,6 @@ def test_info_reports_device_precision_and_weights(capsys):
     assert main(["info", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["device"] == "cpu" and info["default_weights"] == "mobile_sam"
+    assert info["embedded_default"].startswith("MobileSAM")
     assert set(info["weights"]) >= {"mobile_sam", "lite_medsam", "sam_vit_h"}
     assert info["encoder_precision"] in ("fp32", "bfloat16")

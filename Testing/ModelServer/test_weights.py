@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from desam_server.modeling import get_spec
 from desam_server.weights import (
     WeightsError, cached_path, catalog, default_weights_name, fetch_weights, get_entry,
     resolve_sam_checkpoint, verify_file,
@@ -18,6 +19,7 @@ def test_catalog_entries_are_complete():
     assert {"mobile_sam", "lite_medsam", "sam_vit_h", "sam_vit_l", "sam_vit_b"} <= set(entries)
     for e in entries.values():
         assert len(e.sha256) == 64 and e.size > 0 and e.license and e.encoder and e.input_convention
+        assert e.family == get_spec(e.encoder).family
         assert e.source["type"] in ("pypi", "url")
     assert get_entry("sam_vit_h").sha256.startswith("a7bf3b02")
     with pytest.raises(WeightsError, match="unknown weights"):
