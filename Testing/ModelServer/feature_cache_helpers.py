@@ -4,6 +4,8 @@ with budgets counted in entries, and the invariants every operation must keep.""
 from __future__ import annotations
 
 import json
+import threading
+from typing import Callable
 
 import torch
 
@@ -62,3 +64,22 @@ def check_invariants(cache: FeatureCache) -> None:
         assert files == {f"{d}.dsfc": s for d, s in disk.index.items()}
         assert disk.used == sum(files.values())
     json.dumps(stats)
+
+
+def run_threads(worker: Callable[[int], None], count: int) -> list[BaseException]:
+    """Run ``worker(index)`` on ``count`` threads at once; join them all and return the
+    exceptions they raised (an assertion failing in a thread would otherwise be lost)."""
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            worker(index)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

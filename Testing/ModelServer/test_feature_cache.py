@@ -17,7 +17,7 @@ from desam_server.engine import IntensityWindow, SlicePredictor
 from desam_server.engine.feature_cache import FeatureCache, FeatureCacheSettings, parse_bytes
 from desam_server.engine.feature_packed import pack_features
 from desam_server.modeling import build_desam
-from feature_cache_helpers import assert_same, check_invariants, key, make_cache, make_features
+from feature_cache_helpers import assert_same, check_invariants, key, make_cache, make_features, run_threads
 
 
 # ---- key and settings -----------------------------------------------------------------------
@@ -174,7 +174,6 @@ def test_concurrent_get_or_compute_computes_each_key_once(tmp_path):
     expected = {i: pack_features(make_features(i)).unpack() for i in range(10)}
     counts = {i: 0 for i in range(10)}
     count_lock = threading.Lock()
-    errors = []
 
     def compute(i):
         with count_lock:
@@ -184,19 +183,11 @@ def test_concurrent_get_or_compute_computes_each_key_once(tmp_path):
 
     def worker(seed):
         rnd = random.Random(seed)
-        try:
-            for _ in range(50):
-                i = rnd.randrange(10)
-                assert_same(cache.get_or_compute(key(i), lambda i=i: compute(i)), expected[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(50):
+            i = rnd.randrange(10)
+            assert_same(cache.get_or_compute(key(i), lambda i=i: compute(i)), expected[i])
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_threads(worker, 8)
     assert counts == {i: 1 for i in range(10)}
     check_invariants(cache)
 
@@ -210,15 +201,11 @@ def test_simultaneous_requests_for_one_key_compute_once(tmp_path):
         time.sleep(0.05)
         return make_features(5)
 
-    def worker():
+    def worker(_):
         barrier.wait()
         results.append(cache.get_or_compute(key(5), compute))
 
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    assert not run_threads(worker, 8)
     assert len(calls) == 1 and len(results) == 8
     assert cache.stats()["inflight_waits"] >= 1
     for r in results[1:]:
@@ -230,33 +217,24 @@ def test_mixed_concurrent_operations_keep_budgets_and_accounting(tmp_path):
     cache = make_cache(tmp_path, entries_device=2, entries_host=3, entries_disk=6)
     channels = {i: 4 + (i % 3) * 4 for i in range(20)}
     expected = {i: pack_features(make_features(i, channels[i])).unpack() for i in range(20)}
-    errors = []
 
     def worker(seed):
         rnd = random.Random(seed)
-        try:
-            for _ in range(150):
-                i, op = rnd.randrange(20), rnd.random()
-                if op < 0.5:
-                    assert_same(cache.get_or_compute(key(i), lambda i=i: make_features(i, channels[i])), expected[i])
-                elif op < 0.8:
-                    got = cache.get(key(i))
-                    assert got is None or assert_same(got, expected[i]) is None
-                elif op < 0.95:
-                    cache.put(key(i), make_features(i, channels[i]))
-                else:
-                    cache.discard(key(i))
-                for tier in cache.stats()["tiers"].values():
-                    assert tier["bytes_used"] <= tier["byte_budget"]
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for _ in range(150):
+            i, op = rnd.randrange(20), rnd.random()
+            if op < 0.5:
+                assert_same(cache.get_or_compute(key(i), lambda i=i: make_features(i, channels[i])), expected[i])
+            elif op < 0.8:
+                got = cache.get(key(i))
+                assert got is None or assert_same(got, expected[i]) is None
+            elif op < 0.95:
+                cache.put(key(i), make_features(i, channels[i]))
+            else:
+                cache.discard(key(i))
+            for tier in cache.stats()["tiers"].values():
+                assert tier["bytes_used"] <= tier["byte_budget"]
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_threads(worker, 6)
     check_invariants(cache)  # files on disk == index == bytes counted
 
 
