@@ -1,7 +1,7 @@
 """``desam-server``: the command line of the DeSAM service.
 
-Subcommands: segment (headless batch segmentation), fetch-weights, fetch-sample, info,
-bench. Settings that are not flags come from DESAM_* environment variables.
+Subcommands: serve (the HTTP service), segment (headless batch segmentation),
+fetch-weights, fetch-sample, info, bench. Settings that are not flags come from DESAM_* environment variables.
 """
 
 from __future__ import annotations
@@ -42,31 +42,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    """Build the model the flags ask for; fetch the embedded default weights if needed."""
-    import torch
+    """Build the model the flags ask for (``loading.build_model``) and its predictor."""
+    from .engine import SlicePredictor
+    from .loading import build_model
 
-    from .engine import SlicePredictor, resolve_device
-    from .modeling import build_desam
-    from .weights import default_weights_name, fetch_weights, get_entry, resolve_sam_checkpoint
-
-    encoder = args.encoder or get_entry(default_weights_name()).encoder
-    if args.sam_checkpoint is None and encoder in ("mobile_sam", "lite_medsam"):
-        path, sha = fetch_weights(encoder), get_entry(encoder).sha256
-    else:
-        path, sha = resolve_sam_checkpoint(encoder, args.sam_checkpoint)
-    device = resolve_device(args.device)
-    model = build_desam(encoder, sam_checkpoint=path, decoder_checkpoint=args.decoder, sam_checkpoint_sha256=sha)
-    model.to(device)
+    model, info = build_model(args.encoder, args.sam_checkpoint, args.decoder, args.device)
     predictor = SlicePredictor(model, precision=args.precision)
-    threads = torch.get_num_threads() if device.type == "cpu" else None
-    log.info("model: encoder=%s weights=%s device=%s precision=%s threads=%s decoder=%s",
-             encoder, (sha or "user file")[:12], device, predictor.precision.name, threads,
-             "trained" if model.has_trained_decoder else "none")
-    if path is None:
-        log.warning("encoder %s has no checkpoint: every weight is random and the masks are meaningless "
-                    "(use this only for tests and timing)", encoder)
-    if encoder == "mobile_sam" and args.sam_checkpoint is None:
-        log.info("using the embedded default model MobileSAM (no SAM ViT-H checkpoint configured)")
+    log.info("model: encoder=%s weights=%s device=%s precision=%s threads=%s decoder=%s", info["encoder"],
+             (model.encoder_weights_sha256 or info["weights"])[:12], model.device, predictor.precision.name,
+             info["threads"], "trained" if model.has_trained_decoder else "none")
     return predictor
 
 
@@ -239,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="desam-server", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from .serve import add_serve_args, cmd_serve
+
+    srv = sub.add_parser("serve", help="run the HTTP service for Slicer (127.0.0.1:8765 by default)")
+    add_serve_args(srv)
+    srv.set_defaults(func=cmd_serve)
 
     seg = sub.add_parser("segment", help="segment a volume slice by slice into a .seg.nrrd")
     seg.add_argument("input", type=Path, help="volume: NRRD, NIfTI, MHA, a DICOM file or a DICOM folder")

@@ -168,6 +168,23 @@ class SlicePredictor:
             masks = masks > self.model.mask_threshold
         return masks[0].cpu().numpy(), iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
 
+    @torch.no_grad()
+    def predict_desam(
+        self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, float]:
+        """DeSAM's decoders (PRIM + PDMM) with a user prompt: (H x W bool mask, predicted
+        IoU). Same prompt arguments as ``predict``; needs a trained decoder."""
+        if not self.model.has_trained_decoder:
+            raise UntrainedDecoderError(HOW_TO_GET_A_DECODER)
+        feats = self._require_image()
+        points, boxes = self._prompt_tensors(point_coords, point_labels, box)
+        if points is None and boxes is None:
+            raise ValueError("give at least one prompt: points or a box")
+        iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats), points=points, boxes=boxes)
+        mask = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[0, 0] > 0
+        return mask.cpu().numpy(), float(iou[0])
+
     # ---- automatic (DeSAM) modes ----------------------------------------------------------
     def _skips(self, feats: ImageFeatures) -> list[torch.Tensor]:
         if feats.skips is None:

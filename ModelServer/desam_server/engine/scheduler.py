@@ -22,13 +22,13 @@ API (all methods thread-safe; axis is 'k', 'j', 'i' or 0, 1, 2 of a K x J x I ar
   that lies outside the new neighbourhood is cancelled (stats 'cancelled_obsolete').
 - ``precompute(volume_id, axis)`` / ``cancel_precompute(volume_id, axis=None)``:
   BACKGROUND work for every slice not cached yet, and its withdrawal.
-- ``progress(volume_id, axis)``: {'total', 'cached', 'queued', 'running'}.
+- ``progress(volume_id, axis)``: {'total', 'cached', 'queued', 'running'};
+  ``is_cached(volume_id, axis, index)``.
 - ``pause()`` / ``resume()`` (hold the worker before its next batch), ``stats()``,
   ``history()`` (recent encodes, oldest first), ``close()``.
 
-Every result goes through ``FeatureCache.get_or_compute`` under the slice's
-``FeatureKey``, so callers get the cache's stored form (bit-identical for one key) and a
-job whose key is already cached when it starts is not encoded again. With
+Results go through ``FeatureCache.get_or_compute`` under the slice's ``FeatureKey``:
+callers get the stored form (bit-identical per key); a cached key is not encoded again. With
 ``encode_batch`` > 1 the worker takes up to that many queued jobs of the same volume and
 axis (same window and input size) into one encoder pass; a PROMPT job only takes other
 PROMPT jobs along, so a click never waits for background slices. Logs name volumes by
@@ -156,6 +156,13 @@ class EncodingScheduler:
         # A copy per caller: predictors cache per-slice state (skips) on the object.
         return ImageFeatures(embedding=result.embedding, taps=list(result.taps), input_size=result.input_size,
                              original_size=result.original_size)
+
+    def is_cached(self, volume_id: str, axis, index: int) -> bool:
+        """Whether the slice's features are in the cache now (no encoder work queued)."""
+        with self._cond:
+            volume = self._volume(volume_id)
+            a, index = where(volume, axis, index)
+        return self.cache.contains(feature_key(self.model, volume, a, index))
 
     def set_view(self, volume_id: str, axis, index: int) -> None:
         with self._cond:

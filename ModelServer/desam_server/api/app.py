@@ -1,0 +1,99 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+Nothing heavy happens at import or in ``create_app``: the lifespan builds the ``Service``
+(model, cache, scheduler, volume store, decoders) on startup, in a worker thread, and
+closes it on shutdown (queued jobs cancelled, the running one stopped at its next
+slice, the encoder's current batch finished). Errors become ``{"detail": ...}`` with a
+real status code; an unexpected exception is logged and answered with a 500 that
+carries no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from .. import __version__
+from .errors import ServiceError
+from .routers import ROUTERS
+from .security import TokenMiddleware
+from .service import Service
+from .settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app", "build_service"]
+
+DESCRIPTION = """DeSAM segmentation service for SlicerDeSAM: upload a volume once, then
+segment slices from prompts (SAM's decoder, answered from cached encoder features) or
+automatically (DeSAM's whole-box / grid-points modes, as jobs). Volumes and masks travel
+in the binary wire format of docs/WIRE_FORMAT.md; everything else is JSON."""
+
+
+def build_service(settings: ServiceSettings) -> Service:
+    """Load the model the settings name and start the service around it."""
+    from ..engine.runtime import configure_malloc
+    from ..loading import build_model
+
+    configure_malloc()
+    model, info = build_model(settings.encoder, settings.sam_checkpoint, None, settings.device)
+    return Service(settings, model, model_info=info)
+
+
+def create_app(settings: ServiceSettings | None = None,
+               service_factory: Callable[[ServiceSettings], Service] | None = None) -> FastAPI:
+    """``service_factory`` (default ``build_service``) runs in the lifespan; tests pass
+    one that builds a small model."""
+    settings = settings or ServiceSettings.load()
+    factory = service_factory or build_service
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service = await anyio.to_thread.run_sync(factory, settings)
+        app.state.service = service
+        log.info("service ready: encoder %s on %s, %d decoder(s)", service.model.encoder_name,
+                 service.model.device, len(service.decoders.names()))
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(service.close)
+
+    app = FastAPI(title="SlicerDeSAM service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = None
+    app.state.settings = settings
+    for router in ROUTERS:
+        app.include_router(router)
+    _add_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    if settings.token:
+        app.add_middleware(TokenMiddleware, token=settings.token)
+    return app
+
+
+def _add_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                    for e in exc.errors()]
+        malformed = any(p["type"] in ("json_invalid", "model_attributes_type") and len(p["loc"]) <= 2
+                        for p in problems)
+        return JSONResponse({"detail": problems}, status_code=400 if malformed else 422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected %s in %s %s", exc.__class__.__name__, request.method, request.url.path,
+                  exc_info=exc)
+        return JSONResponse({"detail": "internal error; the service log has the details"}, status_code=500)

@@ -1,0 +1,232 @@
+"""Automatic-segmentation jobs: a queue, one worker thread, progress and cancel.
+
+A job runs DeSAM's box or grid mode on a contiguous slice range of one volume along one
+axis. Jobs run one at a time, first come first served, on a worker thread of their own
+(the encoder still runs on the scheduler's thread, and clicks take the decoder before a
+job's next slice, so a running job never freezes interactive work). Limits: at most one
+active (queued or running) job per volume and axis (a second one is a 409 naming the
+first), at most ``max_jobs`` active jobs (then 429). Finished jobs, with their result
+masks, are kept until ``keep`` newer ones have finished. Jobs do not belong to a
+connection: a client that goes away leaves its job running, or cancels it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import Conflict, NotFound, TooManyRequests
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AutoJobSpec", "Job", "JobManager", "JobCancelled", "ACTIVE", "FINISHED"]
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+ACTIVE = (QUEUED, RUNNING)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's run when its cancel flag is seen."""
+
+
+@dataclass(frozen=True)
+class AutoJobSpec:
+    volume_id: str
+    axis: str
+    start: int
+    stop: int                     # exclusive
+    mode: str                     # "box" or "grid"
+    decoder: str
+    window: tuple[float, float]   # center, width
+    grid_size: int = 9
+    iou_threshold: float = 0.5
+    min_region_area: int = 64
+
+    def to_json(self) -> dict:
+        return {"volume_id": self.volume_id, "axis": self.axis, "start": self.start, "stop": self.stop,
+                "mode": self.mode, "decoder": self.decoder,
+                "window": {"center": self.window[0], "width": self.window[1]}, "grid_size": self.grid_size,
+                "iou_threshold": self.iou_threshold, "min_region_area": self.min_region_area}
+
+
+@dataclass(eq=False)
+class Job:
+    spec: AutoJobSpec
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: str = QUEUED
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    done: int = 0
+    slices_with_mask: int = 0
+    error: str | None = None
+    result: bytes | None = field(default=None, repr=False)
+    cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def total(self) -> int:
+        return self.spec.stop - self.spec.start
+
+    def check_cancelled(self) -> None:
+        if self.cancel_requested.is_set():
+            raise JobCancelled()
+
+    def to_json(self) -> dict:
+        elapsed = None
+        if self.started is not None:
+            elapsed = round((self.finished or time.time()) - self.started, 3)
+        return {"id": self.id, "state": self.state, "spec": self.spec.to_json(),
+                "progress": {"done": self.done, "total": self.total,
+                             "fraction": round(self.done / self.total, 4) if self.total else 1.0},
+                "slices_with_mask": self.slices_with_mask, "created": self.created, "started": self.started,
+                "finished": self.finished, "elapsed_s": elapsed, "error": self.error,
+                "result_available": self.result is not None, "cancel_requested": self.cancel_requested.is_set()}
+
+
+class JobManager:
+    """``run(job) -> bytes`` does the work (checking ``job.check_cancelled()``, updating
+    ``job.done``) and returns the result payload."""
+
+    def __init__(self, run: Callable[[Job], bytes], *, max_jobs: int, keep: int) -> None:
+        self._run = run
+        self.max_jobs = max_jobs
+        self.keep = keep
+        self._lock = threading.Condition()
+        self._jobs: dict[str, Job] = {}
+        self._queue: collections.deque[Job] = collections.deque()
+        self._finished: collections.deque[str] = collections.deque()
+        self._closing = False
+        self._counters = collections.Counter(dict.fromkeys((SUCCEEDED, FAILED, CANCELLED), 0))
+        self._thread = threading.Thread(target=self._worker, name="desam-jobs", daemon=True)
+        self._thread.start()
+
+    def submit(self, spec: AutoJobSpec) -> Job:
+        with self._lock:
+            if self._closing:
+                raise Conflict("the service is shutting down")
+            active = [j for j in self._jobs.values() if j.state in ACTIVE]
+            for other in active:
+                if other.spec.volume_id == spec.volume_id and other.spec.axis == spec.axis:
+                    raise Conflict(f"job {other.id} is already segmenting this volume along axis {spec.axis}: "
+                                   "wait for it or cancel it first")
+            if len(active) >= self.max_jobs:
+                raise TooManyRequests(f"{len(active)} jobs are queued or running (limit {self.max_jobs})",
+                                      retry_after=10)
+            job = Job(spec)
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._lock.notify_all()
+        log.info("job %s queued: %s mode, %d slices", job.id[:8], spec.mode, job.total)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"unknown job {job_id[:32]!r} (finished jobs are forgotten after {self.keep} newer ones)")
+        return job
+
+    def list(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.created)
+
+    def cancel(self, job_id: str) -> Job:
+        """Ask a job to stop (idempotent; a finished job is left as it is)."""
+        job = self.get(job_id)
+        with self._lock:
+            if job.state == QUEUED:
+                self._queue.remove(job)
+                job.cancel_requested.set()
+                self._finish(job, CANCELLED)
+            elif job.state == RUNNING:
+                job.cancel_requested.set()
+        return job
+
+    def cancel_volume(self, volume_id: str) -> int:
+        count = 0
+        for job in self.list():
+            if job.spec.volume_id == volume_id and job.state in ACTIVE:
+                self.cancel(job.id)
+                count += 1
+        return count
+
+    def active_count(self) -> int:
+        with self._lock:
+            return sum(j.state in ACTIVE for j in self._jobs.values())
+
+    def stats(self) -> dict:
+        with self._lock:
+            states = collections.Counter(j.state for j in self._jobs.values())
+            return {"queued": states[QUEUED], "running": states[RUNNING], "kept": len(self._jobs),
+                    "finished_total": dict(self._counters), "max_jobs": self.max_jobs}
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Cancel queued and running jobs and wait for the worker."""
+        with self._lock:
+            self._closing = True
+            pending = list(self._queue)
+            self._queue.clear()
+            for job in pending:
+                job.cancel_requested.set()
+                self._finish(job, CANCELLED)
+            for job in self._jobs.values():
+                if job.state == RUNNING:
+                    job.cancel_requested.set()
+            self._lock.notify_all()
+        self._thread.join(timeout)
+
+    # ---- internals -----------------------------------------------------------------------
+    def _finish(self, job: Job, state: str, error: str | None = None) -> None:
+        """Caller holds the lock."""
+        job.state, job.error, job.finished = state, error, time.time()
+        self._counters[state] += 1
+        self._finished.append(job.id)
+        while len(self._finished) > self.keep:
+            self._jobs.pop(self._finished.popleft(), None)
+        self._lock.notify_all()
+
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job has finished (tests, command line)."""
+        job = self.get(job_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while job.state in ACTIVE:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"job {job_id[:8]} still {job.state} after {timeout} s")
+                self._lock.wait(left)
+        return job
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait()
+                if self._closing and not self._queue:
+                    return
+                job = self._queue.popleft()
+                job.state, job.started = RUNNING, time.time()
+            try:
+                result = self._run(job)
+            except JobCancelled:
+                with self._lock:
+                    self._finish(job, CANCELLED)
+                log.info("job %s cancelled after %d/%d slices", job.id[:8], job.done, job.total)
+            except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the worker
+                message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
+                with self._lock:
+                    self._finish(job, FAILED, message)
+                log.warning("job %s failed (%s)", job.id[:8], exc.__class__.__name__)
+            else:
+                with self._lock:
+                    job.result = result
+                    self._finish(job, SUCCEEDED)
+                log.info("job %s succeeded: %d slices in %.1f s", job.id[:8], job.total,
+                         (job.finished or 0) - (job.started or 0))
+

@@ -1,0 +1,310 @@
+"""The service's state and operations, independent of HTTP.
+
+``Service`` owns the model, the feature cache, the encoding scheduler, the volume store,
+the loaded decoders, the job manager and the logits of recent answers. The routers only
+translate HTTP to these methods; errors are ``errors.ServiceError`` subclasses.
+
+Threads: the scheduler's worker runs every encoder pass; request threads and the job
+worker run decoder passes, one at a time under ``decode_lock``, where a click always
+goes before a job's next slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+
+from .. import wire
+from ..engine import IntensityWindow, SlicePredictor
+from ..engine.feature_cache import FeatureCache
+from ..engine.scheduler import EncodingScheduler, SchedulerClosedError
+from ..modeling.desam import DeSAM, ImageFeatures
+from .decoders import DecoderSet
+from .errors import NotFound, TooManyRequests, Unavailable, Unprocessable
+from .jobs import AutoJobSpec, Job, JobManager
+from .prompting import LogitsStore, decode_slice_mask, mask_payload, mask_to_logits
+from .settings import ServiceSettings
+from .volume_store import StoredVolume, VolumeStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Service", "PriorityLock", "AXES"]
+
+AXES = ("k", "j", "i")
+
+
+class PriorityLock:
+    """A mutex where waiting high-priority holders go before low-priority ones."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._high_waiting = 0
+
+    @contextlib.contextmanager
+    def hold(self, high: bool) -> Iterator[None]:
+        with self._cond:
+            self._high_waiting += high
+            try:
+                while self._busy or (not high and self._high_waiting):
+                    self._cond.wait()
+            finally:
+                self._high_waiting -= high
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+class Service:
+    def __init__(self, settings: ServiceSettings, model: DeSAM, *, model_info: dict | None = None) -> None:
+        self.settings = settings
+        self.model = model
+        self.model_info = model_info or {}
+        self.cache = FeatureCache(settings.cache)
+        self.scheduler = EncodingScheduler(model, self.cache, encode_batch=settings.encode_batch,
+                                           neighbours=settings.neighbours, precision=settings.precision)
+        self.precision = self.scheduler.precision
+        self.store = VolumeStore(settings.volume_dir, disk_bytes=settings.volume_disk_bytes,
+                                 memory_bytes=settings.volume_memory_bytes, max_voxels=settings.max_voxels,
+                                 on_evict=self._forget_volume)
+        self.decoders = DecoderSet(model)
+        for path in settings.decoders:
+            self.decoders.load(path)
+        if settings.decoder_dir is not None:
+            self.decoders.load_dir(settings.decoder_dir)
+        self.jobs = JobManager(self._run_job, max_jobs=settings.max_jobs, keep=settings.finished_jobs_kept)
+        self.logits = LogitsStore()
+        self.decode_lock = PriorityLock()
+        self._lock = threading.Lock()
+        self._sessions: dict[str, set[str]] = {}      # volume id -> scheduler ids (one per window)
+        self._waiting_prompts = 0
+        self.started = time.time()
+        self.closed = False
+
+    # ---- volumes ----------------------------------------------------------------------------
+    def upload(self, payload: bytes) -> tuple[dict, bool]:
+        try:
+            stored, created = self.store.put(payload)
+        except wire.WireFormatError as exc:
+            raise Unprocessable(f"volume payload rejected: {exc}") from None
+        return {**stored.describe(), "on_disk": self.store.contains(stored.volume_id)}, created
+
+    def delete_volume(self, volume_id: str) -> None:
+        self.jobs.cancel_volume(volume_id)
+        if not self.store.delete(volume_id):
+            raise NotFound(f"unknown volume {volume_id[:12]}")
+
+    def _forget_volume(self, volume_id: str) -> None:
+        with self._lock:
+            sessions = self._sessions.pop(volume_id, set())
+        for sid in sessions:
+            with contextlib.suppress(KeyError, SchedulerClosedError):
+                self.scheduler.unregister_volume(sid)
+        self.logits.discard_volume(volume_id)
+
+    def _session(self, stored: StoredVolume, window: dict | None) -> tuple[str, IntensityWindow]:
+        """The scheduler registration of (volume, window), made on first use."""
+        if window is None:
+            w = stored.default_window()
+        else:
+            try:
+                w = IntensityWindow(center=float(window["center"]), width=float(window["width"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise Unprocessable(f"window: {exc}") from None
+        sid = f"{stored.volume_id}|{w.center!r}|{w.width!r}"
+        with self._lock:
+            sessions = self._sessions.setdefault(stored.volume_id, set())
+            if sid not in sessions:
+                try:
+                    self.scheduler.register_volume(sid, stored.array, w)
+                except SchedulerClosedError:
+                    raise Unavailable("the service is shutting down") from None
+                sessions.add(sid)
+        return sid, w
+
+    @staticmethod
+    def _check_slice(stored: StoredVolume, axis: str, index: int) -> tuple[int, int]:
+        if axis not in AXES:
+            raise Unprocessable(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
+        a = AXES.index(axis)
+        count = stored.array.shape[a]
+        if not 0 <= index < count:
+            raise Unprocessable(f"slice index {index} is outside 0..{count - 1} along axis {axis}")
+        return wire.mask_slice_shape(stored.array.shape, axis)
+
+    def view(self, volume_id: str, axis: str, index: int, window: dict | None) -> dict:
+        with self.store.use(volume_id) as stored:
+            self._check_slice(stored, axis, index)
+            sid, _ = self._session(stored, window)
+            self._scheduler_call(self.scheduler.set_view, sid, axis, index)
+            return self.scheduler.progress(sid, axis)
+
+    def precompute(self, volume_id: str, axis: str, window: dict | None, cancel: bool = False) -> dict:
+        with self.store.use(volume_id) as stored:
+            self._check_slice(stored, axis, 0)
+            sid, _ = self._session(stored, window)
+            if cancel:
+                self.scheduler.cancel_precompute(sid, axis)
+            else:
+                self._scheduler_call(self.scheduler.precompute, sid, axis)
+            return self.scheduler.progress(sid, axis)
+
+    def progress(self, volume_id: str, axis: str, window: dict | None) -> dict:
+        with self.store.use(volume_id) as stored:
+            self._check_slice(stored, axis, 0)
+            sid, _ = self._session(stored, window)
+            return self.scheduler.progress(sid, axis)
+
+    @staticmethod
+    def _scheduler_call(fn, *args):
+        try:
+            return fn(*args)
+        except SchedulerClosedError:
+            raise Unavailable("the service is shutting down") from None
+
+    # ---- features ---------------------------------------------------------------------------
+    def _features(self, sid: str, axis: str, index: int, *, prompt: bool) -> tuple[ImageFeatures, bool]:
+        """The slice's features and whether they were cached already."""
+        cached = self.scheduler.is_cached(sid, axis, index)
+        if not cached and prompt:
+            with self._lock:
+                if self._waiting_prompts >= self.settings.max_pending_prompts:
+                    raise TooManyRequests(f"{self._waiting_prompts} prompts are waiting for the encoder "
+                                          f"(limit {self.settings.max_pending_prompts})", retry_after=2)
+                self._waiting_prompts += 1
+        try:
+            return self.scheduler.features(sid, axis, index, timeout=self.settings.click_timeout_s), cached
+        except TimeoutError:
+            raise Unavailable(f"the slice was not encoded within {self.settings.click_timeout_s:g} s: the encoder "
+                              "is busy", retry_after=5) from None
+        except SchedulerClosedError:
+            raise Unavailable("the service is shutting down") from None
+        finally:
+            if not cached and prompt:
+                with self._lock:
+                    self._waiting_prompts -= 1
+
+    # ---- prompted segmentation -----------------------------------------------------------------
+    def prompt(self, volume_id: str, axis: str, index: int, *, points=None, labels=None, box=None,
+               mask_input: dict | None = None, multimask: bool = True, decoder: str = "sam",
+               window: dict | None = None) -> dict:
+        if points is not None and len(points) > self.settings.max_points:
+            raise Unprocessable(f"at most {self.settings.max_points} points per prompt, got {len(points)}")
+        variant = self.model if decoder == "sam" else self.decoders.get(decoder).model
+        if decoder != "sam" and mask_input is not None:
+            raise Unprocessable("mask_input works with SAM's decoder (decoder 'sam') only")
+        t0 = time.perf_counter()
+        with self.store.use(volume_id) as stored:
+            shape = self._check_slice(stored, axis, index)
+            sid, _ = self._session(stored, window)
+            features, cached = self._features(sid, axis, index, prompt=True)
+            t1 = time.perf_counter()
+            previous = None
+            if mask_input is not None:
+                if mask_input.get("logits_id"):
+                    previous = self.logits.get(mask_input["logits_id"], volume_id, axis, index)
+                elif mask_input.get("mask"):
+                    previous = mask_to_logits(decode_slice_mask(mask_input["mask"], stored.array.shape, axis, index),
+                                              self.model, features)
+                else:
+                    raise Unprocessable("mask_input needs logits_id or mask")
+            predictor = SlicePredictor(variant, precision=self.precision)
+            predictor.set_features(features)
+            pts = None if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+            lab = None if labels is None else np.asarray(labels).reshape(-1)
+            with self.decode_lock.hold(high=True):
+                t2 = time.perf_counter()
+                try:
+                    if decoder == "sam":
+                        masks, ious, low_res = predictor.predict(pts, lab, box=box, mask_input=previous,
+                                                                 multimask_output=multimask)
+                    else:
+                        mask, iou = predictor.predict_desam(pts, lab, box=box)
+                        masks, ious, low_res = mask[None], np.array([iou]), None
+                except ValueError as exc:
+                    raise Unprocessable(str(exc)) from None
+                t3 = time.perf_counter()
+            answers = []
+            for c in range(masks.shape[0]):
+                logits_id = None if low_res is None else self.logits.put(volume_id, axis, index, low_res[c])
+                answers.append({"mask": mask_payload(masks[c], axis, index, volume_id), "iou": float(ious[c]),
+                                "area": int(masks[c].sum()), "logits_id": logits_id})
+        t4 = time.perf_counter()
+        return {"volume_id": volume_id, "axis": axis, "index": index, "shape": list(shape), "decoder": decoder,
+                "masks": answers, "best": int(np.argmax(ious)),
+                "timing": {"features_s": round(t1 - t0, 6), "cached": cached, "decode_wait_s": round(t2 - t1, 6),
+                           "decode_s": round(t3 - t2, 6), "total_s": round(t4 - t0, 6)}}
+
+    # ---- automatic segmentation jobs ---------------------------------------------------------------
+    def submit_job(self, volume_id: str, *, axis: str, start: int | None, stop: int | None, mode: str,
+                   decoder: str | None, window: dict | None, grid_size: int, iou_threshold: float,
+                   min_region_area: int) -> Job:
+        loaded = self.decoders.require(decoder)
+        with self.store.use(volume_id) as stored:
+            self._check_slice(stored, axis, 0)
+            count = stored.array.shape[AXES.index(axis)]
+            start = 0 if start is None else start
+            stop = count if stop is None else stop
+            if not 0 <= start < stop <= count:
+                raise Unprocessable(f"slice range [{start}, {stop}) is not within [0, {count}) along axis {axis}")
+            _, w = self._session(stored, window)
+        spec = AutoJobSpec(volume_id=volume_id, axis=axis, start=start, stop=stop, mode=mode, decoder=loaded.name,
+                           window=(w.center, w.width), grid_size=grid_size, iou_threshold=iou_threshold,
+                           min_region_area=min_region_area)
+        return self.jobs.submit(spec)
+
+    def _run_job(self, job: Job) -> bytes:
+        spec = job.spec
+        variant = self.decoders.get(spec.decoder).model
+        window = {"center": spec.window[0], "width": spec.window[1]}
+        with self.store.use(spec.volume_id) as stored:
+            shape = self._check_slice(stored, spec.axis, spec.start)
+            sid, _ = self._session(stored, window)
+            slab = np.zeros((job.total, *shape), dtype=bool)
+            predictor = SlicePredictor(variant, precision=self.precision)
+            for n, index in enumerate(range(spec.start, spec.stop)):
+                job.check_cancelled()
+                features, _ = self._features(sid, spec.axis, index, prompt=False)
+                job.check_cancelled()
+                predictor.set_features(features)
+                with self.decode_lock.hold(high=False):
+                    result = predictor.predict_auto(spec.mode, spec.grid_size, iou_threshold=spec.iou_threshold,
+                                                    min_region_area=spec.min_region_area)
+                slab[n] = result.mask
+                job.slices_with_mask += bool(result.mask.any())
+                job.done = n + 1
+        return wire.encode_mask(slab, axis=spec.axis, offset=spec.start, volume_id=spec.volume_id)
+
+    # ---- info and lifecycle -----------------------------------------------------------------
+    def info(self) -> dict:
+        with self._lock:
+            waiting = self._waiting_prompts
+        scheduler = self.scheduler.stats()
+        return {"model": {**self.model_info, "encoder": self.model.encoder_name,
+                          "encoder_weights_sha256": self.model.encoder_weights_sha256,
+                          "device": str(self.model.device), "precision": self.precision.name,
+                          "bf16": self.precision.name == "bf16"},
+                "decoders": self.decoders.describe(),
+                "cache": self.cache.stats(), "scheduler": scheduler,
+                "queue_depth": scheduler["queued"] + scheduler["running"], "prompts_waiting": waiting,
+                "volumes": self.store.stats(), "jobs": self.jobs.stats(), "logits_kept": len(self.logits),
+                "settings": self.settings.public(), "uptime_s": round(time.time() - self.started, 1)}
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel jobs (waiting for the running one), stop the scheduler, release the cache."""
+        if self.closed:
+            return
+        self.closed = True
+        self.jobs.close(timeout)
+        self.scheduler.close(timeout)
+        self.cache.close()
+        log.info("service stopped")

@@ -1,0 +1,221 @@
+"""The service's settings: defaults < config file (TOML) < DESAM_* environment < flags.
+
+``ServiceSettings.load(config_file, environ, **overrides)`` builds them. The config file
+uses the field names below as keys (a ``[cache]`` table for the feature cache); each
+environment variable is ``DESAM_`` + the field name in capitals (``DESAM_PORT``,
+``DESAM_VOLUME_DISK_BYTES``, ...), and the feature cache keeps its own ``DESAM_CACHE_*``
+variables (``FeatureCacheSettings.from_env``). Byte sizes accept ``4GiB`` and the like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..engine.feature_config import GiB, FeatureCacheSettings, parse_bytes
+
+__all__ = ["ServiceSettings", "SettingsError", "default_volume_dir", "is_loopback"]
+
+class SettingsError(ValueError):
+    """A setting has an invalid value (the message names the setting)."""
+
+
+def default_volume_dir() -> Path:
+    """~/.cache/slicer-desam/volumes (beside the feature cache)."""
+    return Path.home() / ".cache" / "slicer-desam" / "volumes"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """host / port: where ``serve`` listens (loopback by default); token: the API token
+    (required when host is not loopback; then every request must carry it);
+    cors_origins: origins allowed by CORS (empty: CORS off).
+
+    encoder: registry name (None: the catalog default, MobileSAM); sam_checkpoint: a
+    SAM-family checkpoint (None: the catalog's cached weights for MobileSAM/LiteMedSAM,
+    random weights for the rest); decoders: DeSAM decoder files to load at start;
+    decoder_dir: every ``*.safetensors`` decoder in this folder is loaded too;
+    device: auto/cpu/cuda/cuda:N; precision: the encoder's autocast.
+
+    volume_dir / volume_disk_bytes: where uploaded volumes persist and their budget
+    (None dir: volumes live in memory only); volume_memory_bytes: decoded volumes kept in
+    memory; max_upload_bytes: largest request body; max_voxels: largest volume;
+    max_points: most points in one prompt; click_timeout_s: longest a prompt waits for its
+    slice to be encoded (then 503); max_pending_prompts: prompts waiting for the encoder
+    before new ones get 429; max_jobs: queued + running automatic jobs before 429;
+    finished_jobs_kept: finished jobs remembered (with results); encode_batch and
+    neighbours: the scheduler's; cache: the feature cache's settings.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = field(default=None, repr=False)
+    cors_origins: tuple[str, ...] = ()
+    encoder: str | None = None
+    sam_checkpoint: Path | None = None
+    decoders: tuple[Path, ...] = ()
+    decoder_dir: Path | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    volume_dir: Path | None = None
+    volume_disk_bytes: int = 20 * GiB
+    volume_memory_bytes: int = 4 * GiB
+    max_upload_bytes: int = 1 * GiB
+    max_voxels: int = 1 << 29
+    max_points: int = 64
+    click_timeout_s: float = 60.0
+    max_pending_prompts: int = 32
+    max_jobs: int = 8
+    finished_jobs_kept: int = 64
+    encode_batch: int = 1
+    neighbours: int = 8
+    log_level: str = "info"
+    cache: FeatureCacheSettings = field(default_factory=FeatureCacheSettings)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise SettingsError(f"port must be 0..65535, got {self.port!r}")
+        if self.token is not None and len(self.token) < 16:
+            raise SettingsError("token must be at least 16 characters (use e.g. `python -c "
+                                "\"import secrets; print(secrets.token_urlsafe(32))\"`)")
+        for name in ("volume_disk_bytes", "volume_memory_bytes", "max_upload_bytes", "max_voxels"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must not be negative")
+        for name in ("max_points", "max_pending_prompts", "max_jobs", "finished_jobs_kept", "encode_batch"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.neighbours < 0 or not self.click_timeout_s > 0:
+            raise SettingsError("neighbours must be >= 0 and click_timeout_s > 0")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise SettingsError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise SettingsError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+
+    def check_bind(self) -> None:
+        """Refuse to listen beyond loopback without a token."""
+        if not is_loopback(self.host) and not self.token:
+            raise SettingsError(
+                f"refusing to listen on {self.host}: the service is reachable from other machines there, "
+                "so it needs an API token (DESAM_TOKEN, DESAM_TOKEN_FILE or token in the config file); "
+                "or bind 127.0.0.1")
+
+    def public(self) -> dict[str, Any]:
+        """What ``info`` may show: no token, no paths."""
+        return {"host": self.host, "port": self.port, "auth": self.token is not None,
+                "cors": bool(self.cors_origins), "device": self.device, "precision": self.precision,
+                "volume_store": self.volume_dir is not None, "volume_disk_bytes": self.volume_disk_bytes,
+                "volume_memory_bytes": self.volume_memory_bytes, "max_upload_bytes": self.max_upload_bytes,
+                "max_voxels": self.max_voxels, "max_points": self.max_points,
+                "click_timeout_s": self.click_timeout_s, "max_pending_prompts": self.max_pending_prompts,
+                "max_jobs": self.max_jobs, "encode_batch": self.encode_batch, "neighbours": self.neighbours,
+                "cache": self.cache.to_json()}
+
+    # ---- loading ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, config_file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
+             **overrides: Any) -> "ServiceSettings":
+        """Defaults, then the config file (``DESAM_CONFIG`` when ``config_file`` is None),
+        then the environment, then ``overrides`` whose value is not None."""
+        env = dict(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        cache_values: dict[str, Any] = {}
+        path = config_file or env.get("DESAM_CONFIG") or None
+        if path:
+            values, cache_values = _read_config(Path(path))
+        for f in dataclasses.fields(cls):
+            if f.name == "cache":
+                continue
+            raw = env.get("DESAM_" + f.name.upper(), "").strip()
+            if raw:
+                values[f.name] = raw
+        token_file = env.get("DESAM_TOKEN_FILE", "").strip() or values.pop("token_file", None)
+        if token_file and not env.get("DESAM_TOKEN"):
+            try:
+                values["token"] = Path(token_file).expanduser().read_text().strip()
+            except OSError as exc:
+                raise SettingsError(f"token_file: cannot read it ({exc.strerror})") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        kwargs = {name: _convert(name, value) for name, value in values.items()}
+        kwargs.setdefault("volume_dir", default_volume_dir())
+        if kwargs["volume_dir"] == "off":
+            kwargs["volume_dir"] = None
+        device = kwargs.get("device", "auto")
+        try:
+            cache_env = {**{"DESAM_CACHE_" + k.upper(): str(v) for k, v in cache_values.items()},
+                         **{k: v for k, v in env.items() if k.startswith("DESAM_CACHE_")}}
+            kwargs["cache"] = FeatureCacheSettings.from_env(cache_env, device=_cache_device(device))
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        return cls(**kwargs)
+
+
+_INTS = {"port", "max_points", "max_pending_prompts", "max_jobs", "finished_jobs_kept", "encode_batch", "neighbours",
+         "max_voxels"}
+_BYTES = {"volume_disk_bytes", "volume_memory_bytes", "max_upload_bytes"}
+_PATHS = {"sam_checkpoint", "decoder_dir", "volume_dir"}
+_STRINGS = {"host", "token", "encoder", "device", "precision", "log_level"}
+
+
+def _convert(name: str, value: Any) -> Any:
+    """A config/env/flag value -> the field's type; SettingsError naming the setting."""
+    try:
+        if name in _INTS:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if name in _BYTES:
+            return value if isinstance(value, int) and not isinstance(value, bool) else parse_bytes(str(value), name)
+        if name == "click_timeout_s":
+            return float(value)
+        if name in _PATHS:
+            text = str(value).strip()
+            return "off" if name == "volume_dir" and text.lower() in ("off", "none") else Path(text).expanduser()
+        if name in ("decoders", "cors_origins"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            items = [str(v).strip() for v in items if str(v).strip()]
+            return tuple(Path(v).expanduser() for v in items) if name == "decoders" else tuple(items)
+        if name in _STRINGS:
+            return str(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}: {value!r} is not a valid value") from None
+    raise SettingsError(f"unknown setting {name!r}")
+
+
+def _read_config(path: Path) -> tuple[dict, dict]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"config file {path}: not valid TOML ({exc})") from None
+    cache = data.pop("cache", {})
+    if not isinstance(cache, dict):
+        raise SettingsError(f"config file {path}: [cache] must be a table")
+    known = {f.name for f in dataclasses.fields(ServiceSettings)} - {"cache"} | {"token_file"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return data, cache
+
+
+def _cache_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+

@@ -1,0 +1,50 @@
+"""``desam-server serve``: run the HTTP service with uvicorn (127.0.0.1:8765 by default).
+
+Flags override DESAM_* environment variables, which override the config file
+(``--config`` or DESAM_CONFIG). The API token is never a flag (flags show in process
+lists): set DESAM_TOKEN, DESAM_TOKEN_FILE or ``token_file`` in the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("desam_server")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from .modeling import ENCODERS
+
+    p.add_argument("--config", type=Path, default=None, help="TOML config file (default: $DESAM_CONFIG)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; others need a token)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    p.add_argument("--encoder", default=None, choices=sorted(ENCODERS),
+                   help="image encoder (default: MobileSAM, the embedded default)")
+    p.add_argument("--sam-checkpoint", type=Path, default=None, help="SAM-family checkpoint (e.g. ViT-H)")
+    p.add_argument("--decoder", type=Path, action="append", default=None,
+                   help="trained DeSAM decoder file to load (repeatable)")
+    p.add_argument("--decoder-dir", type=Path, default=None, help="load every *.safetensors decoder in this folder")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--volume-dir", default=None, help="where uploaded volumes persist ('off': memory only)")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import ServiceSettings, create_app
+
+    settings = ServiceSettings.load(
+        args.config, host=args.host, port=args.port, encoder=args.encoder, sam_checkpoint=args.sam_checkpoint,
+        decoders=args.decoder, decoder_dir=args.decoder_dir, device=args.device, precision=args.precision,
+        volume_dir=args.volume_dir, log_level=args.log_level)
+    settings.check_bind()
+    logging.getLogger().setLevel(settings.log_level.upper())
+    log.info("starting the DeSAM service on http://%s:%d (auth %s)", settings.host, settings.port,
+             "on" if settings.token else "off")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30, access_log=settings.log_level == "debug")
+    return 0

@@ -1,0 +1,301 @@
+"""HTTP client of the DeSAM service: one method per endpoint.
+
+Python standard library and numpy only (3D Slicer's Python has both), so the Slicer
+module ships this file unchanged; the tests, benchmarks and command-line tools use it
+too. Every call has a timeout; every non-2xx answer raises ``ServerError`` carrying the
+status code, the service's message and ``Retry-After``. ``upload_volume`` computes the
+volume's id locally and skips the upload when the service already holds the volume.
+
+Connections are kept alive, one per thread (``http.client``), so a click costs one
+request on an open socket. Frames and coordinates: see the service's API page
+(docs/API.md); payloads: docs/WIRE_FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import wire
+
+__all__ = ["ServerClient", "ServerError", "PromptResult"]
+
+DEFAULT_URL = "http://127.0.0.1:8765"
+
+
+class ServerError(Exception):
+    """The service answered with an error status, or could not be reached (status 0)."""
+
+    def __init__(self, status: int, message: str, *, retry_after: float | None = None, method: str = "",
+                 path: str = "") -> None:
+        super().__init__(f"{method} {path}: {status} {message}".strip() if status else f"{method} {path}: {message}")
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class PromptResult:
+    """masks: C x H x W bool (this slice only); ious: C; logits_ids: C (refine a mask by
+    passing its id as ``logits_id`` in the next call on this slice); best: argmax IoU."""
+
+    axis: str
+    index: int
+    masks: np.ndarray
+    ious: np.ndarray
+    areas: list[int]
+    logits_ids: list[str | None]
+    best: int
+    decoder: str
+    timing: dict = field(default_factory=dict)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The best mask, H x W bool."""
+        return self.masks[self.best]
+
+
+def _window(window) -> dict | None:
+    if window is None:
+        return None
+    center, width = window
+    return {"center": float(center), "width": float(width)}
+
+
+class ServerClient:
+    """``url``: the service (default http://127.0.0.1:8765); ``token``: its API token, if
+    it has one; ``timeout``: seconds per request (uploads and results get
+    ``upload_timeout``)."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0,
+                 upload_timeout: float = 600.0) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"service URL must be http(s)://host[:port], got {url!r}")
+        self.url = url.rstrip("/")
+        self._scheme, self._host = parts.scheme, parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._base = parts.path.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.upload_timeout = upload_timeout
+        self._local = threading.local()
+
+    # ---- transport --------------------------------------------------------------------------
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            conn = cls(self._host, self._port, timeout=timeout)
+            self._local.conn = conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their threads end)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _request(self, method: str, path: str, *, body: bytes | None = None, json_body: Any = None,
+                 content_type: str | None = None, timeout: float | None = None) -> tuple[int, dict, bytes]:
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if json_body is not None:
+            body = json.dumps(json_body, allow_nan=False).encode("utf-8")
+            content_type = "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        timeout = self.timeout if timeout is None else timeout
+        for attempt in (0, 1):
+            conn = self._connection(timeout)
+            reused = conn.sock is not None
+            try:
+                conn.request(method, self._base + path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                self.close()
+                if reused and attempt == 0:
+                    continue          # the kept-alive socket had been closed by the service: retry once
+                raise ServerError(0, f"connection lost: {exc}", method=method, path=path) from None
+            except TimeoutError:
+                self.close()
+                raise ServerError(0, f"no answer within {timeout:g} s", method=method, path=path) from None
+            except OSError as exc:
+                self.close()
+                raise ServerError(0, f"cannot reach the service at {self.url}: {exc}", method=method,
+                                  path=path) from None
+            if response.getheader("Connection", "").lower() == "close":
+                self.close()
+            if response.status >= 400:
+                raise self._error(response, data, method, path)
+            return response.status, dict(response.getheaders()), data
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _error(response, data: bytes, method: str, path: str) -> ServerError:
+        message = response.reason or "error"
+        try:
+            detail = json.loads(data).get("detail", message)
+            message = detail if isinstance(detail, str) else json.dumps(detail)
+        except (ValueError, AttributeError):
+            pass
+        retry = response.getheader("Retry-After")
+        try:
+            retry_after = float(retry) if retry is not None else None
+        except ValueError:
+            retry_after = None
+        return ServerError(response.status, message, retry_after=retry_after, method=method, path=path)
+
+    def _json(self, method: str, path: str, payload: Any = None, timeout: float | None = None) -> Any:
+        _, _, data = self._request(method, path, json_body=payload, timeout=timeout)
+        return json.loads(data) if data else None
+
+    # ---- service ------------------------------------------------------------------------------
+    def health(self) -> dict:
+        return self._json("GET", "/health")
+
+    def info(self) -> dict:
+        return self._json("GET", "/info")
+
+    def decoders(self) -> list[dict]:
+        return self._json("GET", "/decoders")["decoders"]
+
+    def wait_until_ready(self, timeout: float = 120.0, poll: float = 0.25) -> dict:
+        """Poll /health until the service answers 200 (it loads its model at start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.health()
+            except ServerError as exc:
+                if exc.status not in (0, 503) or time.monotonic() > deadline:
+                    raise
+            time.sleep(poll)
+
+    # ---- volumes --------------------------------------------------------------------------------
+    def volumes(self) -> list[str]:
+        return self._json("GET", "/volumes")["volumes"]
+
+    def volume(self, volume_id: str) -> dict:
+        return self._json("GET", f"/volumes/{volume_id}")
+
+    def has_volume(self, volume_id: str) -> bool:
+        try:
+            self.volume(volume_id)
+            return True
+        except ServerError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def upload_volume(self, array: np.ndarray, *, spacing, origin, direction, force: bool = False) -> tuple[str, bool]:
+        """Send a K x J x I volume with its LPS geometry unless the service has it;
+        returns (volume id, whether bytes were sent)."""
+        volume_id = wire.volume_id(array, spacing=spacing, origin=origin, direction=direction)
+        if not force and self.has_volume(volume_id):
+            return volume_id, False
+        payload = wire.encode_volume(array, spacing=spacing, origin=origin, direction=direction)
+        _, _, data = self._request("POST", "/volumes", body=payload, content_type="application/octet-stream",
+                                   timeout=self.upload_timeout)
+        got = json.loads(data)["volume_id"]
+        if got != volume_id:
+            raise ServerError(0, f"the service computed volume id {got[:12]}, this client {volume_id[:12]}",
+                              method="POST", path="/volumes")
+        return volume_id, True
+
+    def delete_volume(self, volume_id: str) -> None:
+        self._request("DELETE", f"/volumes/{volume_id}")
+
+    def set_view(self, volume_id: str, axis: str, index: int, window=None) -> dict:
+        """Tell the service which slice is on screen (it encodes that one first)."""
+        return self._json("PUT", f"/volumes/{volume_id}/view",
+                          {"axis": axis, "index": int(index), "window": _window(window)})
+
+    def precompute(self, volume_id: str, axis: str = "k", window=None, cancel: bool = False) -> dict:
+        return self._json("POST", f"/volumes/{volume_id}/precompute",
+                          {"axis": axis, "window": _window(window), "cancel": bool(cancel)})
+
+    def progress(self, volume_id: str, axis: str = "k", window=None) -> dict:
+        query = {"axis": axis}
+        if window is not None:
+            query.update(_window(window))
+        return self._json("GET", f"/volumes/{volume_id}/progress?" + urllib.parse.urlencode(query))
+
+    # ---- segmentation ---------------------------------------------------------------------------
+    def segment_prompt(self, volume_id: str, axis: str, index: int, *, points: Sequence | None = None,
+                       labels: Sequence[int] | None = None, box: Sequence[float] | None = None,
+                       logits_id: str | None = None, mask: np.ndarray | None = None, multimask: bool = True,
+                       decoder: str = "sam", window=None) -> PromptResult:
+        """One slice from points (x, y in slice pixels, labels 1/0) and/or a box (x0, y0,
+        x1, y1); refine a previous answer with its ``logits_id`` or the slice's current
+        binary ``mask`` (H x W)."""
+        body: dict[str, Any] = {"volume_id": volume_id, "axis": axis, "index": int(index),
+                                "multimask": bool(multimask), "decoder": decoder, "window": _window(window)}
+        if points is not None:
+            body["points"] = np.asarray(points, dtype=float).reshape(-1, 2).tolist()
+            body["labels"] = [int(v) for v in (labels if labels is not None else [1] * len(body["points"]))]
+        if box is not None:
+            body["box"] = [float(v) for v in box]
+        if logits_id is not None or mask is not None:
+            body["mask_input"] = {"logits_id": logits_id}
+            if mask is not None:
+                payload = wire.encode_mask(np.asarray(mask, bool), axis=axis, offset=int(index))
+                body["mask_input"]["mask"] = base64.b64encode(payload).decode("ascii")
+        answer = self._json("POST", "/segment/prompt", body)
+        masks = [wire.decode_mask(base64.b64decode(m["mask"])).mask for m in answer["masks"]]
+        return PromptResult(axis=answer["axis"], index=answer["index"], masks=np.stack(masks),
+                            ious=np.array([m["iou"] for m in answer["masks"]], dtype=np.float32),
+                            areas=[m["area"] for m in answer["masks"]],
+                            logits_ids=[m["logits_id"] for m in answer["masks"]], best=answer["best"],
+                            decoder=answer["decoder"], timing=answer.get("timing", {}))
+
+    def segment_auto(self, volume_id: str, *, axis: str = "k", start: int | None = None, stop: int | None = None,
+                     mode: str = "box", decoder: str | None = None, window=None, grid_size: int = 9,
+                     iou_threshold: float = 0.5, min_region_area: int = 64) -> dict:
+        """Start DeSAM's automatic segmentation of slices [start, stop) as a job."""
+        return self._json("POST", "/segment/auto", {
+            "volume_id": volume_id, "axis": axis, "start": start, "stop": stop, "mode": mode, "decoder": decoder,
+            "window": _window(window), "grid_size": grid_size, "iou_threshold": iou_threshold,
+            "min_region_area": min_region_area})
+
+    # ---- jobs -------------------------------------------------------------------------------------
+    def jobs(self) -> list[dict]:
+        return self._json("GET", "/jobs")["jobs"]
+
+    def job(self, job_id: str) -> dict:
+        return self._json("GET", f"/jobs/{job_id}")
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self._json("POST", f"/jobs/{job_id}/cancel")
+
+    def job_result(self, job_id: str) -> wire.DecodedMask:
+        """The job's N x H x W mask slab (``offset``: its first slice along ``axis``)."""
+        _, _, data = self._request("GET", f"/jobs/{job_id}/result", timeout=self.upload_timeout)
+        return wire.decode_mask(data)
+
+    def wait_job(self, job_id: str, *, timeout: float | None = None, poll: float = 0.5,
+                 on_progress: Callable[[dict], None] | None = None) -> dict:
+        """Poll until the job has finished; returns its final state (check ``state``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job["state"] not in ("queued", "running"):
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id[:8]} still {job['state']} after {timeout} s")
+            time.sleep(poll)

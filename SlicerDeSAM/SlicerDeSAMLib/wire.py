@@ -1,0 +1,1 @@
+../../ModelServer/desam_server/wire.py

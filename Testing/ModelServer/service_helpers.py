@@ -1,0 +1,84 @@
+"""Helpers for the service tests: a tiny-model service, its app, a live uvicorn server."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import uvicorn
+
+from desam_server import wire
+from desam_server.api import Service, ServiceSettings, create_app
+from desam_server.engine.feature_config import FeatureCacheSettings
+from desam_server.modeling import build_desam
+from desam_server.modeling.checkpoint import save_decoder
+
+SPACING, ORIGIN, DIRECTION = (0.8, 0.8, 2.5), (-100.0, -120.0, 30.0), np.eye(3)
+
+
+def tiny_settings(tmp: Path, *, checkpoint: Path | None = None, decoder: bool = True, **overrides) -> ServiceSettings:
+    """Settings for a tiny-encoder service under ``tmp`` (no environment, no config file)."""
+    decoders = ()
+    if decoder:
+        torch.manual_seed(1)
+        model = build_desam("tiny", sam_checkpoint=checkpoint)
+        path = tmp / "phantom.safetensors"
+        if not path.exists():
+            save_decoder(model, path, structure="phantom", training={"note": "test decoder"})
+        decoders = (path,)
+    base = ServiceSettings.load(environ={}, volume_dir=str(tmp / "volumes"), encoder="tiny", device="cpu",
+                                precision="fp32")
+    cache = FeatureCacheSettings(directory=tmp / "features", host_bytes=64 << 20, disk_bytes=256 << 20)
+    return replace(base, decoders=decoders, cache=cache, sam_checkpoint=checkpoint, **overrides)
+
+
+def tiny_factory(settings: ServiceSettings) -> Service:
+    model = build_desam("tiny", sam_checkpoint=settings.sam_checkpoint)
+    return Service(settings, model, model_info={"encoder": "tiny", "weights": "test"})
+
+
+def phantom_volume(k: int = 6, h: int = 48, w: int = 64, seed: int = 0) -> np.ndarray:
+    """An int16 K x J x I CT-like volume: air, a body ellipse, an organ ellipse, noise."""
+    r = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    vol = np.full((k, h, w), -1000, np.int16)
+    for z in range(k):
+        body = ((yy - h / 2) / (h * 0.45)) ** 2 + ((xx - w / 2) / (w * 0.45)) ** 2 <= 1
+        organ = ((yy - h / 2) / (h * 0.2)) ** 2 + ((xx - w * 0.55 - z) / (w * 0.15)) ** 2 <= 1
+        vol[z][body] = 0
+        vol[z][organ] = 60
+    return (vol + r.normal(0, 8, vol.shape)).astype(np.int16)
+
+
+def payload_of(vol: np.ndarray) -> bytes:
+    return wire.encode_volume(vol, spacing=SPACING, origin=ORIGIN, direction=DIRECTION)
+
+
+def id_of(vol: np.ndarray) -> str:
+    return wire.volume_id(vol, spacing=SPACING, origin=ORIGIN, direction=DIRECTION)
+
+
+@contextlib.contextmanager
+def live_server(settings: ServiceSettings, factory=tiny_factory):
+    """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (url, app)."""
+    app = create_app(replace(settings, host="127.0.0.1", port=0), factory)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
