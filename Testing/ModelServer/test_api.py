@@ -1,0 +1,243 @@
+"""Endpoint tests over FastAPI's test client (tiny random-weight model)."""
+
+from __future__ import annotations
+
+import base64
+import time
+import zlib
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from desam_server import wire
+from desam_server.api import create_app
+from desam_server.engine import IntensityWindow, SlicePredictor
+from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
+
+
+@pytest.fixture()
+def client(tmp_path, tiny_sam_checkpoint):
+    app = create_app(tiny_settings(tmp_path, checkpoint=tiny_sam_checkpoint[0]), tiny_factory)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture()
+def volume(client):
+    vol = phantom_volume()
+    r = client.post("/volumes", content=payload_of(vol))
+    assert r.status_code == 201, r.text
+    return vol, r.json()["volume_id"]
+
+
+def click(client, vid, **body):
+    return client.post("/segment/prompt", json={"volume_id": vid, "axis": "k", "index": 2, **body})
+
+
+def test_health_info_and_decoders(client):
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get("/info").json()
+    assert info["model"]["encoder"] == "tiny" and info["model"]["device"] == "cpu"
+    assert info["model"]["bf16"] is False and info["queue_depth"] == 0
+    assert set(info["cache"]["tiers"]) == {"device", "host", "disk"}
+    assert "token" not in str(info["settings"]).lower().replace("auth", "")
+    decoders = client.get("/decoders").json()["decoders"]
+    assert [d["name"] for d in decoders] == ["phantom"] and decoders[0]["structure"] == "phantom"
+
+
+def test_upload_is_content_addressed_and_persisted(client, volume):
+    vol, vid = volume
+    assert vid == id_of(vol)
+    again = client.post("/volumes", content=payload_of(vol))
+    assert again.status_code == 200 and again.json()["volume_id"] == vid
+    meta = client.get(f"/volumes/{vid}").json()
+    assert meta["shape"] == list(vol.shape) and meta["dtype"] == "int16" and meta["on_disk"] is True
+    assert client.get("/volumes").json()["volumes"] == [vid]
+    assert client.get("/info").json()["volumes"]["duplicates"] == 1
+    assert client.delete(f"/volumes/{vid}").status_code == 204
+    assert client.get(f"/volumes/{vid}").status_code == 404
+    assert client.delete(f"/volumes/{vid}").status_code == 404
+
+
+def test_prompt_matches_the_predictor_and_returns_one_slice(client, volume, tiny_model):
+    vol, vid = volume
+    r = click(client, vid, points=[[30.5, 24.5], [5, 5]], labels=[1, 0])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["shape"] == [48, 64] and len(body["masks"]) == 3 and body["decoder"] == "sam"
+    masks = [wire.decode_mask(base64.b64decode(m["mask"])) for m in body["masks"]]
+    assert all(m.axis == "k" and m.offset == 2 and m.mask.shape == (48, 64) for m in masks)
+    # The same answer in-process, from features encoded without the cache (fp16 storage: close, not equal).
+    predictor = SlicePredictor(tiny_model, precision="fp32")
+    predictor.set_image(vol[2], IntensityWindow.ct_soft_tissue())
+    ref_masks, ref_iou, _ = predictor.predict(np.array([[30.5, 24.5], [5, 5]]), np.array([1, 0]))
+    np.testing.assert_allclose([m["iou"] for m in body["masks"]], ref_iou, atol=2e-2)
+    for got, ref in zip(masks, ref_masks):
+        assert np.mean(got.mask != ref) < 0.01
+    single = click(client, vid, box=[10, 8, 50, 40], multimask=False).json()
+    assert len(single["masks"]) == 1 and single["best"] == 0
+
+
+def test_refinement_by_logits_id_and_by_mask(client, volume):
+    _, vid = volume
+    first = click(client, vid, points=[[30, 24]], labels=[1]).json()
+    assert first["timing"]["cached"] is False
+    lid = first["masks"][first["best"]]["logits_id"]
+    refined = click(client, vid, points=[[30, 24], [40, 30]], labels=[1, 0], mask_input={"logits_id": lid})
+    assert refined.status_code == 200 and refined.json()["timing"]["cached"] is True
+    other_slice = client.post("/segment/prompt", json={"volume_id": vid, "axis": "k", "index": 3,
+                                                       "points": [[30, 24]], "labels": [1],
+                                                       "mask_input": {"logits_id": lid}})
+    assert other_slice.status_code == 422 and "another slice" in other_slice.json()["detail"]
+    assert click(client, vid, points=[[30, 24]], labels=[1], mask_input={"logits_id": "f" * 32}).status_code == 404
+    current = np.zeros((48, 64), bool)
+    current[10:30, 20:40] = True
+    mask_b64 = base64.b64encode(wire.encode_mask(current, axis="k", offset=2)).decode()
+    assert click(client, vid, points=[[30, 24]], labels=[1], mask_input={"mask": mask_b64}).status_code == 200
+    wrong = base64.b64encode(wire.encode_mask(current, axis="k", offset=3)).decode()
+    assert click(client, vid, points=[[30, 24]], labels=[1], mask_input={"mask": wrong}).status_code == 422
+
+
+def test_desam_decoder_with_a_prompt(client, volume):
+    _, vid = volume
+    r = click(client, vid, box=[10, 8, 50, 40], decoder="phantom")
+    assert r.status_code == 200 and len(r.json()["masks"]) == 1 and r.json()["masks"][0]["logits_id"] is None
+    assert click(client, vid, box=[10, 8, 50, 40], decoder="nope").status_code == 404
+
+
+@pytest.mark.parametrize("body, status, text", [
+    ({"points": [[100, 5]], "labels": [1]}, 422, "inside"),
+    ({"box": [10, 10, 5, 20]}, 422, "x1 > x0"),
+    ({"points": [[1, 1]], "labels": [1, 0]}, 422, "same N"),
+    ({"points": [[1, 1]]}, 422, "point_labels"),
+    ({}, 422, "at least one prompt"),
+    ({"points": [[1, 1]], "labels": [2]}, 422, ""),
+    ({"index": 99, "box": [1, 1, 5, 5]}, 422, "outside"),
+    ({"axis": "x", "box": [1, 1, 5, 5]}, 422, ""),
+    ({"box": [1, 1, 5, 5], "unknown": 1}, 422, ""),
+])
+def test_bad_prompts_get_clear_4xx(client, volume, body, status, text):
+    _, vid = volume
+    r = click(client, vid, **body)
+    assert r.status_code == status, r.text
+    assert text in str(r.json()["detail"])
+
+
+def test_bad_json_and_non_finite_numbers(client, volume):
+    _, vid = volume
+    r = client.post("/segment/prompt", content=b'{"volume_id": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = client.post("/segment/prompt", content=b'{"volume_id": "%s", "axis": "k", "index": 1, "box": [NaN, 1, 2, 3]}'
+                    % vid.encode(), headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422)
+    r = click(client, vid, box=[1, 1, 5, 5], window={"center": 40, "width": 0})
+    assert r.status_code == 422
+    assert click(client, "0" * 64, box=[1, 1, 5, 5]).status_code == 404
+    assert click(client, "not-an-id", box=[1, 1, 5, 5]).status_code == 422
+    assert client.get("/health").status_code == 200
+
+
+def test_bad_volume_payloads(client):
+    vol = phantom_volume()
+    good = payload_of(vol)
+    nan = np.full((2, 3, 4), np.nan, "<f4")
+    header = {"format": "desam.volume", "version": 1, "shape": [2, 3, 4], "dtype": "float32",
+              "byte_order": "little", "axis_order": "KJI", "space": "LPS", "spacing": [1, 1, 1],
+              "origin": [0, 0, 0], "direction": np.eye(3).reshape(9).tolist(), "direction_layout": "row-major",
+              "compression": "none", "filter": "none", "raw_length": nan.nbytes, "encoded_length": nan.nbytes,
+              "crc32": zlib.crc32(nan.tobytes())}
+    cases = [b"", b"junk", good[:-10], good[:40] + b"x" + good[41:], good + b"extra",
+             wire._frame(wire.VOLUME_MAGIC, header, nan.tobytes())]
+    for payload in cases:
+        r = client.post("/volumes", content=payload)
+        assert r.status_code in (400, 422), (r.status_code, r.text)
+        assert "Traceback" not in r.text
+    assert client.get("/volumes").json()["volumes"] == []
+
+
+def test_upload_limit_gives_413(tmp_path):
+    app = create_app(tiny_settings(tmp_path, max_upload_bytes=1000), tiny_factory)
+    with TestClient(app) as c:
+        r = c.post("/volumes", content=payload_of(phantom_volume()))
+        assert r.status_code == 413 and "max_upload_bytes" in r.json()["detail"]
+    app = create_app(tiny_settings(tmp_path, max_voxels=100), tiny_factory)
+    with TestClient(app) as c:
+        assert c.post("/volumes", content=payload_of(phantom_volume())).status_code == 413
+
+
+def test_view_precompute_progress(client, volume):
+    _, vid = volume
+    p = client.put(f"/volumes/{vid}/view", json={"axis": "k", "index": 3}).json()
+    assert p["total"] == 6
+    deadline = time.monotonic() + 60
+    while client.get(f"/volumes/{vid}/progress", params={"axis": "k"}).json()["cached"] < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.post(f"/volumes/{vid}/precompute", json={"axis": "j"}).status_code == 202
+    q = client.get(f"/volumes/{vid}/progress", params={"axis": "j", "center": 40, "width": 400}).json()
+    assert q["total"] == 48
+    assert client.post(f"/volumes/{vid}/precompute", json={"axis": "j", "cancel": True}).status_code == 202
+    assert client.get(f"/volumes/{vid}/progress", params={"axis": "j", "center": 40}).status_code == 400
+    assert client.put(f"/volumes/{vid}/view", json={"axis": "k", "index": 6}).status_code == 422
+
+
+def test_auto_job_runs_and_returns_the_slab(client, volume, tiny_model):
+    _, vid = volume
+    r = client.post("/segment/auto", json={"volume_id": vid, "axis": "k", "start": 1, "stop": 4, "mode": "box"})
+    assert r.status_code == 202 and r.headers["location"] == f"/jobs/{r.json()['id']}"
+    job_id = r.json()["id"]
+    service = client.app.state.service
+    job = service.jobs.wait(job_id, timeout=60)
+    assert job.state == "succeeded", job.error
+    status = client.get(f"/jobs/{job_id}").json()
+    assert status["progress"] == {"done": 3, "total": 3, "fraction": 1.0} and status["result_available"]
+    slab = wire.decode_mask(client.get(f"/jobs/{job_id}/result").content)
+    assert slab.mask.shape == (3, 48, 64) and slab.offset == 1 and slab.axis == "k"
+    assert [j["id"] for j in client.get("/jobs").json()["jobs"]] == [job_id]
+
+
+def test_auto_needs_a_decoder_and_valid_ranges(tmp_path, volume, client):
+    _, vid = volume
+    bad = client.post("/segment/auto", json={"volume_id": vid, "start": 4, "stop": 2})
+    assert bad.status_code == 422
+    assert client.post("/segment/auto", json={"volume_id": vid, "decoder": "liver"}).status_code == 404
+    assert client.get("/jobs/deadbeef").status_code == 404
+    assert client.get("/jobs/deadbeef/result").status_code == 404
+    app = create_app(tiny_settings(tmp_path / "nodec", decoder=False), tiny_factory)
+    with TestClient(app) as c:
+        c.post("/volumes", content=payload_of(phantom_volume()))
+        r = c.post("/segment/auto", json={"volume_id": vid})
+        assert r.status_code == 409 and "no trained DeSAM decoder" in r.json()["detail"]
+
+
+def test_conflicting_job_cancel_and_queue_limit(tmp_path, tiny_sam_checkpoint):
+    app = create_app(tiny_settings(tmp_path, checkpoint=tiny_sam_checkpoint[0], max_jobs=2), tiny_factory)
+    with TestClient(app) as c:
+        vids = [c.post("/volumes", content=payload_of(phantom_volume(k=12, seed=s))).json()["volume_id"]
+                for s in range(3)]
+        service = c.app.state.service
+        service.scheduler.pause()              # hold the encoder so the first job stays active
+        first = c.post("/segment/auto", json={"volume_id": vids[0], "mode": "grid"}).json()
+        same = c.post("/segment/auto", json={"volume_id": vids[0], "mode": "box"})
+        assert same.status_code == 409 and first["id"] in same.json()["detail"]
+        assert c.post("/segment/auto", json={"volume_id": vids[0], "axis": "j", "stop": 2}).status_code == 202
+        busy = c.post("/segment/auto", json={"volume_id": vids[1]})
+        assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
+        assert c.post(f"/jobs/{first['id']}/cancel").json()["cancel_requested"] is True
+        service.scheduler.resume()
+        assert service.jobs.wait(first["id"], timeout=60).state == "cancelled"
+        result = c.get(f"/jobs/{first['id']}/result")
+        assert result.status_code == 409 and "cancelled" in result.json()["detail"]
+        assert c.post(f"/jobs/{first['id']}/cancel").status_code == 200     # idempotent
+
+
+def test_deleting_a_volume_cancels_its_job(client, volume):
+    _, vid = volume
+    service = client.app.state.service
+    service.scheduler.pause()
+    job = client.post("/segment/auto", json={"volume_id": vid}).json()
+    assert client.delete(f"/volumes/{vid}").status_code == 204
+    service.scheduler.resume()
+    assert service.jobs.wait(job["id"], timeout=60).state in ("cancelled", "failed")
+    assert client.get("/health").status_code == 200

@@ -1,0 +1,146 @@
+"""The stdlib client (SlicerDeSAMLib.ServerClient) against a real uvicorn server on loopback."""
+
+from __future__ import annotations
+
+import ast
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from desam_server import wire
+from SlicerDeSAMLib import ServerClient as client_module
+from SlicerDeSAMLib.ServerClient import ServerClient, ServerError
+from service_helpers import DIRECTION, ORIGIN, SPACING, live_server, phantom_volume, tiny_settings
+
+REPO = Path(__file__).resolve().parents[2]
+LIB = REPO / "SlicerDeSAM" / "SlicerDeSAMLib"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_sam_checkpoint):
+    tmp = tmp_path_factory.mktemp("live")
+    with live_server(tiny_settings(tmp, checkpoint=tiny_sam_checkpoint[0])) as (url, app):
+        yield url, app
+
+
+def upload(client, vol):
+    return client.upload_volume(vol, spacing=SPACING, origin=ORIGIN, direction=DIRECTION)
+
+
+def test_client_imports_only_stdlib_numpy_and_wire():
+    allowed = {"numpy"} | set(__import__("sys").stdlib_module_names)
+    for name in ("ServerClient.py", "wire.py"):
+        tree = ast.parse((LIB / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = {"."} if node.level else {(node.module or "").split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed | {"__future__", "."}, (name, roots)
+    # The Slicer side's codec is the service's file itself.
+    assert os.path.samefile(LIB / "wire.py", REPO / "ModelServer" / "desam_server" / "wire.py")
+    assert client_module.wire.FORMAT_VERSION == wire.FORMAT_VERSION
+
+
+def test_round_trip_through_the_client(server):
+    url, app = server
+    c = ServerClient(url, timeout=60)
+    assert c.health()["status"] == "ok"
+    vol = phantom_volume(seed=11)
+    vid, sent = upload(c, vol)
+    assert sent and c.has_volume(vid) and vid in c.volumes()
+    uploads = c.info()["volumes"]["uploads"]
+    assert upload(c, vol) == (vid, False)                      # skipped: the service has it
+    assert c.info()["volumes"]["uploads"] == uploads
+    assert c.set_view(vid, "k", 2)["total"] == 6
+    r = c.segment_prompt(vid, "k", 2, points=[[30, 24]], labels=[1])
+    assert r.masks.shape == (3, 48, 64) and r.mask.dtype == bool and r.index == 2
+    assert r.best == int(np.argmax(r.ious))
+    refined = c.segment_prompt(vid, "k", 2, points=[[30, 24]], labels=[1], logits_id=r.logits_ids[r.best],
+                               multimask=False)
+    assert refined.masks.shape == (1, 48, 64) and refined.timing["cached"] is True
+    by_mask = c.segment_prompt(vid, "j", 20, box=[5, 0, 40, 5], mask=np.ones((6, 64), bool))
+    assert by_mask.masks.shape[1:] == (6, 64)
+    job = c.segment_auto(vid, start=0, stop=3, mode="grid", grid_size=3)
+    done = c.wait_job(job["id"], timeout=120, poll=0.05)
+    assert done["state"] == "succeeded", done["error"]
+    slab = c.job_result(job["id"])
+    assert slab.mask.shape == (3, 48, 64) and slab.offset == 0
+    assert any(j["id"] == job["id"] for j in c.jobs())
+    assert c.progress(vid, "k")["total"] == 6 and c.precompute(vid, "i", cancel=True)["total"] == 64
+    c.delete_volume(vid)
+    assert not c.has_volume(vid)
+
+
+def test_typed_errors_carry_status_and_message(server):
+    url, _ = server
+    c = ServerClient(url)
+    with pytest.raises(ServerError) as err:
+        c.segment_prompt("0" * 64, "k", 0, box=[0, 0, 1, 1])
+    assert err.value.status == 404 and "upload it first" in err.value.message
+    vid, _ = upload(c, phantom_volume(seed=12))
+    with pytest.raises(ServerError) as err:
+        c.segment_prompt(vid, "k", 0, points=[[500, 1]], labels=[1])
+    assert err.value.status == 422 and "inside" in err.value.message
+    with pytest.raises(ServerError) as err:
+        c.job("nope")
+    assert err.value.status == 404
+    with pytest.raises(ServerError) as err:
+        ServerClient("http://127.0.0.1:9", timeout=2).health()
+    assert err.value.status == 0 and "cannot reach" in err.value.message
+    with pytest.raises(ValueError):
+        ServerClient("ftp://x")
+
+
+def test_eight_threads_fifty_clicks_two_volumes(server):
+    """Clicks start on cold slices (encoded while other threads click); every answer equals
+    the one a lone client gets afterwards for the same prompt on the same slice."""
+    url, _ = server
+    c = ServerClient(url)
+    vols = [phantom_volume(seed=21), phantom_volume(seed=22)]
+    vids = [upload(c, v)[0] for v in vols]
+    prompts = [(v, k, [[10 + 5 * (n % 8), 8 + 4 * (n % 7)]]) for n, (v, k) in
+               enumerate((v, k) for v in range(2) for k in range(6))]
+    answers, errors = {}, []
+
+    def worker(t: int) -> None:
+        own = ServerClient(url)
+        try:
+            for n in range(50):
+                p = (t * 7 + n) % len(prompts)
+                v, k, pts = prompts[p]
+                answers[(t, n)] = (p, own.segment_prompt(vids[v], "k", k, points=pts, labels=[1]).masks)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:5]
+    assert len(answers) == 400
+    expected = [c.segment_prompt(vids[v], "k", k, points=pts, labels=[1]).masks for v, k, pts in prompts]
+    wrong = [key for key, (p, masks) in answers.items() if not np.array_equal(masks, expected[p])]
+    assert not wrong, wrong[:5]
+
+
+def test_token_is_required_on_every_request(tmp_path, tiny_sam_checkpoint):
+    token = "s3cret-token-for-tests-0123456789"
+    settings = tiny_settings(tmp_path, checkpoint=tiny_sam_checkpoint[0], decoder=False, token=token)
+    with live_server(settings) as (url, _):
+        for bad in (None, "wrong-token-wrong-token-wrong"):
+            with pytest.raises(ServerError) as err:
+                ServerClient(url, token=bad).health()
+            assert err.value.status == 401
+        with pytest.raises(ServerError):
+            ServerClient(url).info()
+        good = ServerClient(url, token=token)
+        assert good.health()["status"] == "ok"
+        vid, _ = upload(good, phantom_volume(seed=3))
+        assert good.has_volume(vid)

@@ -1,0 +1,169 @@
+"""Service behaviour beyond single endpoints: restart, overload, shutdown, settings, serve."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from desam_server.api import ServiceSettings, SettingsError, create_app
+from SlicerDeSAMLib.ServerClient import ServerClient
+from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
+
+
+def click(c, vid, index=2, **extra):
+    return c.post("/segment/prompt", json={"volume_id": vid, "axis": "k", "index": index, "box": [5, 5, 40, 30],
+                                           **extra})
+
+
+def test_restart_reuses_volumes_and_the_disk_tier(tmp_path, tiny_sam_checkpoint):
+    settings = tiny_settings(tmp_path, checkpoint=tiny_sam_checkpoint[0])
+    vol = phantom_volume()
+    with TestClient(create_app(settings, tiny_factory)) as c:
+        vid = c.post("/volumes", content=payload_of(vol)).json()["volume_id"]
+        first = click(c, vid).json()
+        assert first["timing"]["cached"] is False
+    with TestClient(create_app(settings, tiny_factory)) as c:
+        assert c.get(f"/volumes/{vid}").status_code == 200            # no second upload needed
+        again = click(c, vid).json()
+        assert again["timing"]["cached"] is True                      # features from the disk tier
+        assert [m["mask"] for m in again["masks"]] == [m["mask"] for m in first["masks"]]
+        assert c.get("/info").json()["cache"]["tiers"]["disk"]["entries"] >= 1
+
+
+def test_corrupt_volume_file_is_dropped_not_served(tmp_path):
+    settings = tiny_settings(tmp_path)
+    vol = phantom_volume()
+    with TestClient(create_app(settings, tiny_factory)) as c:
+        vid = c.post("/volumes", content=payload_of(vol)).json()["volume_id"]
+    path = settings.volume_dir / f"{vid}.vol"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (settings.volume_dir / f".{vid}.vol.abc.tmp").write_bytes(b"half-written")
+    with TestClient(create_app(settings, tiny_factory)) as c:
+        assert not (settings.volume_dir / f".{vid}.vol.abc.tmp").exists()
+        r = c.get(f"/volumes/{vid}")
+        assert r.status_code == 404 and "upload it again" in r.json()["detail"]
+        assert not path.exists() and c.get("/info").json()["volumes"]["corrupt_files"] == 1
+        assert c.post("/volumes", content=payload_of(vol)).status_code == 201
+
+
+def test_volume_budgets_evict_least_recently_used(tmp_path):
+    payloads = [payload_of(phantom_volume(seed=s)) for s in range(3)]
+    sizes = [len(p) for p in payloads]
+    settings = tiny_settings(tmp_path, volume_memory_bytes=2 * phantom_volume().nbytes,
+                             volume_disk_bytes=max(sizes[0] + sizes[1], sizes[1] + sizes[2]))
+    with TestClient(create_app(settings, tiny_factory)) as c:
+        vids = [c.post("/volumes", content=p).json()["volume_id"] for p in payloads]
+        stats = c.get("/info").json()["volumes"]
+        assert stats["memory"]["bytes"] <= stats["memory"]["budget_bytes"] and stats["memory"]["entries"] == 2
+        assert stats["disk"]["bytes"] <= stats["disk"]["budget_bytes"] and stats["disk"]["entries"] == 2
+        assert c.get(f"/volumes/{vids[0]}").status_code == 404       # oldest gone from both tiers
+        assert click(c, vids[1]).status_code == 200 and click(c, vids[2]).status_code == 200
+
+
+def test_overload_gives_429_and_timeout_503_with_retry_after(tmp_path):
+    settings = tiny_settings(tmp_path, max_pending_prompts=1, click_timeout_s=1.0)
+    with TestClient(create_app(settings, tiny_factory)) as c:
+        vid = c.post("/volumes", content=payload_of(phantom_volume())).json()["volume_id"]
+        service = c.app.state.service
+        service.scheduler.pause()
+        results = {}
+        waiting = threading.Thread(target=lambda: results.setdefault("first", click(c, vid, index=1)))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while service.info()["prompts_waiting"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = click(c, vid, index=3)
+        assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
+        waiting.join(10)
+        assert results["first"].status_code == 503 and "retry-after" in results["first"].headers
+        service.scheduler.resume()
+        assert click(c, vid, index=1).status_code == 200
+
+
+def test_shutdown_cancels_running_jobs(tmp_path):
+    app = create_app(tiny_settings(tmp_path), tiny_factory)
+    with TestClient(app) as c:
+        vid = c.post("/volumes", content=payload_of(phantom_volume(k=40))).json()["volume_id"]
+        service = app.state.service
+        job = c.post("/segment/auto", json={"volume_id": vid, "mode": "grid"}).json()
+        while service.jobs.get(job["id"]).done < 1:
+            time.sleep(0.01)
+    final = service.jobs.get(job["id"])
+    assert final.state == "cancelled" and final.done < 40
+    assert service.closed and service.scheduler.stats()["closed"]
+
+
+def test_settings_precedence_and_errors(tmp_path):
+    config = tmp_path / "desam.toml"
+    config.write_text('port = 9000\nmax_points = 5\nvolume_dir = "off"\n[cache]\nhost_bytes = "1GiB"\n')
+    s = ServiceSettings.load(config, environ={"DESAM_PORT": "9100", "DESAM_CACHE_HOST_BYTES": "2GiB"},
+                             max_points=7)
+    assert (s.port, s.max_points, s.volume_dir, s.cache.host_bytes) == (9100, 7, None, 2 << 30)
+    token_file = tmp_path / "token"
+    token_file.write_text("x" * 20 + "\n")
+    assert ServiceSettings.load(environ={"DESAM_TOKEN_FILE": str(token_file)}).token == "x" * 20
+    for env in ({"DESAM_PORT": "http"}, {"DESAM_VOLUME_DISK_BYTES": "lots"}, {"DESAM_TOKEN": "short"},
+                {"DESAM_CACHE_DTYPE": "int8"}, {"DESAM_PRECISION": "fp8"}):
+        with pytest.raises(SettingsError):
+            ServiceSettings.load(environ=env)
+    config.write_text("prot = 1\n")
+    with pytest.raises(SettingsError, match="unknown setting"):
+        ServiceSettings.load(config, environ={})
+    with pytest.raises(SettingsError, match="refusing to listen"):
+        ServiceSettings(host="0.0.0.0").check_bind()
+    ServiceSettings(host="0.0.0.0", token="t" * 16).check_bind()
+    ServiceSettings(host="::1").check_bind()
+    assert "token" not in ServiceSettings(token="t" * 16).public()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(tmp_path, *args, env_extra=None):
+    env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"), **(env_extra or {})}
+    cmd = [sys.executable, "-m", "desam_server.cli", "serve", "--encoder", "tiny", "--device", "cpu",
+           "--volume-dir", str(tmp_path / "volumes"), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_serve_command_on_loopback_and_graceful_stop(tmp_path):
+    port = _free_port()
+    proc = _serve(tmp_path, "--port", str(port))
+    try:
+        client = ServerClient(f"http://127.0.0.1:{port}", timeout=30)
+        client.wait_until_ready(timeout=120)
+        vol = phantom_volume()
+        vid, sent = client.upload_volume(vol, spacing=(0.8, 0.8, 2.5), origin=(-100, -120, 30),
+                                         direction=[[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+        assert sent and vid == id_of(vol)
+        assert client.segment_prompt(vid, "k", 1, box=[5, 5, 40, 30]).masks.shape == (3, 48, 64)
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended.
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "service stopped" in out and "Application shutdown complete" in out and "Traceback" not in out
+    assert vid not in out                       # logs name volumes by a 12-character prefix only
+
+
+def test_serve_refuses_public_bind_without_token(tmp_path):
+    proc = _serve(tmp_path, "--host", "0.0.0.0", "--port", str(_free_port()))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "refusing to listen on 0.0.0.0" in out
+
