@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow bench lock clean
+.PHONY: setup serve demo test test-slow bench lock clean
 
 $(STAMP): ModelServer/pyproject.toml ModelServer/requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,14 @@ $(STAMP): ModelServer/pyproject.toml ModelServer/requirements.lock
 
 setup: $(STAMP)
 
-# The main job: fetch the pretrained default weights (MobileSAM, LiteMedSAM) and the
+# The main job: fetch the embedded default model (pretrained MobileSAM) and start the
+# service on http://127.0.0.1:8765, ready for Slicer. Settings: DESAM_* variables or
+# DESAM_CONFIG=file.toml (docs/API.md).
+serve: $(STAMP)
+	$(VENV)/bin/desam-server fetch-weights mobile_sam
+	$(VENV)/bin/desam-server serve
+
+# Headless batch demo: fetch the pretrained default weights (MobileSAM, LiteMedSAM) and the
 # sample head CT, then segment the head on every slice headlessly into a .seg.nrrd.
 demo: $(STAMP)
 	$(VENV)/bin/desam-server fetch-weights

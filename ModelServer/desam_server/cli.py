@@ -1,6 +1,6 @@
 """``desam-server``: the command line of the DeSAM service.
 
-Subcommands: serve (the HTTP service), segment (headless batch segmentation),
+Subcommands: serve (the HTTP service), openapi, segment (headless batch segmentation),
 fetch-weights, fetch-sample, info, bench. Settings that are not flags come from DESAM_* environment variables.
 """
 
@@ -224,11 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from .serve import add_serve_args, cmd_serve
+    from .serve import add_serve_args, cmd_openapi, cmd_serve
 
     srv = sub.add_parser("serve", help="run the HTTP service for Slicer (127.0.0.1:8765 by default)")
     add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    api = sub.add_parser("openapi", help="print or write the HTTP API's OpenAPI schema")
+    api.add_argument("output", type=Path, nargs="?", default=None, help="file to write (default: stdout)")
+    api.set_defaults(func=cmd_openapi)
 
     seg = sub.add_parser("segment", help="segment a volume slice by slice into a .seg.nrrd")
     seg.add_argument("input", type=Path, help="volume: NRRD, NIfTI, MHA, a DICOM file or a DICOM folder")

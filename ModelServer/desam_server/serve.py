@@ -48,3 +48,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=30, access_log=settings.log_level == "debug")
     return 0
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    """Write the API's OpenAPI schema (no model is loaded)."""
+    import json
+
+    from .api import ServiceSettings, create_app
+    from .atomic import atomic_write_bytes
+
+    schema = create_app(ServiceSettings()).openapi()
+    text = json.dumps(schema, indent=1, sort_keys=True) + "\n"
+    if args.output is None:
+        print(text, end="")
+    else:
+        atomic_write_bytes(args.output, text.encode("utf-8"))
+    return 0

@@ -241,3 +241,14 @@ def test_deleting_a_volume_cancels_its_job(client, volume):
     service.scheduler.resume()
     assert service.jobs.wait(job["id"], timeout=60).state in ("cancelled", "failed")
     assert client.get("/health").status_code == 200
+
+
+def test_documented_openapi_schema_is_current():
+    """docs/openapi.json is what the app serves (regenerate: desam-server openapi docs/openapi.json)."""
+    import json
+    from pathlib import Path
+
+    from desam_server.api import ServiceSettings
+
+    documented = json.loads((Path(__file__).resolve().parents[2] / "docs" / "openapi.json").read_text())
+    assert documented == json.loads(json.dumps(create_app(ServiceSettings()).openapi()))
