@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import os
+import socket
 import threading
+import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +147,18 @@ def test_token_is_required_on_every_request(tmp_path, tiny_sam_checkpoint):
         assert good.health()["status"] == "ok"
         vid, _ = upload(good, phantom_volume(seed=3))
         assert good.has_volume(vid)
+
+
+def test_client_disconnect_mid_upload_stores_nothing(server):
+    url, app = server
+    c = ServerClient(url)
+    before = set(c.volumes())
+    payload = wire.encode_volume(phantom_volume(seed=31), spacing=SPACING, origin=ORIGIN, direction=DIRECTION)
+    with socket.create_connection(("127.0.0.1", urllib.parse.urlsplit(url).port)) as sock:
+        sock.sendall(b"POST /volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(payload) + payload[: len(payload) // 2])
+    time.sleep(0.5)                      # let the server see the disconnect
+    assert c.health()["status"] == "ok"
+    assert set(c.volumes()) == before
+    assert not [p for p in app.state.settings.volume_dir.iterdir() if p.name.startswith(".")]
+    assert c.upload_volume(phantom_volume(seed=31), spacing=SPACING, origin=ORIGIN, direction=DIRECTION)[1]
