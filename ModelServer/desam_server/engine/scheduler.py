@@ -1,8 +1,7 @@
 """The service's encoding scheduler: one worker thread runs every encoder pass.
 
-The model is not thread-safe and an encoder pass is the expensive step, so one worker
-thread owns the encoder; callers on other threads submit work and wait on futures.
-Work is ranked (see ``scheduler_queue``): PROMPT (a click needs this slice now) > VIEW
+One worker thread owns the encoder (the expensive, not thread-safe step); callers on
+other threads submit work and wait on futures. Work is ranked (see ``scheduler_queue``): PROMPT (a click needs this slice now) > VIEW
 (the slice on screen) > NEIGHBOUR (slices around it, nearest first: v+1, v-1, v+2, ...)
 > BACKGROUND (precompute of a whole axis); first-in, first-out within equal rank.
 
@@ -28,11 +27,10 @@ API (all methods thread-safe; axis is 'k', 'j', 'i' or 0, 1, 2 of a K x J x I ar
   ``history()`` (recent encodes, oldest first), ``close()``.
 
 Results go through ``FeatureCache.get_or_compute`` under the slice's ``FeatureKey``:
-callers get the stored form (bit-identical per key); a cached key is not encoded again. With
-``encode_batch`` > 1 the worker takes up to that many queued jobs of the same volume and
-axis (same window and input size) into one encoder pass; a PROMPT job only takes other
-PROMPT jobs along, so a click never waits for background slices. Logs name volumes by
-the first 12 characters of their id and never show voxel values.
+callers get the stored form (bit-identical per key); a cached key is not encoded again.
+With ``encode_batch`` > 1 the worker puts up to that many queued jobs of one volume and
+axis into one encoder pass (a PROMPT job only takes PROMPT jobs along). Logs name volumes
+by the first 12 characters of their id and never show voxel values.
 """
 
 from __future__ import annotations
@@ -112,8 +110,7 @@ class EncodingScheduler:
         log.debug("scheduler: volume %s registered, shape %s", volume.tag, array.shape)
 
     def unregister_volume(self, volume_id: str) -> None:
-        """Forget a volume; its queued view and precompute work is cancelled (waiting
-        ``features`` calls still get their slice)."""
+        """Forget a volume; queued view/precompute work is cancelled (waiters still get theirs)."""
         with self._cond:
             volume = self._volume(volume_id)
             del self._volumes[volume_id]
@@ -200,8 +197,7 @@ class EncodingScheduler:
         self._cancel(dropped)
 
     def precompute(self, volume_id: str, axis) -> int:
-        """Queue every not-yet-cached slice of the axis in the background; returns how
-        many jobs were added or marked."""
+        """Queue every uncached slice of the axis in the background; returns the count."""
         with self._cond:
             self._check_open()
             volume = self._volume(volume_id)
@@ -258,8 +254,8 @@ class EncodingScheduler:
             self._cond.notify_all()
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop accepting work, cancel queued jobs (their waiters get
-        ``SchedulerClosedError``), let the running batch finish, join the worker."""
+        """Stop accepting work, cancel queued jobs (waiters get SchedulerClosedError),
+        let the running batch finish, join the worker."""
         with self._cond:
             self._closing = True
             dropped = self._queue.drain()
@@ -288,8 +284,7 @@ class EncodingScheduler:
                     "closed": self._closing, "worker_alive": self._thread.is_alive()}
 
     def history(self) -> list[tuple[str, str, int, str]]:
-        """Recent encoder passes' slices, oldest first: (volume id, axis, index,
-        priority name at start)."""
+        """Recent encodes, oldest first: (volume id, axis, index, priority at start)."""
         with self._cond:
             return list(self._history)
 

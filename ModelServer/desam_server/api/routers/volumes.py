@@ -13,8 +13,8 @@ from .deps import get_service
 router = APIRouter(prefix="/volumes", tags=["volumes"])
 
 VOLUME_BODY = {"requestBody": {"required": True, "description": "a wire volume payload (docs/WIRE_FORMAT.md)",
-                               "content": {"application/octet-stream": {"schema": {"type": "string",
-                                                                                    "format": "binary"}}}}}
+                               "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                                                    "minLength": 1}}}}}
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -70,7 +70,7 @@ def delete_volume(volume_id: str, service=Depends(get_service)) -> Response:
     return Response(status_code=204)
 
 
-@router.put("/{volume_id}/view", response_model=Progress, responses=errors(401, 404, 422, 503))
+@router.put("/{volume_id}/view", response_model=Progress, responses=errors(400, 401, 404, 422, 503))
 def set_view(volume_id: str, body: ViewRequest, service=Depends(get_service)) -> Progress:
     """The slice the user is looking at: encoded first, then its neighbours outward;
     queued work around the previous view is dropped."""
@@ -79,14 +79,14 @@ def set_view(volume_id: str, body: ViewRequest, service=Depends(get_service)) ->
 
 
 @router.post("/{volume_id}/precompute", status_code=202, response_model=Progress,
-             responses=errors(401, 404, 422, 503))
+             responses=errors(400, 401, 404, 422, 503))
 def precompute(volume_id: str, body: PrecomputeRequest, service=Depends(get_service)) -> Progress:
     """Encode every slice of the axis in the background (or withdraw that work)."""
     window = body.window.model_dump() if body.window else None
     return Progress(**service.precompute(volume_id, body.axis, window, cancel=body.cancel))
 
 
-@router.get("/{volume_id}/progress", response_model=Progress, responses=errors(401, 404, 422, 503))
+@router.get("/{volume_id}/progress", response_model=Progress, responses=errors(400, 401, 404, 422, 503))
 def progress(volume_id: str, axis: Axis = "k", center: float | None = Query(None, allow_inf_nan=False),
              width: float | None = Query(None, gt=0, allow_inf_nan=False), service=Depends(get_service)) -> Progress:
     """How many slices of the axis are cached, queued and running (for a window given by
