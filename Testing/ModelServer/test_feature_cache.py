@@ -166,6 +166,9 @@ def test_identical_results_from_every_tier(tmp_path):
     assert cache.stats()["tiers"]["disk"]["hits"] == 1
     for other in (from_device, from_host, from_disk):
         assert_same(other, first)
+    light = cache.get(key(0), taps=False)                  # the prompted decoder's view: embedding only
+    assert light.taps == [] and torch.equal(light.embedding, first.embedding)
+    assert light.original_size == first.original_size and light.input_size == first.input_size
 
 
 # ---- threads ------------------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ class Service:
             raise Unavailable("the service is shutting down") from None
 
     # ---- features ---------------------------------------------------------------------------
-    def _features(self, sid: str, axis: str, index: int, *, prompt: bool) -> tuple[ImageFeatures, bool]:
+    def _features(self, sid: str, axis: str, index: int, *, prompt: bool,
+                  taps: bool = True) -> tuple[ImageFeatures, bool]:
         """The slice's features and whether they were cached already."""
         cached = self.scheduler.is_cached(sid, axis, index)
         if not cached and prompt:
@@ -182,7 +183,8 @@ class Service:
                                           f"(limit {self.settings.max_pending_prompts})", retry_after=2)
                 self._waiting_prompts += 1
         try:
-            return self.scheduler.features(sid, axis, index, timeout=self.settings.click_timeout_s), cached
+            return self.scheduler.features(sid, axis, index, timeout=self.settings.click_timeout_s,
+                                           taps=taps), cached
         except TimeoutError:
             raise Unavailable(f"the slice was not encoded within {self.settings.click_timeout_s:g} s: the encoder "
                               "is busy", retry_after=5) from None
@@ -206,7 +208,7 @@ class Service:
         with self.store.use(volume_id) as stored:
             shape = self._check_slice(stored, axis, index)
             sid, _ = self._session(stored, window)
-            features, cached = self._features(sid, axis, index, prompt=True)
+            features, cached = self._features(sid, axis, index, prompt=True, taps=decoder != "sam")
             t1 = time.perf_counter()
             previous = None
             if mask_input is not None:

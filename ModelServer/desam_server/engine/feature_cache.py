@@ -85,15 +85,17 @@ class FeatureCache:
         self.close()
 
     # ---- public API --------------------------------------------------------------------------
-    def get(self, key: FeatureKey, device: str | torch.device | None = None) -> ImageFeatures | None:
+    def get(self, key: FeatureKey, device: str | torch.device | None = None, *,
+            taps: bool = True) -> ImageFeatures | None:
         """The cached features (float32, on ``device``, default the settings' device) or
-        None. A disk hit is verified and promoted to memory; a corrupt file is deleted
-        and counted, and reads as a miss."""
+        None; ``taps=False`` leaves the taps out (``PackedFeatures.unpack``). A disk hit is
+        verified and promoted to memory; a corrupt file is deleted and counted, and reads
+        as a miss."""
         digest = key.digest()
         packed = self._lookup_memory(digest)
         if packed is None:
             packed = self._lookup_disk(digest)
-        return None if packed is None else packed.unpack(self._device_for(device))
+        return None if packed is None else packed.unpack(self._device_for(device), taps=taps)
 
     def put(self, key: FeatureKey, features: ImageFeatures) -> None:
         """Store (or replace) the features of ``key``."""

@@ -89,11 +89,14 @@ class PackedFeatures:
             original_size=self.original_size, storage_dtype=self.storage_dtype, finite=self.finite,
         )
 
-    def unpack(self, device: str | torch.device | None = None) -> ImageFeatures:
+    def unpack(self, device: str | torch.device | None = None, *, taps: bool = True) -> ImageFeatures:
         """Fresh float32 tensors on ``device`` (default: where they are) in a new
-        ``ImageFeatures``; the caller may keep, modify or extend it (skips stay None)."""
+        ``ImageFeatures``; the caller may keep, modify or extend it (skips stay None).
+        ``taps=False``: the embedding only (``taps`` empty), all SAM's prompted decoder
+        needs, at a fraction of the conversion cost."""
         device = self.device if device is None else torch.device(device)
-        out = [t.to(device=device, dtype=torch.float32, copy=True) for t in self.tensors]
+        wanted = self.tensors if taps else self.tensors[:1]
+        out = [t.to(device=device, dtype=torch.float32, copy=True) for t in wanted]
         return ImageFeatures(
             embedding=out[0], taps=out[1:], input_size=self.input_size, original_size=self.original_size,
         )

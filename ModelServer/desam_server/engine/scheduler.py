@@ -15,7 +15,8 @@ API (all methods thread-safe; axis is 'k', 'j', 'i' or 0, 1, 2 of a K x J x I ar
   features from the cache at once, else queued at PROMPT priority (an already-queued job
   for the slice is raised to PROMPT, a running one is joined) and awaited. Raises
   ``TimeoutError`` after ``timeout`` seconds, the encoder's exception when the pass
-  failed, ``SchedulerClosedError`` when the scheduler closes first.
+  failed, ``SchedulerClosedError`` when the scheduler closes first; ``taps=False``: a
+  cache hit comes without the taps (SAM's prompted decoder needs the embedding only).
 - ``set_view(volume_id, axis, index)``: VIEW for the slice and NEIGHBOUR work for
   ``neighbours`` slices each side; queued view work of the previous view of that volume
   that lies outside the new neighbourhood is cancelled (stats 'cancelled_obsolete').
@@ -118,12 +119,13 @@ class EncodingScheduler:
         self._cancel(dropped)
 
     # ---- requests --------------------------------------------------------------------------------
-    def features(self, volume_id: str, axis, index: int, timeout: float | None = None) -> ImageFeatures:
+    def features(self, volume_id: str, axis, index: int, timeout: float | None = None, *,
+                 taps: bool = True) -> ImageFeatures:
         with self._cond:
             volume = self._volume(volume_id)
             a, index = where(volume, axis, index)
         key = feature_key(self.model, volume, a, index)
-        cached = self.cache.get(key, self.model.device)
+        cached = self.cache.get(key, self.model.device, taps=taps)
         with self._cond:
             self._counters["requests"] += 1
             if cached is not None:
@@ -243,8 +245,7 @@ class EncodingScheduler:
                 "running": sum(j.state == RUNNING for j in jobs)}
 
     # ---- control ---------------------------------------------------------------------------------
-    def pause(self) -> None:
-        """The worker finishes its current batch and then waits for ``resume()``."""
+    def pause(self) -> None:  # the worker finishes its batch, then waits for resume()
         with self._cond:
             self._paused = True
 
@@ -254,8 +255,7 @@ class EncodingScheduler:
             self._cond.notify_all()
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop accepting work, cancel queued jobs (waiters get SchedulerClosedError),
-        let the running batch finish, join the worker."""
+        """Stop taking work, cancel queued jobs (waiters: SchedulerClosedError), join."""
         with self._cond:
             self._closing = True
             dropped = self._queue.drain()
@@ -267,7 +267,7 @@ class EncodingScheduler:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def __enter__(self) -> "EncodingScheduler":
+    def __enter__(self) -> "EncodingScheduler":  # noqa: D105
         return self
 
     def __exit__(self, *exc) -> None:
