@@ -167,3 +167,15 @@ def test_serve_refuses_public_bind_without_token(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "refusing to listen on 0.0.0.0" in out
 
+
+
+def test_cors_is_off_unless_origins_are_listed(tmp_path):
+    headers = {"Origin": "http://viewer.example", "Access-Control-Request-Method": "GET"}
+    with TestClient(create_app(tiny_settings(tmp_path, decoder=False), tiny_factory)) as c:
+        assert "access-control-allow-origin" not in c.get("/health", headers=headers).headers
+        assert c.options("/health", headers=headers).status_code == 405
+    settings = tiny_settings(tmp_path, decoder=False, cors_origins=("http://viewer.example",))
+    with TestClient(create_app(settings, tiny_factory)) as c:
+        assert c.get("/health", headers=headers).headers["access-control-allow-origin"] == "http://viewer.example"
+        other = c.get("/health", headers={"Origin": "http://elsewhere.example"})
+        assert "access-control-allow-origin" not in other.headers
