@@ -109,8 +109,9 @@ def test_desam_decoder_with_a_prompt(client, volume):
 @pytest.mark.parametrize("body, status, text", [
     ({"points": [[100, 5]], "labels": [1]}, 422, "inside"),
     ({"box": [10, 10, 5, 20]}, 422, "x1 > x0"),
-    ({"points": [[1, 1]], "labels": [1, 0]}, 422, "same N"),
-    ({"points": [[1, 1]]}, 422, "point_labels"),
+    ({"points": [[1, 1]], "labels": [1, 0]}, 422, "same length"),
+    ({"points": [[1, 1]]}, 422, "one label"),
+    ({"labels": [1]}, 422, "one label"),
     ({}, 422, "at least one prompt"),
     ({"points": [[1, 1]], "labels": [2]}, 422, ""),
     ({"index": 99, "box": [1, 1, 5, 5]}, 422, "outside"),

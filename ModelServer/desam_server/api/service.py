@@ -201,6 +201,9 @@ class Service:
                window: dict | None = None) -> dict:
         if points is not None and len(points) > self.settings.max_points:
             raise Unprocessable(f"at most {self.settings.max_points} points per prompt, got {len(points)}")
+        if (points is None) != (labels is None) or (points is not None and len(points) != len(labels)):
+            raise Unprocessable("give one label (1 foreground, 0 background) per point: points and labels "
+                                "must come together and have the same length")
         variant = self.model if decoder == "sam" else self.decoders.get(decoder).model
         if decoder != "sam" and mask_input is not None:
             raise Unprocessable("mask_input works with SAM's decoder (decoder 'sam') only")

@@ -75,7 +75,10 @@ class IntensityWindow:
 def apply_window(image: np.ndarray, window: IntensityWindow) -> np.ndarray:
     """Any numeric H x W (or volume) -> uint8 via the window. NaN maps to 0."""
     data = np.asarray(image, dtype=np.float32)
-    scaled = (data - window.low) * (255.0 / window.width)
+    # Extreme windows (width 1e-300, center 1e300: valid, if odd) overflow float32 into
+    # inf and 0 * inf; nan_to_num below maps those onto the window's meaning.
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = (data - window.low) * (255.0 / window.width)
     scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
