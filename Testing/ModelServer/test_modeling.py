@@ -141,3 +141,30 @@ def test_training_gradients_reach_only_the_decoders(tiny_model):
 def test_build_is_deterministic_in_structure_and_eval_mode(tiny_model):
     assert not tiny_model.training
     assert isinstance(tiny_model.pdmm.head, nn.Conv2d) and tiny_model.pdmm.head.bias is None
+
+
+@pytest.mark.parametrize("low, side, h, w, H, W", [(256, 1024, 1024, 745, 150, 220), (256, 1024, 683, 1024, 512, 768),
+                                                   (64, 256, 256, 200, 1000, 781), (256, 1024, 1024, 1024, 2048, 2048)])
+def test_postprocess_matrices_equal_sams_two_interpolations(tiny_model, low, side, h, w, H, W):
+    """The folded row/column matrices give F.interpolate -> crop -> F.interpolate."""
+    import torch.nn.functional as F
+
+    from desam_server.modeling.desam import resize_chain
+
+    x = torch.randn(2, 3, low, low, generator=torch.Generator().manual_seed(0)) * 5
+    ref = F.interpolate(x, (side, side), mode="bilinear", align_corners=False)[..., :h, :w]
+    ref = F.interpolate(ref, (H, W), mode="bilinear", align_corners=False)
+    got = resize_chain(low, side, h, H, x.device) @ x @ resize_chain(low, side, w, W, x.device).T
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    if side == tiny_model.img_size:
+        torch.testing.assert_close(tiny_model.postprocess_logits(x, (h, w), (H, W)), ref, rtol=0, atol=1e-4)
+
+
+def test_dense_pe_is_cached_and_follows_the_buffer(tiny_model):
+    pe = tiny_model.dense_pe()
+    assert tiny_model.dense_pe() is pe
+    torch.testing.assert_close(pe, tiny_model.prompt_encoder.get_dense_pe())
+    gaussian = tiny_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+    with torch.no_grad():
+        gaussian.mul_(1.0)                       # an in-place change bumps the version
+    assert tiny_model.dense_pe() is not pe

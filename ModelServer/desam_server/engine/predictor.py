@@ -237,7 +237,7 @@ class SlicePredictor:
         pts = to_input_frame(grid_points(grid_size, h, w), feats.original_size, self.model.img_size)
         coords = torch.as_tensor(pts, dtype=torch.float, device=self.device)[:, None, :]
         labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=self.device)
-        image_pe = self.model.prompt_encoder.get_dense_pe()
+        image_pe = self.model.dense_pe()
 
         ious, embeddings = [], []
         for start in range(0, coords.shape[0], chunk_size):

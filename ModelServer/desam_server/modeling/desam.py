@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -97,6 +98,7 @@ class DeSAM(nn.Module):
         # came from (None for random weights) and the metadata of a loaded DeSAM decoder.
         self.encoder_weights_sha256: str | None = None
         self.decoder_metadata: dict | None = None
+        self._dense_pe: tuple[tuple, torch.Tensor] | None = None
 
     # ---- properties -----------------------------------------------------------------
     @property
@@ -123,6 +125,18 @@ class DeSAM(nn.Module):
         for module in (self.image_encoder, self.prompt_encoder, self.mask_decoder):
             for p in module.parameters():
                 p.requires_grad_(False)
+
+    def dense_pe(self) -> torch.Tensor:
+        """``prompt_encoder.get_dense_pe()`` (1 x 256 x E x E), computed once per
+        positional-encoding buffer and device instead of on every decoder call."""
+        gaussian = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+        tag = (gaussian.device, gaussian.data_ptr(), gaussian._version)
+        cached = self._dense_pe
+        if cached is None or cached[0] != tag:
+            with torch.no_grad():
+                cached = (tag, self.prompt_encoder.get_dense_pe())
+            self._dense_pe = cached
+        return cached[1]
 
     # ---- image side -----------------------------------------------------------------
     def normalize_and_pad(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +169,7 @@ class DeSAM(nn.Module):
         Returns (iou B, logits B x 1 x 4E x 4E).
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
-        iou, mask_embedding = self.prim(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        iou, mask_embedding = self.prim(embedding, self.dense_pe(), sparse, dense)
         return iou, self.pdmm.decode(mask_embedding, skips)
 
     def desam_forward(
@@ -168,7 +182,7 @@ class DeSAM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training form: per-sample features (batch B everywhere) -> (iou B, logits)."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
-        iou, mask_embedding = self.prim(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
+        iou, mask_embedding = self.prim(embedding, self.dense_pe(), sparse, dense)
         return iou, self.pdmm(mask_embedding, taps)
 
     # ---- the prompted (SAM) path -------------------------------------------------------
@@ -185,7 +199,7 @@ class DeSAM(nn.Module):
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         return self.mask_decoder(
             image_embeddings=embedding,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_pe=self.dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
@@ -195,7 +209,37 @@ class DeSAM(nn.Module):
         self, logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
     ) -> torch.Tensor:
         """Low-res logits B x C x L x L -> B x C x H x W in the original slice frame:
-        bilinear to S x S, crop the unpadded h x w region, bilinear to H x W."""
-        x = F.interpolate(logits.float(), (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        x = x[..., : input_size[0], : input_size[1]]
-        return F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
+        bilinear to S x S, crop the unpadded h x w region, bilinear to H x W (SAM's
+        steps). Bilinear resizing is linear and separable, so the three steps fold into
+        one H x L matrix for rows and one W x L matrix for columns: two small matrix
+        products instead of an S x S intermediate per mask (same values to ~1e-6)."""
+        rows = resize_chain(logits.shape[-2], self.img_size, input_size[0], original_size[0], logits.device)
+        cols = resize_chain(logits.shape[-1], self.img_size, input_size[1], original_size[1], logits.device)
+        return rows @ logits.float() @ cols.T
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """n_out x n_in weights of ``F.interpolate(..., mode='bilinear', align_corners=False)``
+    along one axis (no antialiasing)."""
+    # Source coordinates in float32, as ATen computes them (bit-for-bit weights).
+    dst = torch.arange(n_out, dtype=torch.float32)
+    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
+    src = (scale * (dst + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    w1 = (src - i0).double()
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    m[torch.arange(n_out), i0] += 1 - w1
+    m[torch.arange(n_out), i1] += w1
+    return m
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_chain_cpu(low: int, side: int, crop: int, out: int) -> torch.Tensor:
+    up = _bilinear_matrix(low, side)[:crop]            # L -> S, keep the unpadded part
+    return (_bilinear_matrix(crop, out) @ up).float()   # -> the original size
+
+
+def resize_chain(low: int, side: int, crop: int, out: int, device: torch.device) -> torch.Tensor:
+    """out x low matrix: bilinear low -> side, first ``crop`` entries, bilinear -> out."""
+    return _resize_chain_cpu(int(low), int(side), int(crop), int(out)).to(device)
