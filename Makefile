@@ -38,6 +38,11 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/desam-server bench --json $(OUT)/bench_engine.json
 
+# The service end to end (a real `desam-server serve` child, driven through ServerClient):
+# click latency, scroll-and-click first clicks, encode throughput, upload, cache bytes, grid mode.
+bench-service: $(STAMP)
+	$(PY) scripts/bench_service.py --json $(OUT)/bench_service.json
+
 lock: $(STAMP)
 	{ head -n 2 ModelServer/requirements.lock; $(PY) -m pip freeze --exclude-editable; } > ModelServer/requirements.lock.new
 	mv ModelServer/requirements.lock.new ModelServer/requirements.lock
