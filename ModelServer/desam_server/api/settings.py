@@ -46,8 +46,8 @@ class ServiceSettings:
     cors_origins: origins allowed by CORS (empty: CORS off).
 
     encoder: registry name (None: the catalog default, MobileSAM); sam_checkpoint: a
-    SAM-family checkpoint (None: the catalog's cached weights for MobileSAM/LiteMedSAM,
-    random weights for the rest); decoders: DeSAM decoder files to load at start;
+    SAM-family checkpoint (None: the catalog's cached weights for MobileSAM/LiteMedSAM;
+    SAM ViTs need a file, or an official one already in the weights cache); decoders: DeSAM decoder files to load at start;
     decoder_dir: every ``*.safetensors`` decoder in this folder is loaded too;
     device: auto/cpu/cuda/cuda:N; precision: the encoder's autocast.
 
