@@ -13,11 +13,12 @@ __all__ = ["ServiceError", "BadRequest", "Unauthorized", "NotFound", "Conflict",
 
 class ServiceError(Exception):
     status: int = 500
+    default_retry_after: float | None = None     # seconds; sent as Retry-After when set
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.retry_after = retry_after
+        self.retry_after = self.default_retry_after if retry_after is None else retry_after
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
@@ -51,13 +52,9 @@ class Unprocessable(ServiceError):
 
 class TooManyRequests(ServiceError):
     status = 429
-
-    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
-        super().__init__(message, retry_after=retry_after)
+    default_retry_after = 1.0
 
 
 class Unavailable(ServiceError):
     status = 503
-
-    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
-        super().__init__(message, retry_after=retry_after)
+    default_retry_after = 5.0

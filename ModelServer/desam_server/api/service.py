@@ -15,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 __all__ = ["Service", "PriorityLock", "AXES"]
 
 AXES = ("k", "j", "i")
+
+
+@dataclass(frozen=True)
+class _Slice:
+    stored: StoredVolume
+    sid: str                       # the scheduler's id of (volume, window)
+    window: IntensityWindow
+    shape: tuple[int, int]         # H x W of a slice along the axis
 
 
 class PriorityLock:
@@ -96,7 +105,7 @@ class Service:
             stored, created = self.store.put(payload)
         except wire.WireFormatError as exc:
             raise Unprocessable(f"volume payload rejected: {exc}") from None
-        return {**stored.describe(), "on_disk": self.store.contains(stored.volume_id)}, created
+        return {**stored.describe(), "on_disk": self.store.on_disk(stored.volume_id)}, created
 
     def delete_volume(self, volume_id: str) -> None:
         self.jobs.cancel_volume(volume_id)
@@ -141,28 +150,30 @@ class Service:
             raise Unprocessable(f"slice index {index} is outside 0..{count - 1} along axis {axis}")
         return wire.mask_slice_shape(stored.array.shape, axis)
 
-    def view(self, volume_id: str, axis: str, index: int, window: dict | None) -> dict:
+    @contextlib.contextmanager
+    def _slice(self, volume_id: str, axis: str, index: int, window: dict | None) -> Iterator[_Slice]:
+        """The volume pinned, the slice checked, the (volume, window) session registered."""
         with self.store.use(volume_id) as stored:
-            self._check_slice(stored, axis, index)
-            sid, _ = self._session(stored, window)
-            self._scheduler_call(self.scheduler.set_view, sid, axis, index)
-            return self.scheduler.progress(sid, axis)
+            shape = self._check_slice(stored, axis, index)
+            sid, w = self._session(stored, window)
+            yield _Slice(stored, sid, w, shape)
+
+    def view(self, volume_id: str, axis: str, index: int, window: dict | None) -> dict:
+        with self._slice(volume_id, axis, index, window) as s:
+            self._scheduler_call(self.scheduler.set_view, s.sid, axis, index)
+            return self.scheduler.progress(s.sid, axis)
 
     def precompute(self, volume_id: str, axis: str, window: dict | None, cancel: bool = False) -> dict:
-        with self.store.use(volume_id) as stored:
-            self._check_slice(stored, axis, 0)
-            sid, _ = self._session(stored, window)
+        with self._slice(volume_id, axis, 0, window) as s:
             if cancel:
-                self.scheduler.cancel_precompute(sid, axis)
+                self.scheduler.cancel_precompute(s.sid, axis)
             else:
-                self._scheduler_call(self.scheduler.precompute, sid, axis)
-            return self.scheduler.progress(sid, axis)
+                self._scheduler_call(self.scheduler.precompute, s.sid, axis)
+            return self.scheduler.progress(s.sid, axis)
 
     def progress(self, volume_id: str, axis: str, window: dict | None) -> dict:
-        with self.store.use(volume_id) as stored:
-            self._check_slice(stored, axis, 0)
-            sid, _ = self._session(stored, window)
-            return self.scheduler.progress(sid, axis)
+        with self._slice(volume_id, axis, 0, window) as s:
+            return self.scheduler.progress(s.sid, axis)
 
     @staticmethod
     def _scheduler_call(fn, *args):
@@ -208,10 +219,9 @@ class Service:
         if decoder != "sam" and mask_input is not None:
             raise Unprocessable("mask_input works with SAM's decoder (decoder 'sam') only")
         t0 = time.perf_counter()
-        with self.store.use(volume_id) as stored:
-            shape = self._check_slice(stored, axis, index)
-            sid, _ = self._session(stored, window)
-            features, cached = self._features(sid, axis, index, prompt=True, taps=decoder != "sam")
+        with self._slice(volume_id, axis, index, window) as s:
+            stored, shape = s.stored, s.shape
+            features, cached = self._features(s.sid, axis, index, prompt=True, taps=decoder != "sam")
             t1 = time.perf_counter()
             previous = None
             if mask_input is not None:
@@ -254,16 +264,14 @@ class Service:
                    decoder: str | None, window: dict | None, grid_size: int, iou_threshold: float,
                    min_region_area: int) -> Job:
         loaded = self.decoders.require(decoder)
-        with self.store.use(volume_id) as stored:
-            self._check_slice(stored, axis, 0)
-            count = stored.array.shape[AXES.index(axis)]
+        with self._slice(volume_id, axis, 0, window) as s:
+            count = s.stored.array.shape[AXES.index(axis)]
             start = 0 if start is None else start
             stop = count if stop is None else stop
             if not 0 <= start < stop <= count:
                 raise Unprocessable(f"slice range [{start}, {stop}) is not within [0, {count}) along axis {axis}")
-            _, w = self._session(stored, window)
         spec = AutoJobSpec(volume_id=volume_id, axis=axis, start=start, stop=stop, mode=mode, decoder=loaded.name,
-                           window=(w.center, w.width), grid_size=grid_size, iou_threshold=iou_threshold,
+                           window=(s.window.center, s.window.width), grid_size=grid_size, iou_threshold=iou_threshold,
                            min_region_area=min_region_area)
         return self.jobs.submit(spec)
 
@@ -271,10 +279,9 @@ class Service:
         spec = job.spec
         variant = self.decoders.get(spec.decoder).model
         window = {"center": spec.window[0], "width": spec.window[1]}
-        with self.store.use(spec.volume_id) as stored:
-            shape = self._check_slice(stored, spec.axis, spec.start)
-            sid, _ = self._session(stored, window)
-            slab = np.zeros((job.total, *shape), dtype=bool)
+        with self._slice(spec.volume_id, spec.axis, spec.start, window) as s:
+            sid = s.sid
+            slab = np.zeros((job.total, *s.shape), dtype=bool)
             predictor = SlicePredictor(variant, precision=self.precision)
             for n, index in enumerate(range(spec.start, spec.stop)):
                 job.check_cancelled()

@@ -100,6 +100,10 @@ class VolumeStore:
         with self._lock:
             return volume_id in self._memory or volume_id in self._disk
 
+    def on_disk(self, volume_id: str) -> bool:
+        with self._lock:
+            return volume_id in self._disk
+
     def ids(self) -> list[str]:
         with self._lock:
             return sorted(set(self._memory) | set(self._disk))
@@ -108,10 +112,7 @@ class VolumeStore:
         """Shape, dtype and geometry (loads a volume that is only on disk: a client asks
         just before it works on the volume)."""
         with self.use(volume_id) as stored:
-            info = stored.describe()
-        with self._lock:
-            info["on_disk"] = volume_id in self._disk
-        return info
+            return {**stored.describe(), "on_disk": self.on_disk(volume_id)}
 
     def stats(self) -> dict:
         with self._lock:
