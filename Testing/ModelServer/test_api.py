@@ -253,3 +253,25 @@ def test_documented_openapi_schema_is_current():
 
     documented = json.loads((Path(__file__).resolve().parents[2] / "docs" / "openapi.json").read_text())
     assert documented == json.loads(json.dumps(create_app(ServiceSettings()).openapi()))
+
+
+def test_clicks_on_a_slice_share_its_features_until_the_volume_goes(client, volume):
+    """The last clicked slices keep their unpacked features (and the decoder work all
+    prompts there share); a second click answers the same as a fresh service would,
+    and deleting the volume drops them."""
+    vol, vid = volume
+    service = client.app.state.service
+    first = click(client, vid, points=[[30.5, 24.5]], labels=[1]).json()
+    (features,) = service._hot.values()
+    assert features.decoder_state  # filled by the first click
+    again = click(client, vid, points=[[30.5, 24.5]], labels=[1]).json()
+    assert [m["mask"] for m in again["masks"]] == [m["mask"] for m in first["masks"]]
+    assert next(iter(service._hot.values())) is features and again["timing"]["cached"]
+    for index in (0, 1, 3, 4):  # HOT_SLICES other slices push it out
+        r = client.post("/segment/prompt", json={"volume_id": vid, "axis": "k", "index": index,
+                                                 "points": [[30.5, 24.5]], "labels": [1]})
+        assert r.status_code == 200, r.text
+    assert client.get("/info").json()["hot_slices"] == 4
+    assert all(kept is not features for kept in service._hot.values())
+    assert client.delete(f"/volumes/{vid}").status_code == 204
+    assert service._hot == {}

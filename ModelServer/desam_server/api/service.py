@@ -15,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -73,6 +74,11 @@ class PriorityLock:
                 self._cond.notify_all()
 
 
+#: Slices whose unpacked features (and the decoder work their prompts share, see
+#: ``decoder_fast``) stay in memory for the next click: ~14 MB each, outside the cache budgets.
+HOT_SLICES = 4
+
+
 class Service:
     def __init__(self, settings: ServiceSettings, model: DeSAM, *, model_info: dict | None = None) -> None:
         self.settings = settings
@@ -96,6 +102,7 @@ class Service:
         self._lock = threading.Lock()
         self._sessions: dict[str, set[str]] = {}      # volume id -> scheduler ids (one per window)
         self._waiting_prompts = 0
+        self._hot: OrderedDict[tuple, ImageFeatures] = OrderedDict()  # recent clicked slices
         self.started = time.time()
         self.closed = False
 
@@ -115,6 +122,8 @@ class Service:
     def _forget_volume(self, volume_id: str) -> None:
         with self._lock:
             sessions = self._sessions.pop(volume_id, set())
+            for key in [key for key in self._hot if key[0] in sessions]:
+                del self._hot[key]
         for sid in sessions:
             with contextlib.suppress(KeyError, SchedulerClosedError):
                 self.scheduler.unregister_volume(sid)
@@ -185,7 +194,26 @@ class Service:
     # ---- features ---------------------------------------------------------------------------
     def _features(self, sid: str, axis: str, index: int, *, prompt: bool,
                   taps: bool = True) -> tuple[ImageFeatures, bool]:
-        """The slice's features and whether they were cached already."""
+        """The slice's features and whether they were cached already. Prompts reuse the
+        features object of the last HOT_SLICES clicked slices, so that work shared by all
+        prompts on a slice (``ImageFeatures.decoder_state``) is done once."""
+        hot = (sid, axis, index, taps)
+        if prompt:
+            with self._lock:
+                features = self._hot.get(hot)
+                if features is not None:
+                    self._hot.move_to_end(hot)
+                    return features, True
+        features, cached = self._cached_features(sid, axis, index, prompt=prompt, taps=taps)
+        if prompt:
+            with self._lock:
+                self._hot[hot] = features
+                while len(self._hot) > HOT_SLICES:
+                    self._hot.popitem(last=False)
+        return features, cached
+
+    def _cached_features(self, sid: str, axis: str, index: int, *, prompt: bool,
+                         taps: bool) -> tuple[ImageFeatures, bool]:
         cached = self.scheduler.is_cached(sid, axis, index)
         if not cached and prompt:
             with self._lock:
@@ -309,6 +337,7 @@ class Service:
                 "cache": self.cache.stats(), "scheduler": scheduler,
                 "queue_depth": scheduler["queued"] + scheduler["running"], "prompts_waiting": waiting,
                 "volumes": self.store.stats(), "jobs": self.jobs.stats(), "logits_kept": len(self.logits),
+                "hot_slices": len(self._hot),
                 "settings": self.settings.public(), "uptime_s": round(time.time() - self.started, 1)}
 
     def close(self, timeout: float = 30.0) -> None:

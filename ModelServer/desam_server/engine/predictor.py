@@ -162,7 +162,7 @@ class SlicePredictor:
             mask_tensor = torch.as_tensor(m, device=self.device)[None]
         low_res, iou = self.model.sam_decode(
             feats.embedding, points=points, boxes=boxes, mask_input=mask_tensor,
-            multimask_output=multimask_output,
+            multimask_output=multimask_output, state=feats.decoder_state,
         )
         masks = self.model.postprocess_logits(low_res, feats.input_size, feats.original_size)
         if not return_logits:
@@ -182,7 +182,8 @@ class SlicePredictor:
         points, boxes = self._prompt_tensors(point_coords, point_labels, box)
         if points is None and boxes is None:
             raise ValueError("give at least one prompt: points or a box")
-        iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats), points=points, boxes=boxes)
+        iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats), points=points, boxes=boxes,
+                                              state=feats.decoder_state)
         mask = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[0, 0] > 0
         return mask.cpu().numpy(), float(iou[0])
 
@@ -229,7 +230,8 @@ class SlicePredictor:
         if mode == "box":
             box = to_input_frame(np.array([[0.0, 0.0], [w, h]]), feats.original_size, self.model.img_size)
             boxes = torch.as_tensor(box.reshape(1, 4), dtype=torch.float, device=self.device)
-            iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats), boxes=boxes)
+            iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats), boxes=boxes,
+                                                  state=feats.decoder_state)
             mask = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[0, 0] > 0
             mask = remove_small_regions(mask.cpu().numpy(), min_region_area)
             return AutoResult(mask=mask, iou=float(iou[0]), candidates=1, passed=1, decoded=1)
@@ -248,7 +250,7 @@ class SlicePredictor:
         for start in range(0, coords.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
             sparse, dense = self.model.prompt_encoder(points=(coords[chunk], labels[chunk]), boxes=None, masks=None)
-            iou, mask_embedding = self.model.prim(feats.embedding, image_pe, sparse, dense)
+            iou, mask_embedding = self.model.prim(feats.embedding, image_pe, sparse, dense, state=feats.decoder_state)
             keep = iou > iou_threshold
             ious.append(iou)
             # Only candidates can be decoded later; keep just their mask embeddings.

@@ -12,6 +12,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import nn
 from torch.nn import functional as F
 
+from .decoder_fast import mask_decoder_forward
 from .pdmm import PDMM
 from .prim import PRIM
 
@@ -62,6 +63,8 @@ class ImageFeatures:
     input_size: tuple[int, int]
     original_size: tuple[int, int]
     skips: list[torch.Tensor] | None = field(default=None, repr=False)
+    #: Per-slice decoder work shared by every prompt (see ``decoder_fast``), filled lazily.
+    decoder_state: dict = field(default_factory=dict, repr=False)
 
 
 class DeSAM(nn.Module):
@@ -70,6 +73,9 @@ class DeSAM(nn.Module):
     ``tap_channels``, ``tap_sizes`` and ``embedding_size``."""
 
     mask_threshold: float = 0.0
+    #: Without autograd, run SAM's mask decoder through ``decoder_fast`` (same results to
+    #: float rounding, about 1.6x faster for a click); False: the module's own forward.
+    reassociated_decoder: bool = True
 
     def __init__(
         self,
@@ -161,15 +167,17 @@ class DeSAM(nn.Module):
         *,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         boxes: torch.Tensor | None = None,
+        state: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """PRIM + the prompt-dependent part of PDMM.
 
         embedding: 1 x 256 x E x E; skips: from ``image_skips``; points: (B x N x 2 coords
         in the padded input frame (x, y), B x N labels); boxes: B x 4 XYXY in that frame.
-        Returns (iou B, logits B x 1 x 4E x 4E).
+        state: the slice's ``ImageFeatures.decoder_state``. Returns (iou B, logits
+        B x 1 x 4E x 4E).
         """
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
-        iou, mask_embedding = self.prim(embedding, self.dense_pe(), sparse, dense)
+        iou, mask_embedding = self.prim(embedding, self.dense_pe(), sparse, dense, state=state)
         return iou, self.pdmm.decode(mask_embedding, skips)
 
     def desam_forward(
@@ -194,9 +202,14 @@ class DeSAM(nn.Module):
         boxes: torch.Tensor | None,
         mask_input: torch.Tensor | None,
         multimask_output: bool,
+        state: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """SAM's own decoder: (low-res logits B x C x 4E x 4E, iou B x C)."""
+        """SAM's own decoder: (low-res logits B x C x 4E x 4E, iou B x C). state: the
+        slice's ``ImageFeatures.decoder_state`` (work shared by its prompts)."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        if self.reassociated_decoder and not torch.is_grad_enabled():
+            return mask_decoder_forward(self.mask_decoder, embedding, self.dense_pe(), sparse, dense,
+                                        multimask_output, state)
         return self.mask_decoder(
             image_embeddings=embedding,
             image_pe=self.dense_pe(),

@@ -12,6 +12,8 @@ from segment_anything.modeling import TwoWayTransformer
 from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from torch import nn
 
+from .decoder_fast import two_way_forward
+
 
 class PRIM(nn.Module):
     """Prompt-relevant IoU module.
@@ -23,6 +25,10 @@ class PRIM(nn.Module):
       transformer_depth, transformer_mlp_dim, transformer_heads: the two-way transformer.
       iou_head_depth, iou_head_hidden_dim: the IoU MLP.
     """
+
+    #: Without autograd, run the transformer through ``decoder_fast.two_way_forward``
+    #: (same results to float rounding, fewer products over the image tokens).
+    reassociated: bool = True
 
     def __init__(
         self,
@@ -62,6 +68,8 @@ class PRIM(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        *,
+        state: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Score prompts and produce mask embeddings.
 
@@ -70,6 +78,8 @@ class PRIM(nn.Module):
           image_pe: 1 x C x E x E, the prompt encoder's dense positional encoding.
           sparse_prompt_embeddings: B x N x C (points and/or box corners).
           dense_prompt_embeddings: B x C x E x E (mask prompt, or SAM's "no mask" embedding).
+          state: the slice's ``ImageFeatures.decoder_state`` (inference only; see
+            ``decoder_fast.two_way_forward``).
 
         Returns:
           iou: B, the predicted IoU (first output of the IoU head).
@@ -80,6 +90,12 @@ class PRIM(nn.Module):
         output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
+        if self.reassociated and not torch.is_grad_enabled():
+            hs, image_tokens = two_way_forward(self.transformer, image_embeddings, image_pe, tokens,
+                                               dense_prompt_embeddings, state)
+            iou = self.iou_prediction_head(hs[:, 0, :])[:, 0]
+            e = image_embeddings.shape[-1]
+            return iou, image_tokens.transpose(1, 2).reshape(batch, -1, e, e)
         if image_embeddings.shape[0] == 1 and batch != 1:
             image_embeddings = image_embeddings.expand(batch, -1, -1, -1)
         src = image_embeddings + dense_prompt_embeddings

@@ -1,0 +1,172 @@
+"""decoder_fast: the reassociated inference forward equals segment_anything's modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from desam_server.modeling import build_desam
+from desam_server.modeling.decoder_fast import mask_decoder_forward, two_way_forward
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    m = build_desam("tiny")
+    # Random SAM weights give logits below 1; scale the hypernetworks to trained-looking
+    # logits (tens) so that the tolerances below mean something.
+    with torch.no_grad():
+        for mlp in m.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(40)
+    return m
+
+
+@pytest.fixture(scope="module")
+def image(model):
+    e = model.prompt_encoder.image_embedding_size[0]
+    return torch.randn(1, 256, e, e, generator=torch.Generator().manual_seed(0))
+
+
+def prompts(model, kind: str, batch: int = 1):
+    g = torch.Generator().manual_seed(batch)
+    side = model.img_size
+    points = (torch.rand(batch, 3, 2, generator=g) * side, torch.tensor([[1, 0, 1]]).repeat(batch, 1))
+    box = torch.tensor([[10.0, 20.0, side - 30.0, side - 5.0]]).repeat(batch, 1)
+    low_res = [4 * s for s in model.prompt_encoder.image_embedding_size]
+    mask = torch.randn(batch, 1, *low_res, generator=g) * 4
+    args = {"points": dict(points=points, boxes=None, masks=None),
+            "box": dict(points=None, boxes=box, masks=None),
+            "points+box": dict(points=points, boxes=box, masks=None),
+            "points+mask": dict(points=points, boxes=None, masks=mask)}[kind]
+    return model.prompt_encoder(**args)
+
+
+@pytest.mark.parametrize("kind", ["points", "box", "points+box", "points+mask"])
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mask_decoder_forward_equals_the_module(model, image, kind, multimask, batch):
+    sparse, dense = prompts(model, kind, batch)
+    pe = model.dense_pe()
+    with torch.inference_mode():
+        want_masks, want_iou = model.mask_decoder(image, pe, sparse, dense, multimask)
+        got_masks, got_iou = mask_decoder_forward(model.mask_decoder, image, pe, sparse, dense, multimask)
+    assert got_masks.shape == want_masks.shape == (batch, 3 if multimask else 1, 64, 64)
+    assert want_masks.abs().max() > 1  # not a comparison of near-zero numbers
+    torch.testing.assert_close(got_masks, want_masks, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_iou, want_iou, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_two_way_forward_equals_the_module_for_shared_and_per_prompt_images(model, image, shared):
+    sparse, dense = prompts(model, "points", 4)
+    decoder = model.mask_decoder
+    tokens = torch.cat([torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])[None].expand(4, -1, -1),
+                        sparse], dim=1)
+    images = image if shared else image + 0.1 * torch.randn(4, *image.shape[1:])
+    pe = model.dense_pe()
+    with torch.no_grad():
+        want_q, want_k = decoder.transformer(images.expand(4, -1, -1, -1) + dense, pe, tokens)
+        got_q, got_k = two_way_forward(decoder.transformer, images, pe, tokens, dense)
+    torch.testing.assert_close(got_q, want_q, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-4, atol=1e-5)
+
+
+def test_prim_uses_it_without_autograd_and_the_module_with(model, image):
+    sparse, dense = prompts(model, "points", 5)
+    pe = model.dense_pe()
+    with torch.no_grad():
+        fast = model.prim(image, pe, sparse, dense)
+        model.prim.reassociated = False
+        try:
+            slow = model.prim(image, pe, sparse, dense)
+        finally:
+            del model.prim.reassociated
+    for got, want in zip(fast, slow):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # Training: the module's forward, gradients reach PRIM's weights.
+    iou, embedding = model.prim(image, pe, sparse, dense)
+    (iou.sum() + embedding.mean()).backward()
+    grad = model.prim.transformer.layers[0].cross_attn_image_to_token.q_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    model.prim.zero_grad(set_to_none=True)
+
+
+def test_positional_constants_follow_a_weight_change(model, image):
+    """A decoder swap (load_state_dict, an optimizer step) rewrites weights in place:
+    the cached positional projections must be recomputed, not reused."""
+    sparse, dense = prompts(model, "points")
+    pe = model.dense_pe()
+    decoder = model.mask_decoder
+    with torch.no_grad():
+        mask_decoder_forward(decoder, image, pe, sparse, dense, False)  # fills the cache
+        state = {k: v.clone() for k, v in decoder.state_dict().items()}
+        try:
+            for layer in decoder.transformer.layers:
+                layer.cross_attn_token_to_image.k_proj.bias.add_(0.5)
+                layer.cross_attn_image_to_token.q_proj.weight.mul_(1.5)
+            decoder.transformer.final_attn_token_to_image.k_proj.weight.mul_(0.5)
+            want = decoder(image, pe, sparse, dense, False)[0]
+            got = mask_decoder_forward(decoder, image, pe, sparse, dense, False)[0]
+        finally:
+            decoder.load_state_dict(state)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        restored = mask_decoder_forward(decoder, image, pe, sparse, dense, False)[0]
+        torch.testing.assert_close(restored, decoder(image, pe, sparse, dense, False)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_state_computes_the_first_block_once_per_slice(model, image):
+    """Later prompts on a slice reuse the first block's image side from ``state``; the
+    answers still equal the module's for every prompt."""
+    pe, decoder, state = model.dense_pe(), model.mask_decoder, {}
+    kept = None
+    for kind in ("points", "box", "points+box"):
+        sparse, dense = prompts(model, kind)
+        with torch.inference_mode():
+            got = mask_decoder_forward(decoder, image, pe, sparse, dense, True, state)
+            want = decoder(image, pe, sparse, dense, True)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+        (entry,) = state.values()
+        kept = kept or entry[3]
+        assert entry[3] is kept  # computed by the first prompt, reused after
+
+
+def test_state_is_recomputed_after_a_weight_change_and_skipped_with_a_mask_input(model, image):
+    pe, decoder, state = model.dense_pe(), model.mask_decoder, {}
+    sparse, dense = prompts(model, "points")
+    v_bias = decoder.transformer.layers[0].cross_attn_token_to_image.v_proj.bias
+    with torch.no_grad():
+        mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)
+        before = next(iter(state.values()))[3]
+        v_bias.add_(0.25)
+        try:
+            got = mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)[0]
+            want = decoder(image, pe, sparse, dense, False)[0]
+        finally:
+            v_bias.sub_(0.25)
+        assert next(iter(state.values()))[3] is not before
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # A mask input makes the dense embedding vary over the image: no shared first block.
+        sparse, dense = prompts(model, "points+mask")
+        fresh = {}
+        got = mask_decoder_forward(decoder, image, pe, sparse, dense, False, fresh)[0]
+        assert fresh == {}
+        torch.testing.assert_close(got, decoder(image, pe, sparse, dense, False)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_prim_with_state_scores_a_batch_of_prompts_like_the_module(model, image):
+    """Grid mode: many prompts against one slice's state, in batches and one by one."""
+    pe, state = model.dense_pe(), {}
+    sparse, dense = prompts(model, "points", 6)
+    with torch.no_grad():
+        batched = model.prim(image, pe, sparse, dense, state=state)
+        single = [model.prim(image, pe, sparse[i : i + 1], dense[i : i + 1], state=state) for i in range(6)]
+        model.prim.reassociated = False
+        try:
+            want = model.prim(image, pe, sparse, dense)
+        finally:
+            del model.prim.reassociated
+    assert len(state) == 1
+    for got in (batched, tuple(torch.cat(parts) for parts in zip(*single))):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
