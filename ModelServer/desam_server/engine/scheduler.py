@@ -27,6 +27,11 @@ API (all methods thread-safe; axis is 'k', 'j', 'i' or 0, 1, 2 of a K x J x I ar
 - ``pause()`` / ``resume()`` (hold the worker before its next batch), ``stats()``,
   ``history()`` (recent encodes, oldest first), ``close()``.
 
+Preemption: a pass that nobody waits for is given up at the next encoder module boundary
+(``preemption``) when a click needs another slice, when the view moves so far that the
+slice is no longer wanted, or at close; the job goes back in the queue if still wanted
+(stats 'preempted'). A click therefore waits for at most one encoder module, not a pass.
+
 Results go through ``FeatureCache.get_or_compute`` under the slice's ``FeatureKey``:
 callers get the stored form (bit-identical per key); a cached key is not encoded again.
 With ``encode_batch`` > 1 the worker puts up to that many queued jobs of one volume and
@@ -39,33 +44,30 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable
 
 import torch
 
 from ..modeling.desam import DeSAM, ImageFeatures
+from . import preemption
 from .feature_cache import FeatureCache
 from .preprocess import IntensityWindow
 from .runtime import Precision, choose_precision
-from .scheduler_queue import (AXIS_NAMES, QUEUED, RUNNING, Job, JobQueue, Priority, Volume, encode_slices,
-                              feature_key, outward, same_pass, where)
+from .scheduler_queue import (AXIS_NAMES, QUEUED, RUNNING, Job, JobQueue, Priority, Volume,
+                              feature_key, outward, where)
+from .scheduler_worker import SchedulerClosedError, SchedulerWorker
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EncodingScheduler", "Priority", "SchedulerClosedError", "AXIS_NAMES"]
 
 COUNTERS = ("requests", "cache_hits", "joined", "raised", "encoded", "batches", "skipped_cached", "errors",
-            "cancelled_obsolete", "cancelled_precompute", "cancelled_close", "cancelled_reregister")
+            "cancelled_obsolete", "cancelled_precompute", "cancelled_close", "cancelled_reregister", "preempted")
 EncodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
-class SchedulerClosedError(RuntimeError):
-    """The scheduler was closed before the work could run."""
-
-
-class EncodingScheduler:
+class EncodingScheduler(SchedulerWorker):
     """Arguments: a DeSAM model (on its device), the ``FeatureCache``; ``encode_batch``:
     most jobs per encoder pass; ``neighbours``: slices each side of the view to encode;
     ``precision``: the encoder's autocast ('auto', 'fp32', 'bf16', 'fp16'), as
@@ -92,6 +94,9 @@ class EncodingScheduler:
         self._history: collections.deque = collections.deque(maxlen=history_size)
         self._counters = collections.Counter(dict.fromkeys(COUNTERS, 0))
         self._encode_seconds = 0.0
+        self._running: list[Job] = []                  # the batch in the encoder now
+        self._preempt = threading.Event()
+        self._hooks = preemption.install(model.image_encoder)  # an encode_fn using it is preemptible too
         self._thread = threading.Thread(target=self._run, name="desam-encoder", daemon=True)
         self._thread.start()
 
@@ -116,6 +121,7 @@ class EncodingScheduler:
             volume = self._volume(volume_id)
             del self._volumes[volume_id]
             dropped = self._withdraw(volume, view=True, background=None)
+            self._preempt_unless(lambda job: job.volume is not volume or job.waiters > 0)
         self._cancel(dropped)
 
     # ---- requests --------------------------------------------------------------------------------
@@ -136,6 +142,7 @@ class EncodingScheduler:
             if job is None:
                 job = Job(key, volume, a, waiters=1)
                 self._queue.add(job)
+                self._preempt_unless(lambda running: running.waiters > 0)
                 self._cond.notify_all()
             else:
                 self._counters["joined"] += 1
@@ -143,6 +150,8 @@ class EncodingScheduler:
                     self._counters["raised"] += 1
                 job.waiters += 1
                 self._queue.reschedule(job)
+                if job.state == QUEUED:
+                    self._preempt_unless(lambda running: running.waiters > 0)
         try:
             result = job.future.result(timeout)
         except FutureTimeout:
@@ -174,7 +183,9 @@ class EncodingScheduler:
             volume.view = (a, index)
             dropped = []
             for job in list(volume.view_jobs):
-                if job.key not in wanted or job.state != QUEUED:
+                if job.key in wanted and job.state == RUNNING:
+                    job.view_rank = wanted[job.key]
+                elif job.key not in wanted or job.state != QUEUED:
                     job.view_rank = None
                     volume.view_jobs.discard(job)
                     if not self._queue.reschedule(job):
@@ -193,8 +204,9 @@ class EncodingScheduler:
                         job.entry = None  # a fresh entry: outward order, behind older equals
                     self._queue.reschedule(job)
                 else:
-                    continue
+                    job.view_rank = rank  # running: keeps its place if preempted
                 volume.view_jobs.add(job)
+            self._preempt_unless(lambda job: job.priority() is not None)
             self._cond.notify_all()
         self._cancel(dropped)
 
@@ -262,10 +274,13 @@ class EncodingScheduler:
             for volume in self._volumes.values():
                 volume.view_jobs.clear()
             self._counters["cancelled_close"] += len(dropped)
+            self._preempt_unless(lambda job: job.waiters > 0)
             self._cond.notify_all()
         self._cancel(dropped, SchedulerClosedError("the encoding scheduler was closed"))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        for handle in self._hooks:
+            handle.remove()
 
     def __enter__(self) -> "EncodingScheduler":  # noqa: D105
         return self
@@ -329,72 +344,3 @@ class EncodingScheduler:
                 job.future.set_exception(error)
             else:
                 job.future.cancel()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closing and (self._paused or not self._queue.has_work()):
-                    self._cond.wait()
-                if self._closing:
-                    return
-                batch = self._queue.pop_batch(self.encode_batch, same_pass)
-                for job in batch:
-                    self._history.append((job.key.volume_id, job.key.axis, job.index, job.priority()[0].name))
-            try:
-                self._encode_batch(batch)
-            except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
-                self._fail(batch, exc)
-            finally:
-                with self._cond:
-                    for job in batch:
-                        self._queue.finish(job)
-                        job.volume.view_jobs.discard(job)
-
-    def _fail(self, jobs: list[Job], exc: BaseException) -> None:
-        pending = [job for job in jobs if not job.future.done()]
-        with self._cond:
-            self._counters["errors"] += len(pending)
-        if pending:
-            j = pending[0]
-            log.warning("scheduler: encoding %d slice(s) of volume %s axis %s failed (%s)", len(pending),
-                        j.volume.tag, j.key.axis, exc.__class__.__name__)
-        for job in pending:
-            job.future.set_exception(exc)
-
-    def _encode_batch(self, batch: list[Job]) -> None:
-        device = self.model.device
-        todo = []
-        for job in batch:
-            cached = self.cache.get(job.key, device) if self.cache.contains(job.key) else None
-            if cached is not None:
-                with self._cond:
-                    self._counters["skipped_cached"] += 1
-                job.future.set_result(cached)
-            else:
-                todo.append(job)
-        if len(todo) == 1:
-            job = todo[0]
-            try:
-                job.future.set_result(self.cache.get_or_compute(job.key, lambda: self._compute(todo)[0], device))
-            except Exception as exc:  # noqa: BLE001
-                self._fail([job], exc)
-        elif todo:
-            try:
-                computed = self._compute(todo)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(todo, exc)
-                return
-            for job, feats in zip(todo, computed):
-                try:
-                    job.future.set_result(self.cache.get_or_compute(job.key, lambda f=feats: f, device))
-                except Exception as exc:  # noqa: BLE001
-                    self._fail([job], exc)
-
-    def _compute(self, jobs: list[Job]) -> list[ImageFeatures]:
-        start = time.perf_counter()
-        result = encode_slices(self.model, self._encode, self.precision, jobs)
-        with self._cond:
-            self._encode_seconds += time.perf_counter() - start
-            self._counters["encoded"] += len(jobs)
-            self._counters["batches"] += 1
-        return result

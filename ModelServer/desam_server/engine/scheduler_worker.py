@@ -1,0 +1,128 @@
+"""The worker half of ``EncodingScheduler``: the loop of its one encoder thread.
+
+Takes the best batch off the queue, encodes it through the feature cache with the
+preemption hooks armed, and settles every job: result, error, or back in the queue
+when the pass was preempted and the job is still wanted. Methods run on the worker
+thread and use the scheduler's attributes and lock (see ``scheduler``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from ..modeling.desam import ImageFeatures
+from . import preemption
+from .scheduler_queue import QUEUED, Job, encode_slices, same_pass
+
+log = logging.getLogger("desam_server.engine.scheduler")
+
+__all__ = ["SchedulerWorker", "SchedulerClosedError"]
+
+
+class SchedulerClosedError(RuntimeError):
+    """The scheduler was closed before the work could run."""
+
+
+class SchedulerWorker:
+    """Mixin: the worker loop; the scheduler provides the queue, cache, lock, counters."""
+
+    _preempt: threading.Event
+    _running: list[Job]
+
+    def _preempt_unless(self, keep: Callable[[Job], bool]) -> None:
+        """Stop the running pass unless ``keep`` holds for one of its jobs (lock held)."""
+        if self._running and not any(keep(job) for job in self._running):
+            self._preempt.set()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and (self._paused or not self._queue.has_work()):
+                    self._cond.wait()
+                if self._closing:
+                    return
+                batch = self._queue.pop_batch(self.encode_batch, same_pass)
+                for job in batch:
+                    self._history.append((job.key.volume_id, job.key.axis, job.index, job.priority()[0].name))
+                self._running = batch
+                self._preempt.clear()
+            preempted = False
+            try:
+                with preemption.armed(self._preempt):
+                    self._encode_batch(batch)
+            except preemption.EncodePreempted:
+                preempted = True
+            except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
+                self._fail(batch, exc)
+            finally:
+                self._finish(batch, preempted)
+
+    def _finish(self, batch: list[Job], preempted: bool) -> None:
+        """Jobs of a preempted pass go back in the queue while wanted; others are done."""
+        dropped = []
+        with self._cond:
+            self._running = []
+            for job in batch:
+                if preempted and not job.future.done():
+                    self._counters["preempted"] += 1
+                    job.state = QUEUED
+                    if not self._closing and self._queue.reschedule(job):
+                        continue
+                    self._queue.finish(job)
+                    dropped.append(job)
+                else:
+                    self._queue.finish(job)
+                job.volume.view_jobs.discard(job)
+        self._cancel(dropped, SchedulerClosedError("the encoding scheduler was closed") if self._closing else None)
+
+    def _fail(self, jobs: list[Job], exc: BaseException) -> None:
+        pending = [job for job in jobs if not job.future.done()]
+        with self._cond:
+            self._counters["errors"] += len(pending)
+        if pending:
+            j = pending[0]
+            log.warning("scheduler: encoding %d slice(s) of volume %s axis %s failed (%s)", len(pending),
+                        j.volume.tag, j.key.axis, exc.__class__.__name__)
+        for job in pending:
+            job.future.set_exception(exc)
+
+    def _encode_batch(self, batch: list[Job]) -> None:
+        device = self.model.device
+        todo = []
+        for job in batch:
+            cached = self.cache.get(job.key, device) if self.cache.contains(job.key) else None
+            if cached is not None:
+                with self._cond:
+                    self._counters["skipped_cached"] += 1
+                job.future.set_result(cached)
+            else:
+                todo.append(job)
+        if len(todo) == 1:
+            job = todo[0]
+            try:
+                job.future.set_result(self.cache.get_or_compute(job.key, lambda: self._compute(todo)[0], device))
+            except Exception as exc:  # noqa: BLE001
+                self._fail([job], exc)
+        elif todo:
+            try:
+                computed = self._compute(todo)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(todo, exc)
+                return
+            for job, feats in zip(todo, computed):
+                try:
+                    job.future.set_result(self.cache.get_or_compute(job.key, lambda f=feats: f, device))
+                except Exception as exc:  # noqa: BLE001
+                    self._fail([job], exc)
+
+    def _compute(self, jobs: list[Job]) -> list[ImageFeatures]:
+        start = time.perf_counter()
+        result = encode_slices(self.model, self._encode, self.precision, jobs)
+        with self._cond:
+            self._encode_seconds += time.perf_counter() - start
+            self._counters["encoded"] += len(jobs)
+            self._counters["batches"] += 1
+        return result
