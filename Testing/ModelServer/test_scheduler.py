@@ -384,3 +384,25 @@ def test_preemption_hooks_act_only_on_the_armed_thread(model):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def test_a_click_decoding_holds_the_running_pass_without_losing_it(model, volume, tmp_path):
+    sched, _, _ = make(model, volume, tmp_path, neighbours=0)
+    calls = []
+    counting = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.image_encoder.modules()]
+    try:
+        with Stall(model) as stall:
+            sched.set_view(VOLUME, "k", 3)
+            assert stall.entered.wait(20)
+            with sched.click_decoding():
+                stall.release.set()
+                time.sleep(0.3)
+                held = len(calls)
+                time.sleep(0.3)
+                assert len(calls) == held and not sched.is_cached(VOLUME, "k", 3)
+            wait_until(lambda: idle(sched))
+    finally:
+        for handle in counting:
+            handle.remove()
+    assert sched.is_cached(VOLUME, "k", 3) and sched.stats()["preempted"] == 0
+    sched.close()

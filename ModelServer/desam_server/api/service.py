@@ -264,7 +264,7 @@ class Service:
             predictor.set_features(features)
             pts = None if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
             lab = None if labels is None else np.asarray(labels).reshape(-1)
-            with self.decode_lock.hold(high=True):
+            with self.decode_lock.hold(high=True), self.scheduler.click_decoding():
                 t2 = time.perf_counter()
                 try:
                     if decoder == "sam":

@@ -8,6 +8,10 @@ thread that entered ``armed(event)``, a hook raises ``EncodePreempted`` once the
 set, so the pass ends at the next module boundary (milliseconds). On any other thread
 (a predictor encoding a slice directly) the hooks do nothing.
 
+The same hooks also *pause* a pass while ``armed``'s ``go`` event is clear: the scheduler
+clears it while a click is decoding, so on a CPU the click does not share the cores with
+the encoder; the pass continues where it stopped, nothing is lost.
+
 ``EncodePreempted`` derives from ``BaseException`` so that code handling encoder *errors*
 (``except Exception``) lets it through to the scheduler, which puts the job back in its
 queue instead of failing it.
@@ -31,9 +35,18 @@ class EncodePreempted(BaseException):
     """The running encoder pass was given up for more urgent work."""
 
 
+#: Longest pause of a pass for one click: a click that never ends must not stop encoding.
+MAX_PAUSE_S = 5.0
+
+
 def _check(module: nn.Module, args) -> None:
-    event = getattr(_local, "event", None)
-    if event is not None and event.is_set():
+    armed_with = getattr(_local, "armed", None)
+    if armed_with is None:
+        return
+    stop, go = armed_with
+    if go is not None and not go.is_set():
+        go.wait(MAX_PAUSE_S)
+    if stop.is_set():
         raise EncodePreempted()
 
 
@@ -43,11 +56,12 @@ def install(encoder: nn.Module) -> list[RemovableHandle]:
 
 
 @contextlib.contextmanager
-def armed(event: threading.Event) -> Iterator[None]:
-    """Within the block, on this thread, a set ``event`` stops the encoder pass."""
-    previous = getattr(_local, "event", None)
-    _local.event = event
+def armed(stop: threading.Event, go: threading.Event | None = None) -> Iterator[None]:
+    """Within the block, on this thread: a set ``stop`` ends the encoder pass at the next
+    module; a clear ``go`` holds it there until set again (at most MAX_PAUSE_S per module)."""
+    previous = getattr(_local, "armed", None)
+    _local.armed = (stop, go)
     try:
         yield
     finally:
-        _local.event = previous
+        _local.armed = previous

@@ -30,6 +30,7 @@ class SchedulerWorker:
     """Mixin: the worker loop; the scheduler provides the queue, cache, lock, counters."""
 
     _preempt: threading.Event
+    _go: threading.Event
     _running: list[Job]
 
     def _preempt_unless(self, keep: Callable[[Job], bool]) -> None:
@@ -51,7 +52,7 @@ class SchedulerWorker:
                 self._preempt.clear()
             preempted = False
             try:
-                with preemption.armed(self._preempt):
+                with preemption.armed(self._preempt, self._go):
                     self._encode_batch(batch)
             except preemption.EncodePreempted:
                 preempted = True
