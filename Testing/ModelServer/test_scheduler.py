@@ -406,3 +406,16 @@ def test_a_click_decoding_holds_the_running_pass_without_losing_it(model, volume
             handle.remove()
     assert sched.is_cached(VOLUME, "k", 3) and sched.stats()["preempted"] == 0
     sched.close()
+
+
+def test_unregistering_a_volume_stops_its_pass_and_drops_the_job(model, volume, tmp_path):
+    sched, _, _ = make(model, volume, tmp_path, neighbours=0)
+    with Stall(model) as stall:
+        sched.set_view(VOLUME, "k", 3)
+        assert stall.entered.wait(20)
+        sched.unregister_volume(VOLUME)
+        stall.release.set()
+        wait_until(lambda: idle(sched))
+    stats = sched.stats()
+    assert stats["preempted"] == 1 and stats["encoded"] == 0 and stats["volumes"] == 0
+    sched.close()

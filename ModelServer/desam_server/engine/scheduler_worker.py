@@ -30,6 +30,7 @@ class SchedulerWorker:
     """Mixin: the worker loop; the scheduler provides the queue, cache, lock, counters."""
 
     _preempt: threading.Event
+    _volumes: dict
     _go: threading.Event
     _running: list[Job]
 
@@ -62,7 +63,8 @@ class SchedulerWorker:
                 self._finish(batch, preempted)
 
     def _finish(self, batch: list[Job], preempted: bool) -> None:
-        """Jobs of a preempted pass go back in the queue while wanted; others are done."""
+        """Jobs of a preempted pass go back in the queue while wanted (by a waiter, or
+        with their volume still registered); others are done."""
         dropped = []
         with self._cond:
             self._running = []
@@ -70,7 +72,8 @@ class SchedulerWorker:
                 if preempted and not job.future.done():
                     self._counters["preempted"] += 1
                     job.state = QUEUED
-                    if not self._closing and self._queue.reschedule(job):
+                    kept = job.waiters > 0 or self._volumes.get(job.key.volume_id) is job.volume
+                    if not self._closing and kept and self._queue.reschedule(job):
                         continue
                     self._queue.finish(job)
                     dropped.append(job)

@@ -227,24 +227,27 @@ def _conv_weights(conv: torch.nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
     return conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, -1), conv.bias.repeat(4)
 
 
-def _upscaled_masks(decoder: MaskDecoder, keys: Tensor, hyper: Tensor, side: int) -> Tensor:
+def _upscaled_masks(decoder: MaskDecoder, keys: Tensor, hyper: Tensor, side: int, rows: int = 1024) -> Tensor:
     """``hyper @ output_upscaling(keys as B x C x E x E)`` -> B x M x 4E x 4E.
 
     A 2 x 2 stride-2 transposed convolution maps each input pixel to its own 2 x 2 output
-    block, so channels-last it is one matrix product per layer; the hypernetwork product
-    is taken in that scrambled pixel order and the (small) masks are reordered once."""
+    block, so channels-last it is one matrix product per layer, and ``rows`` input pixels
+    at a time keep the intermediates (16x the input) in the CPU's cache (~10% faster than
+    whole). The hypernetwork product is taken in that scrambled pixel order and the
+    (small) masks are reordered once."""
     conv1, norm, act1, conv2, act2 = decoder.output_upscaling
     b, length, c = keys.shape
-    w1, bias1 = _conv_weights(conv1)
-    o1 = conv1.out_channels
-    y = torch.addmm(bias1, keys.reshape(b * length, c), w1).view(-1, o1)
-    y = act1(F.layer_norm(y, (o1,), norm.weight, norm.bias, norm.eps))
-    w2, bias2 = _conv_weights(conv2)
-    z = act2(torch.addmm(bias2, y, w2)).view(b, -1, conv2.out_channels)
-    m = hyper.shape[1]
-    masks = (hyper @ z.transpose(1, 2)).view(b * m, -1)
+    (w1, bias1), (w2, bias2) = _conv_weights(conv1), _conv_weights(conv2)
+    o1, m = conv1.out_channels, hyper.shape[1]
+    masks = keys.new_empty(b, m, 16 * length)
+    for i in range(b):
+        for start in range(0, length, rows):
+            y = torch.addmm(bias1, keys[i, start : start + rows], w1).view(-1, o1)
+            y = act1(F.layer_norm(y, (o1,), norm.weight, norm.bias, norm.eps))
+            z = act2(torch.addmm(bias2, y, w2)).view(-1, conv2.out_channels)
+            masks[i, :, 16 * start : 16 * (start + rows)] = hyper[i] @ z.T
     # 2-D index_select: on a 3-D tensor along its last axis it is ~15x slower on CPU.
-    return masks.index_select(1, _pixel_order(side, z.device)).view(b, m, 4 * side, 4 * side)
+    return masks.view(b * m, -1).index_select(1, _pixel_order(side, keys.device)).view(b, m, 4 * side, 4 * side)
 
 
 @functools.lru_cache(maxsize=8)
