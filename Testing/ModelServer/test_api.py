@@ -275,3 +275,16 @@ def test_clicks_on_a_slice_share_its_features_until_the_volume_goes(client, volu
     assert all(kept is not features for kept in service._hot.values())
     assert client.delete(f"/volumes/{vid}").status_code == 204
     assert service._hot == {}
+
+
+def test_recent_click_features_stay_within_their_byte_budget(client, volume, monkeypatch):
+    import desam_server.api.service as service_module
+
+    monkeypatch.setattr(service_module, "HOT_BYTES", 1)  # less than one slice: keep only the newest
+    _, vid = volume
+    for index in (1, 2, 3):
+        r = client.post("/segment/prompt", json={"volume_id": vid, "axis": "k", "index": index,
+                                                 "points": [[30.5, 24.5]], "labels": [1]})
+        assert r.status_code == 200, r.text
+    hot = client.app.state.service._hot
+    assert [key[2] for key in hot] == [3]

@@ -75,8 +75,11 @@ class PriorityLock:
 
 
 #: Slices whose unpacked features (and the decoder work their prompts share, see
-#: ``decoder_fast``) stay in memory for the next click: ~14 MB each, outside the cache budgets.
+#: ``decoder_fast``) stay in memory for the next click: ~14 MB each with the embedding
+#: only; with taps (DeSAM decoders; ViT-H: +60 MB) fewer, within HOT_BYTES of tensors.
+#: Outside the feature cache's budgets.
 HOT_SLICES = 4
+HOT_BYTES = 256 << 20
 
 
 class Service:
@@ -208,9 +211,13 @@ class Service:
         if prompt:
             with self._lock:
                 self._hot[hot] = features
-                while len(self._hot) > HOT_SLICES:
+                while len(self._hot) > HOT_SLICES or (len(self._hot) > 1 and self._hot_bytes() > HOT_BYTES):
                     self._hot.popitem(last=False)
         return features, cached
+
+    def _hot_bytes(self) -> int:
+        """Feature tensors held for recent clicks (the per-slice decoder state is ~10 MB more)."""
+        return sum(t.numel() * t.element_size() for f in self._hot.values() for t in (f.embedding, *f.taps))
 
     def _cached_features(self, sid: str, axis: str, index: int, *, prompt: bool,
                          taps: bool) -> tuple[ImageFeatures, bool]:
