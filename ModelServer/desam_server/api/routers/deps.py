@@ -8,7 +8,8 @@ from ..errors import Unavailable
 from ..service import Service
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    """Async, so FastAPI resolves it on the event loop instead of a thread-pool hop."""
     service = getattr(request.app.state, "service", None)
     if service is None or service.closed:
         raise Unavailable("the service is starting or stopping", retry_after=5)
