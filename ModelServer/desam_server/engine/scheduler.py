@@ -147,7 +147,6 @@ class EncodingScheduler(SchedulerWorker):
             if job is None:
                 job = Job(key, volume, a, waiters=1)
                 self._queue.add(job)
-                self._preempt_unless(lambda running: running.waiters > 0)
                 self._cond.notify_all()
             else:
                 self._counters["joined"] += 1
@@ -155,8 +154,8 @@ class EncodingScheduler(SchedulerWorker):
                     self._counters["raised"] += 1
                 job.waiters += 1
                 self._queue.reschedule(job)
-                if job.state == QUEUED:
-                    self._preempt_unless(lambda running: running.waiters > 0)
+            if job.state == QUEUED:  # not the running pass: that one may have to give way
+                self._preempt_unless(lambda running: running.waiters > 0)
         try:
             result = job.future.result(timeout)
         except FutureTimeout:
@@ -203,9 +202,7 @@ class EncodingScheduler(SchedulerWorker):
             volume.view = (a, index)
             dropped = []
             for job in list(volume.view_jobs):
-                if job.key in wanted and job.state == RUNNING:
-                    job.view_rank = wanted[job.key]
-                elif job.key not in wanted or job.state != QUEUED:
+                if job.key not in wanted or job.state != QUEUED:
                     job.view_rank = None
                     volume.view_jobs.discard(job)
                     if not self._queue.reschedule(job):
