@@ -4,7 +4,7 @@ An encoder pass cannot be interrupted from outside, and on a CPU it lasts second
 for MobileSAM on two cores). When the scheduler's worker is encoding a slice nobody is
 waiting for and a click arrives for another slice, the click would wait for the whole
 pass. ``install`` puts a forward pre-hook on every module of the image encoder; on the
-thread that entered ``armed(event)``, a hook raises ``EncodePreempted`` once the event is
+thread that entered ``armed(stop)``, a hook raises ``EncodePreempted`` once ``stop`` is
 set, so the pass ends at the next module boundary (milliseconds). On any other thread
 (a predictor encoding a slice directly) the hooks do nothing.
 
