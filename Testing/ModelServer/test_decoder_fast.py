@@ -127,31 +127,51 @@ def test_state_computes_the_first_block_once_per_slice(model, image):
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
         (entry,) = state.values()
-        kept = kept or entry[3]
-        assert entry[3] is kept  # computed by the first prompt, reused after
+        kept = kept or entry[2]
+        assert entry[2] is kept  # computed by the first prompt, reused after
 
 
-def test_state_is_recomputed_after_a_weight_change_and_skipped_with_a_mask_input(model, image):
+def test_state_is_recomputed_after_a_weight_change(model, image):
     pe, decoder, state = model.dense_pe(), model.mask_decoder, {}
     sparse, dense = prompts(model, "points")
     v_bias = decoder.transformer.layers[0].cross_attn_token_to_image.v_proj.bias
     with torch.no_grad():
         mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)
-        before = next(iter(state.values()))[3]
+        before = next(iter(state.values()))[2]
         v_bias.add_(0.25)
         try:
             got = mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)[0]
             want = decoder(image, pe, sparse, dense, False)[0]
         finally:
             v_bias.sub_(0.25)
-        assert next(iter(state.values()))[3] is not before
+        assert next(iter(state.values()))[2] is not before
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        # A mask input makes the dense embedding vary over the image: no shared first block.
-        sparse, dense = prompts(model, "points+mask")
-        fresh = {}
+
+
+def test_a_dense_tensor_that_varies_over_the_image_skips_the_state(model, image):
+    """A mask input given as its full dense embedding (not factored): no shared first block."""
+    pe, decoder = model.dense_pe(), model.mask_decoder
+    sparse, dense = prompts(model, "points+mask")
+    fresh = {}
+    with torch.no_grad():
         got = mask_decoder_forward(decoder, image, pe, sparse, dense, False, fresh)[0]
-        assert fresh == {}
-        torch.testing.assert_close(got, decoder(image, pe, sparse, dense, False)[0], rtol=1e-4, atol=1e-4)
+        want = decoder(image, pe, sparse, dense, False)[0]
+    assert fresh == {}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_with_different_constant_rows_share_the_state(model, image):
+    """Each prompt's constant dense row joins the shared first block through small products."""
+    pe, decoder, state = model.dense_pe(), model.mask_decoder, {}
+    sparse, _ = prompts(model, "points", 3)
+    e = image.shape[-1]
+    dense = torch.randn(3, 256, 1, 1, generator=torch.Generator().manual_seed(5)).expand(-1, -1, e, e)
+    with torch.no_grad():
+        got = mask_decoder_forward(decoder, image, pe, sparse, dense, True, state)
+        want = decoder(image, pe, sparse, dense, True)
+    assert len(state) == 1
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
 
 
 def test_prim_with_state_scores_a_batch_of_prompts_like_the_module(model, image):

@@ -18,7 +18,10 @@ rather than 128, with the positional halves precomputed once per model; the dens
 embedding, when it is SAM's constant "no mask" vector, never needs adding to 4,096 rows.
 Given a per-slice ``state`` dict, the first block's image-side keys, values and queries
 (three 4,096 x 256 -> 128 products, ~0.8 GFLOP) are computed once per slice, since they
-depend on the slice and the weights only; later clicks multiply them by T columns.
+depend on the slice and the weights only; later clicks multiply them by T columns. A
+prompt's dense embedding joins them through small products: SAM's "no mask" embedding is
+one row, and a mask input's embedding (``MaskDense``) is a row plus a rank-16 term (the
+prompt encoder's last mask layer is a 1 x 1 convolution from 16 channels).
 The upscaling runs channels-last as two matrix products (a 2 x 2 stride-2 transposed
 convolution maps each pixel independently) and the hypernetwork product is taken only for
 the masks that are returned. Same arithmetic up to float rounding (tests compare with
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +40,7 @@ from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor
 
-__all__ = ["mask_decoder_forward", "two_way_forward"]
+__all__ = ["MaskDense", "mask_decoder_forward", "two_way_forward"]
 
 
 def _heads_block_diag(x: Tensor, heads: int, *, token_major: bool = False) -> Tensor:
@@ -86,14 +90,43 @@ def _spread(m: Tensor, shared: bool) -> Tensor:
     return m.permute(1, 0, 2).reshape(1, m.shape[1], -1) if shared else m
 
 
+@dataclass(frozen=True)
+class MaskDense:
+    """A mask input's dense prompt embedding, kept factored: ``hidden`` B x r x E x E (the
+    prompt encoder's mask downscaling up to its last layer, a 1 x 1 convolution) and that
+    convolution as ``weight`` C x r and ``bias`` C (r = 16 for SAM). The image tokens plus
+    this embedding are the bare tokens plus a rank-r term and a row."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor
+
+    @classmethod
+    def of(cls, mask_downscaling: torch.nn.Sequential, masks: Tensor) -> "MaskDense | None":
+        """Factor ``mask_downscaling(masks)``; None when its last layer is not a 1 x 1
+        convolution with a bias (another prompt encoder)."""
+        last = mask_downscaling[-1]
+        if not (isinstance(last, torch.nn.Conv2d) and last.kernel_size == (1, 1) and last.stride == (1, 1)
+                and last.groups == 1 and last.bias is not None):
+            return None
+        return cls(mask_downscaling[:-1](masks), last.weight[:, :, 0, 0], last.bias)
+
+    def full(self) -> Tensor:
+        """The dense embedding itself, B x C x E x E."""
+        return F.conv2d(self.hidden, self.weight[:, :, None, None], self.bias)
+
+
 def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g: Tensor, row: Tensor | None,
-                    kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                    kv: tuple[Tensor, Tensor] | None = None, low: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Attention(q=tokens, k=image + pe, v=image) -> B x T x C.
 
     x: Bx x L x C image tokens (Bx = 1: shared by the B prompts); g: L x D positional half
-    of the key projection; row: B x C added to every image token (the constant dense
-    prompt), or None; kv: the image side's keys and values (L x D each, positional part,
-    row and biases included) when precomputed for the slice -- then x, g, row are unused."""
+    of the key projection; row: B x C added to every image token (a constant dense
+    prompt), or None. kv: the image side's keys and values of the bare image tokens
+    (L x D each, positional part and biases included) when precomputed for the slice --
+    then x and g are unused, the row enters through small products, and so does ``low``
+    = (h 1 x L x r, W C x r), a low-rank term h W^T added to the image tokens (a mask
+    input's dense embedding; B = 1)."""
     b, t, _ = q_tokens.shape
     heads = attn.num_heads
     d = attn.internal_dim // heads
@@ -102,10 +135,21 @@ def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g: Tensor, row
     shared = x.shape[0] == 1 and b > 1
     if kv is not None:
         keys, values = kv
-        p = torch.softmax(keys @ _spread(qbd, shared), dim=1)  # Bx x L x (B)HT
+        # The row's keys add one constant per (head, token) column: the softmax over the
+        # image tokens cancels it.
+        scores = keys @ _spread(qbd, shared)                # Bx x L x (B)HT
+        if low is not None:
+            h, w = low
+            scores = scores.baddbmm_(h, w.T @ (attn.k_proj.weight.T @ qbd))
+        p = torch.softmax(scores, dim=1)
         # Every (head, token) row against every head's values; keep the matching heads.
-        rv = (p.transpose(1, 2) @ values).view(b, heads, t, heads, d)
+        rv = p.transpose(1, 2) @ values
+        if low is not None:
+            rv = rv + (p.transpose(1, 2) @ h) @ (attn.v_proj.weight @ w).T
+        rv = rv.view(b, heads, t, heads, d)
         out = torch.diagonal(rv, dim1=1, dim2=3).permute(0, 1, 3, 2).reshape(b, t, -1)
+        if row is not None:
+            out = out + (row @ attn.v_proj.weight.T)[:, None, :]
         return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
     a = attn.k_proj.weight.T @ qbd                          # B x C x HT
     scores = torch.baddbmm(g @ _spread(qbd, shared), x, _spread(a, shared))  # Bx x L x (B)HT
@@ -121,10 +165,12 @@ def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g: Tensor, row
 
 
 def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k_tokens: Tensor,
-                    v_tokens: Tensor, b: int, q_image: Tensor | None = None) -> Tensor:
-    """x + row + Attention(q=image + pe, k=tokens + pe, v=tokens) -> B x L x C (before the
-    layer norm). f: L x D positional half of the query projection; q_image: the image
-    side's queries (L x D, positional part, row and bias included) when precomputed."""
+                    v_tokens: Tensor, b: int, q_image: Tensor | None = None,
+                    low: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """x + row + Attention(q=image + row + pe, k=tokens + pe, v=tokens) -> B x L x C (before
+    the layer norm). f: L x D positional half of the query projection; q_image: the bare
+    image tokens' queries (L x D, positional part and bias included) when precomputed --
+    then the row and ``low`` (see ``_token_to_image``) enter through small products."""
     heads = attn.num_heads
     d = attn.internal_dim // heads
     t = k_tokens.shape[1]
@@ -136,6 +182,11 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
     shared = x.shape[0] == 1 and b > 1
     if q_image is not None:
         scores = q_image @ _spread(kbd, shared)
+        if row is not None:  # the row's queries: one constant per column, which matters here
+            scores = scores + _spread(row[:, None, :] @ attn.q_proj.weight.T @ kbd, shared)
+        if low is not None:
+            h, w = low
+            scores = scores.baddbmm_(h, (attn.q_proj.weight @ w).T @ kbd)
     else:
         bq = attn.q_proj.weight.T @ kbd                     # B x C x TH
         scores = torch.baddbmm(f @ _spread(kbd, shared), x, _spread(bq, shared))
@@ -149,16 +200,21 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
     vbd = _heads_block_diag(v, heads, token_major=True)     # B x D x TH
     u = vbd.transpose(1, 2) @ attn.out_proj.weight.T        # B x TH x C
     bias = attn.out_proj.bias.expand(b, 1, -1) if row is None else (attn.out_proj.bias + row)[:, None, :]
-    p = torch.cat([p, p.new_ones(b, lx, 1)], dim=2)
-    return torch.baddbmm(x, p, torch.cat([u, bias], dim=1))
+    columns, rows = [p], [u]
+    if low is not None:  # x + h W^T: the low-rank term joins the same product
+        columns.append(low[0].expand(b, -1, -1))
+        rows.append(low[1].T.expand(b, -1, -1))
+    columns.append(p.new_ones(b, lx, 1))
+    rows.append(bias)
+    return torch.baddbmm(x, torch.cat(columns, dim=2), torch.cat(rows, dim=1))
 
 
-def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Tensor, row: Tensor,
-                            positional: list, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x + row contiguous, keys, values, queries) of the first block's image side: what
-    every prompt on this slice shares while there is no mask input. Kept in ``state`` (a
-    dict owned by the slice's features) and recomputed when the image, the row or any
-    weight it came from changes."""
+def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Tensor, positional: list,
+                            state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(bare image tokens contiguous, keys, values, queries) of the first block's image
+    side: what every prompt on this slice shares (a prompt's constant dense row or mask
+    input joins later through small products). Kept in ``state`` (a dict owned by the
+    slice's features) and recomputed when the image or any weight it came from changes."""
     layer = transformer.layers[0]
     t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     g, f = positional[0]
@@ -166,55 +222,63 @@ def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Te
     versions = [None if w.is_inference() else w._version for w in sources]
     key = ("two_way_first_block", id(transformer))
     entry = state.get(key)
-    if (entry is not None and entry[1] == versions and all(a is b for a, b in zip(entry[0], sources))
-            and torch.equal(entry[2], row)):
-        return entry[3]
-    x0 = (x[0] + row).contiguous()                          # L x C
+    if entry is not None and entry[1] == versions and all(a is b for a, b in zip(entry[0], sources)):
+        return entry[2]
+    x0 = x[0].contiguous()                                  # L x C
     weight = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # 3D x C
     base = torch.cat([g, t2i.v_proj.bias.expand_as(g), f], dim=1)
     projected = torch.addmm(base, x0, weight.T)
     dim = g.shape[1]
     out = (x0, projected[:, :dim], projected[:, dim : 2 * dim], projected[:, 2 * dim :])
-    state[key] = (sources, versions, row.clone(), out)
+    state[key] = (sources, versions, out)
     return out
 
 
 def two_way_forward(transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor, tokens: Tensor,
-                    dense: Tensor, state: dict | None = None) -> tuple[Tensor, Tensor]:
+                    dense: "Tensor | MaskDense", state: dict | None = None) -> tuple[Tensor, Tensor]:
     """``transformer(image + dense, image_pe, tokens)`` for inference.
 
     image: Bx x C x E x E (Bx = 1: one image shared by the B prompts); image_pe:
     1 x C x E x E; tokens: B x T x C; dense: B x C x E x E dense prompt embeddings
-    (SAM's "no mask" embedding is a broadcast vector and stays one); state: a dict kept
-    with the slice's features: with one image and the constant dense embedding, the first
-    block's image-side projections are computed once per slice and reused by later
-    prompts. Returns (queries B x T x C, keys B x L x C) as the module does."""
+    (SAM's "no mask" embedding is a broadcast vector and stays one), or a ``MaskDense``;
+    state: a dict kept with the slice's features: with one image, the first block's
+    image-side projections are computed once per slice and reused by later prompts with
+    the constant dense embedding, and by single prompts with a mask input (``MaskDense``:
+    its rank-16 term through small products). Returns (queries B x T x C, keys B x L x C)
+    as the module does."""
     b = tokens.shape[0]
     x = image.flatten(2).transpose(1, 2)                    # Bx x L x C, a view
-    if dense.stride(-1) == 0 and dense.stride(-2) == 0:
-        row = dense[:, :, 0, 0].expand(b, -1)
-    else:
-        x, row = x + dense.flatten(2).transpose(1, 2), None
+    low = None
+    if isinstance(dense, MaskDense):
+        if state is not None and x.shape[0] == 1 and b == 1 and dense.hidden.shape[0] == 1:
+            row, low = dense.bias[None], (dense.hidden.flatten(2).transpose(1, 2), dense.weight)
+        else:
+            dense = dense.full()
+    if low is None:
+        if dense.stride(-1) == 0 and dense.stride(-2) == 0:
+            row = dense[:, :, 0, 0].expand(b, -1)
+        else:
+            x, row = x + dense.flatten(2).transpose(1, 2), None
     positional = _positional(transformer, image_pe)
     first = None
-    if state is not None and row is not None and x.shape[0] == 1 and bool((row == row[:1]).all()):
-        first = _first_block_image_side(transformer, image, x, row[0], positional, state)
-        x, row = first[0][None], None
+    if state is not None and row is not None and x.shape[0] == 1:
+        first = _first_block_image_side(transformer, image, x, positional, state)
+        x = first[0][None]
     queries, query_pe = tokens, tokens
     for i, (layer, (g, f)) in enumerate(zip(transformer.layers, positional)):
-        kv = q_image = None
-        if i == 0 and first is not None:
-            kv, q_image = first[1:3], first[3]
+        cached = i == 0 and first is not None
         if layer.skip_first_layer_pe:
             queries = layer.self_attn(q=queries, k=queries, v=queries)
         else:
             q = queries + query_pe
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
-        queries = layer.norm2(queries + _token_to_image(layer.cross_attn_token_to_image, queries + query_pe,
-                                                        x, g, row, kv))
+        attn = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, x, g, row,
+                               first[1:3] if cached else None, low if cached else None)
+        queries = layer.norm2(queries + attn)
         queries = layer.norm3(queries + layer.mlp(queries))
-        pre = _image_to_token(layer.cross_attn_image_to_token, x, f, row, queries + query_pe, queries, b, q_image)
+        pre = _image_to_token(layer.cross_attn_image_to_token, x, f, row, queries + query_pe, queries, b,
+                              first[3] if cached else None, low if cached else None)
         x, row = layer.norm4(pre), None
     g = positional[-1][0]
     queries = queries + _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, x, g, row)
@@ -260,7 +324,8 @@ def _pixel_order(side: int, device: torch.device) -> Tensor:
 
 
 def mask_decoder_forward(decoder: MaskDecoder, image: Tensor, image_pe: Tensor, sparse: Tensor,
-                         dense: Tensor, multimask_output: bool, state: dict | None = None) -> tuple[Tensor, Tensor]:
+                         dense: "Tensor | MaskDense", multimask_output: bool,
+                         state: dict | None = None) -> tuple[Tensor, Tensor]:
     """``decoder(image, image_pe, sparse, dense, multimask_output)`` for inference:
     (low-res logits B x C x 4E x 4E, iou B x C), C = 3 with multimask_output else 1.
     state: see ``two_way_forward``."""

@@ -12,7 +12,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import nn
 from torch.nn import functional as F
 
-from .decoder_fast import mask_decoder_forward
+from .decoder_fast import MaskDense, mask_decoder_forward
 from .pdmm import PDMM
 from .prim import PRIM
 
@@ -206,8 +206,20 @@ class DeSAM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """SAM's own decoder: (low-res logits B x C x 4E x 4E, iou B x C). state: the
         slice's ``ImageFeatures.decoder_state`` (work shared by its prompts)."""
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        if self.reassociated_decoder and not torch.is_grad_enabled():
+        fast = self.reassociated_decoder and not torch.is_grad_enabled()
+        factored = None
+        if fast and mask_input is not None and state is not None:
+            # Kept as a rank-16 term so the slice's cached first block serves refinements too.
+            factored = MaskDense.of(self.prompt_encoder.mask_downscaling, mask_input)
+        if factored is not None:
+            if points is None and boxes is None:
+                sparse = mask_input.new_empty(mask_input.shape[0], 0, self.prompt_encoder.embed_dim)
+            else:
+                sparse, _ = self.prompt_encoder(points=points, boxes=boxes, masks=None)
+            dense = factored
+        else:
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        if fast:
             return mask_decoder_forward(self.mask_decoder, embedding, self.dense_pe(), sparse, dense,
                                         multimask_output, state)
         return self.mask_decoder(
