@@ -5,7 +5,9 @@ Per model (--models, default mobile_sam,vit_b; ViTs run with random weights):
 
 1. click round trip p50/p95/mean on a cached slice of the sample head CT (multimask, the
    point jittered per click), with the service's own decode_s / total_s so that the
-   client + HTTP overhead shows; the same on a 512 x 512 slice of the synthetic CT;
+   client + HTTP overhead shows; a correction session on that slice (each click adds a
+   point and refines the previous answer by its logits_id); the clicks on a 512 x 512
+   slice of the synthetic CT (scripts/bench_clicks.py);
 3. encode throughput: precompute of an N-slice volume, polled until all are cached;
 4. upload of a 512 x 512 x 300 int16 synthetic CT (scripts/bench_wire.py's phantom):
    volume id, client-side encode, the whole upload_volume call, and a repeat (skipped);
@@ -40,9 +42,9 @@ from pathlib import Path
 import numpy as np
 
 import bench_service_lib as lib
+from bench_clicks import TARGETS, cold_click, ms, refine_clicks, timed_clicks
 from SlicerDeSAMLib import wire
 
-TARGETS = {"click_p50_ms": 40.0, "click_p95_ms": 60.0, "grid_speedup": 10.0}
 OTHER_WINDOW = (40.0, 400.0)   # warm-up window: its features never serve the session's clicks
 
 
@@ -68,47 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.clicks, args.encode_slices, args.upload_slices, args.auto_slices = 10, 3, 40, 1
         args.session_slices, args.session_passes, args.no_engine = 10, 1, True
     return args
-
-
-def ms(seconds: float) -> float:
-    return seconds * 1e3
-
-
-def prompt_kwargs(x: float, y: float, points: bool) -> dict:
-    """A click at (x, y), or a 60-pixel box around it for box-only encoders (LiteMedSAM)."""
-    return {"points": [[x, y]]} if points else {"box": [x - 30, y - 30, x + 30, y + 30]}
-
-
-def timed_clicks(client, vid: str, k: int, center, n: int, points: bool, window=None, seed: int = 0) -> dict:
-    """One untimed click (warms decoder and caches), then n timed ones on slice k; the
-    slice must be encoded already. Point jittered by up to 6 px per click."""
-    rng = np.random.default_rng(seed)
-    rtt, decode, total, features, cached = [], [], [], [], []
-    for i in range(n + 1):
-        x, y = np.asarray(center, float) + rng.uniform(-6, 6, 2)
-        t0 = time.perf_counter()
-        r = client.segment_prompt(vid, "k", k, multimask=True, window=window, **prompt_kwargs(x, y, points))
-        dt = time.perf_counter() - t0
-        if i:
-            rtt.append(ms(dt))
-            decode.append(ms(r.timing["decode_s"]))
-            total.append(ms(r.timing["total_s"]))
-            features.append(ms(r.timing["features_s"]))
-            cached.append(bool(r.timing["cached"]))
-    out = {"round_trip_ms": lib.summary(rtt), "server_decode_ms": lib.summary(decode),
-           "server_total_ms": lib.summary(total), "server_features_ms": lib.summary(features),
-           "overhead_ms": lib.summary(np.subtract(rtt, total)), "cached_share": float(np.mean(cached)),
-           "masks": len(r.masks), "slice_shape": list(r.masks.shape[1:])}
-    p50, p95 = out["round_trip_ms"]["p50"], out["round_trip_ms"]["p95"]
-    out["target"] = {"p50_ms": TARGETS["click_p50_ms"], "p95_ms": TARGETS["click_p95_ms"],
-                     "p50_met": p50 <= TARGETS["click_p50_ms"], "p95_met": p95 <= TARGETS["click_p95_ms"]}
-    return out
-
-
-def cold_click(client, vid, k, center, points, window=None) -> float:
-    t0 = time.perf_counter()
-    client.segment_prompt(vid, "k", k, multimask=True, window=window, **prompt_kwargs(*center, points))
-    return ms(time.perf_counter() - t0)
 
 
 def bench_upload(client, slices: int) -> dict:
@@ -206,6 +167,7 @@ def bench_model(name: str, args, ct: lib.Cranium, files: dict, work: Path, res: 
         res["cold_click_ms"] = cold_click(c, vid, k, ct.centroid(k), points, ct.window)
         lib.wait_idle(c)
         res["click_ct"] = timed_clicks(c, vid, k, ct.centroid(k), args.clicks, points, ct.window)
+        res["refine_ct"] = refine_clicks(c, vid, k, ct.centroid(k), args.clicks, points, ct.window)
         print(f"[{name}] upload 512x512x{args.upload_slices} ...", file=sys.stderr)
         res["upload"], (vid512, vol) = bench_upload(c, args.upload_slices)
         k512 = vol.shape[0] // 2
@@ -308,6 +270,8 @@ def print_tables(report: dict) -> None:
     row("  server decode_s p50 (ms)", lambda r: f"{r['click_ct']['server_decode_ms']['p50']:.1f}")
     row("  server total_s p50 (ms)", lambda r: f"{r['click_ct']['server_total_ms']['p50']:.1f}")
     row("  client + HTTP overhead p50 (ms)", lambda r: f"{r['click_ct']['overhead_ms']['p50']:.1f}")
+    row("refinement click CT (logits_id) p50/p95/mean", lambda r: dist(r["refine_ct"]["round_trip_ms"]))
+    row("  server decode_s p50 (ms)", lambda r: f"{r['refine_ct']['server_decode_ms']['p50']:.1f}")
     row("click 512² p50/p95/mean (ms)", lambda r: dist(r["click_512"]["round_trip_ms"]))
     row("  target p50 / p95", lambda r: f"{met(r['click_512']['target']['p50_met'])} / "
                                          f"{met(r['click_512']['target']['p95_met'])}")
