@@ -37,12 +37,13 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
 import bench_service_lib as lib
-from bench_clicks import TARGETS, cold_click, ms, refine_clicks, timed_clicks
+from bench_clicks import TARGETS, cold_click, ms, prompt_kwargs, refine_clicks, timed_clicks
 from SlicerDeSAMLib import wire
 
 OTHER_WINDOW = (40.0, 400.0)   # warm-up window: its features never serve the session's clicks
@@ -341,6 +342,10 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print("interrupted: the service was stopped; writing the partial results", file=sys.stderr)
             report["interrupted"], rc = True, 130
+        except Exception:  # a bench bug or a service failure: keep what was measured
+            traceback.print_exc()
+            print("failed: writing the partial results", file=sys.stderr)
+            report["error"], rc = traceback.format_exc(limit=-3), 1
     report["machine"]["load_end"] = lib.load()
     atomic_write_bytes(args.json, json.dumps(report, indent=2, default=str).encode())
     print_tables(report)
