@@ -131,26 +131,28 @@ def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g: Tensor, row
     heads = attn.num_heads
     d = attn.internal_dim // heads
     q = F.linear(q_tokens, attn.q_proj.weight, attn.q_proj.bias) / math.sqrt(d)
-    qbd = _heads_block_diag(q, heads)                      # B x D x HT
-    shared = x.shape[0] == 1 and b > 1
     if kv is not None:
-        keys, values = kv
-        # The row's keys add one constant per (head, token) column: the softmax over the
-        # image tokens cancels it.
-        scores = keys @ _spread(qbd, shared)                # Bx x L x (B)HT
-        if low is not None:
+        # Per head against the cached, already projected keys and values: T columns of d
+        # per head (a block-diagonal product would multiply 7/8 zeros). The row's keys add
+        # one constant per (head, token), which the softmax over the image tokens cancels.
+        keys_t, values = kv                                 # H x d x L, H x L x d
+        qh = q.view(b, t, heads, d).permute(2, 0, 1, 3).reshape(heads, b * t, d)
+        scores = qh @ keys_t                                # H x BT x L
+        if low is not None:                                 # B = 1
             h, w = low
-            scores = scores.baddbmm_(h, w.T @ (attn.k_proj.weight.T @ qbd))
-        p = torch.softmax(scores, dim=1)
-        # Every (head, token) row against every head's values; keep the matching heads.
-        rv = p.transpose(1, 2) @ values
+            wk = (attn.k_proj.weight @ w).view(heads, d, -1)
+            scores = scores.baddbmm_(qh @ wk, h.transpose(1, 2).expand(heads, -1, -1))
+        p = torch.softmax(scores, dim=-1)                   # over the image tokens, contiguous
+        out = p @ values                                    # H x BT x d
         if low is not None:
-            rv = rv + (p.transpose(1, 2) @ h) @ (attn.v_proj.weight @ w).T
-        rv = rv.view(b, heads, t, heads, d)
-        out = torch.diagonal(rv, dim1=1, dim2=3).permute(0, 1, 3, 2).reshape(b, t, -1)
+            wv = (attn.v_proj.weight @ w).view(heads, d, -1)
+            out = out + (p @ h[0]) @ wv.transpose(1, 2)
+        out = out.view(heads, b, t, d).permute(1, 2, 0, 3).reshape(b, t, -1)
         if row is not None:
             out = out + (row @ attn.v_proj.weight.T)[:, None, :]
         return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    qbd = _heads_block_diag(q, heads)                      # B x D x HT
+    shared = x.shape[0] == 1 and b > 1
     a = attn.k_proj.weight.T @ qbd                          # B x C x HT
     scores = torch.baddbmm(g @ _spread(qbd, shared), x, _spread(a, shared))  # Bx x L x (B)HT
     if row is not None:
@@ -178,16 +180,22 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
     v = F.linear(v_tokens, attn.v_proj.weight, attn.v_proj.bias)
     # Columns (token, head): the softmax over tokens then runs over a strided axis with
     # the 8 heads innermost, ~10x faster on CPU than over a contiguous axis of 7.
-    kbd = _heads_block_diag(k, heads, token_major=True)    # B x D x TH
     shared = x.shape[0] == 1 and b > 1
     if q_image is not None:
-        scores = q_image @ _spread(kbd, shared)
-        if row is not None:  # the row's queries: one constant per column, which matters here
-            scores = scores + _spread(row[:, None, :] @ attn.q_proj.weight.T @ kbd, shared)
+        # Per head against the cached queries (H x L x d), then to columns (b, t, h).
+        kh = k.view(b, t, heads, d).permute(2, 3, 0, 1).reshape(heads, d, b * t)
+        scores = q_image @ kh                               # H x L x BT
+        if row is not None:  # the row's queries: one constant per (head, token), which matters here
+            rq = (row @ attn.q_proj.weight.T).view(b, 1, heads, d)
+            const = (rq * k.view(b, t, heads, d)).sum(-1)    # B x T x H
+            scores = scores + const.permute(2, 0, 1).reshape(heads, 1, b * t)
         if low is not None:
             h, w = low
-            scores = scores.baddbmm_(h, (attn.q_proj.weight @ w).T @ kbd)
+            wq = (attn.q_proj.weight @ w).view(heads, d, -1)
+            scores = scores.baddbmm_(h.expand(heads, -1, -1), wq.transpose(1, 2) @ kh)
+        scores = scores.permute(1, 2, 0).reshape(1, scores.shape[1], -1)
     else:
+        kbd = _heads_block_diag(k, heads, token_major=True)  # B x D x TH
         bq = attn.q_proj.weight.T @ kbd                     # B x C x TH
         scores = torch.baddbmm(f @ _spread(kbd, shared), x, _spread(bq, shared))
         if row is not None:
@@ -211,8 +219,8 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
 
 def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Tensor, positional: list,
                             state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(bare image tokens contiguous, keys, values, queries) of the first block's image
-    side: what every prompt on this slice shares (a prompt's constant dense row or mask
+    """(bare image tokens L x C contiguous; keys H x d x L, values and queries H x L x d per
+    head) of the first block's image side: what every prompt on this slice shares (a prompt's constant dense row or mask
     input joins later through small products). Kept in ``state`` (a dict owned by the
     slice's features) and recomputed when the image or any weight it came from changes."""
     layer = transformer.layers[0]
@@ -228,8 +236,11 @@ def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Te
     weight = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # 3D x C
     base = torch.cat([g, t2i.v_proj.bias.expand_as(g), f], dim=1)
     projected = torch.addmm(base, x0, weight.T)
-    dim = g.shape[1]
-    out = (x0, projected[:, :dim], projected[:, dim : 2 * dim], projected[:, 2 * dim :])
+    dim, heads = g.shape[1], t2i.num_heads
+    keys = projected[:, :dim].reshape(-1, heads, dim // heads).permute(1, 2, 0).contiguous()   # H x d x L
+    values = projected[:, dim : 2 * dim].reshape(-1, heads, dim // heads).transpose(0, 1).contiguous()  # H x L x d
+    queries = projected[:, 2 * dim :].reshape(-1, heads, dim // heads).transpose(0, 1).contiguous()  # H x L x d
+    out = (x0, keys, values, queries)
     state[key] = (sources, versions, out)
     return out
 
