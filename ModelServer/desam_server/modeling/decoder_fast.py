@@ -14,11 +14,13 @@ attention scores and outputs come from products with T columns per head instead:
   ``Wo sum_t p_it v_t + bo`` is ``sum_t p_it (Wo v_t) + bo``.
 
 Per head that is one product of the image tokens with T columns (8 x 7 = 56 for a click)
-rather than 128, with the positional halves precomputed once per model; the dense prompt
-embedding, when it is SAM's constant "no mask" vector, never needs adding to 4,096 rows.
-Given a per-slice ``state`` dict, the first block's image-side keys, values and queries
-(three 4,096 x 256 -> 128 products, ~0.8 GFLOP) are computed once per slice, since they
-depend on the slice and the weights only; later clicks multiply them by T columns. A
+rather than 128, with the positional halves precomputed once per model (a token's
+positional key scores are taken per head, 16 of the 128 dimensions); the dense prompt embedding,
+when it is SAM's constant "no mask" vector, never needs adding to 4,096 rows. Given a
+per-slice ``state`` dict, the first block's image-side keys, values and queries (three
+4,096 x 256 -> 128 products, ~0.8 GFLOP) are computed once per slice, since they depend
+on the slice and the weights only; later clicks attend to the cached keys and values per
+head, as the module does, but without projecting the image tokens again. A
 prompt's dense embedding joins them through small products: SAM's "no mask" embedding is
 one row, and a mask input's embedding (``MaskDense``) is a row plus a rank-16 term (the
 prompt encoder's last mask layer is a 1 x 1 convolution from 16 channels).
@@ -60,9 +62,11 @@ def _heads_block_diag(x: Tensor, heads: int, *, token_major: bool = False) -> Te
     return out.view(b, dim, heads * t)
 
 
-def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple[Tensor, Tensor | None]]:
-    """Per attention over image tokens: the positional half of its image-side projection
-    (L x D), recomputed when the weights or the encoding change (a decoder swap)."""
+def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple]:
+    """Per block (and the final attention): the positional halves of the image-side key
+    projection of its token-to-image attention (g, L x D; per head g_heads, H x d x L) and
+    of the query projection of its image-to-token attention (f, L x D), recomputed when
+    the weights or the encoding change (a decoder swap)."""
     attns: list[tuple[Attention, Attention | None]] = [
         (layer.cross_attn_token_to_image, layer.cross_attn_image_to_token) for layer in transformer.layers
     ]
@@ -73,15 +77,19 @@ def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple[
     # version (optimizer steps, load_state_dict); inference tensors cannot change outside
     # inference mode and have no version counter.
     versions = [None if w.is_inference() else w._version for w in weights]
-    cached = getattr(transformer, "_desam_positional", None)
+    cached = getattr(transformer, "_desam_constants", None)
     if cached is not None and cached[1] == versions and all(a is b for a, b in zip(cached[0], weights)):
         return cached[2]
     pe = image_pe[0].flatten(1).T  # L x C
+    consts = []
     with torch.no_grad():
-        consts = [(F.linear(pe, t2i.k_proj.weight, t2i.k_proj.bias),
-                   F.linear(pe, i2t.q_proj.weight, i2t.q_proj.bias) if i2t is not None else None)
-                  for t2i, i2t in attns]
-    transformer._desam_positional = (weights, versions, consts)
+        for t2i, i2t in attns:
+            g = F.linear(pe, t2i.k_proj.weight, t2i.k_proj.bias)
+            heads = t2i.num_heads
+            g_heads = g.reshape(len(g), heads, -1).permute(1, 2, 0).contiguous()   # H x d x L
+            f = F.linear(pe, i2t.q_proj.weight, i2t.q_proj.bias) if i2t is not None else None
+            consts.append((g, f, g_heads))
+    transformer._desam_constants = (weights, versions, consts)
     return consts
 
 
@@ -116,17 +124,18 @@ class MaskDense:
         return F.conv2d(self.hidden, self.weight[:, :, None, None], self.bias)
 
 
-def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g: Tensor, row: Tensor | None,
+def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g_heads: Tensor, row: Tensor | None,
                     kv: tuple[Tensor, Tensor] | None = None, low: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Attention(q=tokens, k=image + pe, v=image) -> B x T x C.
 
-    x: Bx x L x C image tokens (Bx = 1: shared by the B prompts); g: L x D positional half
-    of the key projection; row: B x C added to every image token (a constant dense
-    prompt), or None. kv: the image side's keys and values of the bare image tokens
-    (L x D each, positional part and biases included) when precomputed for the slice --
-    then x and g are unused, the row enters through small products, and so does ``low``
-    = (h 1 x L x r, W C x r), a low-rank term h W^T added to the image tokens (a mask
-    input's dense embedding; B = 1)."""
+    x: Bx x L x C image tokens (Bx = 1: shared by the B prompts); g_heads: H x d x L, the
+    positional half of the key projection per head; row: B x C added to every image
+    token (a constant dense prompt), or None. kv: the slice's keys (H x d x L) and values
+    (H x L x d) of the bare image tokens, positional part and biases included, when
+    precomputed -- then x and g_heads are unused, the row enters through small products,
+    and so does ``low`` = (h 1 x L x r, W C x r), a low-rank term h W^T added to the image
+    tokens (a mask input's dense embedding; B = 1). Scores are laid out (head, token) x L
+    so that the softmax over the image tokens runs along contiguous rows."""
     b, t, _ = q_tokens.shape
     heads = attn.num_heads
     d = attn.internal_dim // heads
@@ -151,14 +160,16 @@ def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g: Tensor, row
         if row is not None:
             out = out + (row @ attn.v_proj.weight.T)[:, None, :]
         return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
-    qbd = _heads_block_diag(q, heads)                      # B x D x HT
-    shared = x.shape[0] == 1 and b > 1
-    a = attn.k_proj.weight.T @ qbd                          # B x C x HT
-    scores = torch.baddbmm(g @ _spread(qbd, shared), x, _spread(a, shared))  # Bx x L x (B)HT
-    if row is not None:
-        scores = scores + _spread(row[:, None, :] @ a, shared)
-    p = torch.softmax(scores, dim=1)
-    r = (p.transpose(1, 2) @ x).reshape(b, heads, t, -1)   # B x H x T x C: sum_i p x_i
+    # Rows (prompt, head, token): a_bht = Wk_h^T q_bht, so a . x_i is the key part of the
+    # score and q_bht . g_ih (per head, from g_heads H x d x L) the positional part.
+    qh = q.view(b, t, heads, d).transpose(1, 2)             # B x H x T x d
+    a = qh @ attn.k_proj.weight.view(heads, d, -1)          # B x H x T x C
+    length, bx = x.shape[1], x.shape[0]
+    scores = torch.baddbmm((qh @ g_heads).reshape(bx, -1, length), a.reshape(bx, -1, a.shape[-1]),
+                           x.transpose(1, 2))               # Bx x (B)HT x L
+    # The row's part a . row is constant along each row: the softmax cancels it.
+    p = torch.softmax(scores, dim=-1)
+    r = (p @ x).view(b, heads, t, -1)                       # B x H x T x C: sum_i p x_i
     if row is not None:
         r = r + row[:, None, None, :]
     wv = attn.v_proj.weight.view(heads, d, -1)
@@ -180,22 +191,16 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
     v = F.linear(v_tokens, attn.v_proj.weight, attn.v_proj.bias)
     # Columns (token, head): the softmax over tokens then runs over a strided axis with
     # the 8 heads innermost, ~10x faster on CPU than over a contiguous axis of 7.
+    kbd = _heads_block_diag(k, heads, token_major=True)    # B x D x TH
     shared = x.shape[0] == 1 and b > 1
     if q_image is not None:
-        # Per head against the cached queries (H x L x d), then to columns (b, t, h).
-        kh = k.view(b, t, heads, d).permute(2, 3, 0, 1).reshape(heads, d, b * t)
-        scores = q_image @ kh                               # H x L x BT
-        if row is not None:  # the row's queries: one constant per (head, token), which matters here
-            rq = (row @ attn.q_proj.weight.T).view(b, 1, heads, d)
-            const = (rq * k.view(b, t, heads, d)).sum(-1)    # B x T x H
-            scores = scores + const.permute(2, 0, 1).reshape(heads, 1, b * t)
+        scores = q_image @ _spread(kbd, shared)
+        if row is not None:  # the row's queries: one constant per column, which matters here
+            scores = scores + _spread(row[:, None, :] @ attn.q_proj.weight.T @ kbd, shared)
         if low is not None:
             h, w = low
-            wq = (attn.q_proj.weight @ w).view(heads, d, -1)
-            scores = scores.baddbmm_(h.expand(heads, -1, -1), wq.transpose(1, 2) @ kh)
-        scores = scores.permute(1, 2, 0).reshape(1, scores.shape[1], -1)
+            scores = scores.baddbmm_(h, (attn.q_proj.weight @ w).T @ kbd)
     else:
-        kbd = _heads_block_diag(k, heads, token_major=True)  # B x D x TH
         bq = attn.q_proj.weight.T @ kbd                     # B x C x TH
         scores = torch.baddbmm(f @ _spread(kbd, shared), x, _spread(bq, shared))
         if row is not None:
@@ -219,13 +224,14 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
 
 def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Tensor, positional: list,
                             state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(bare image tokens L x C contiguous; keys H x d x L, values and queries H x L x d per
-    head) of the first block's image side: what every prompt on this slice shares (a prompt's constant dense row or mask
-    input joins later through small products). Kept in ``state`` (a dict owned by the
-    slice's features) and recomputed when the image or any weight it came from changes."""
+    """(bare image tokens L x C contiguous; keys H x d x L and values H x L x d per head;
+    queries L x D) of the first block's image side: what every prompt on this slice shares
+    (a prompt's constant dense row or mask input joins later through small products). Kept
+    in ``state`` (a dict owned by the slice's features) and recomputed when the image or
+    any weight it came from changes."""
     layer = transformer.layers[0]
     t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-    g, f = positional[0]
+    g, f, _ = positional[0]
     sources = [image, g, f, t2i.k_proj.weight, t2i.v_proj.weight, t2i.v_proj.bias, i2t.q_proj.weight]
     versions = [None if w.is_inference() else w._version for w in sources]
     key = ("two_way_first_block", id(transformer))
@@ -239,8 +245,7 @@ def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Te
     dim, heads = g.shape[1], t2i.num_heads
     keys = projected[:, :dim].reshape(-1, heads, dim // heads).permute(1, 2, 0).contiguous()   # H x d x L
     values = projected[:, dim : 2 * dim].reshape(-1, heads, dim // heads).transpose(0, 1).contiguous()  # H x L x d
-    queries = projected[:, 2 * dim :].reshape(-1, heads, dim // heads).transpose(0, 1).contiguous()  # H x L x d
-    out = (x0, keys, values, queries)
+    out = (x0, keys, values, projected[:, 2 * dim :])
     state[key] = (sources, versions, out)
     return out
 
@@ -276,7 +281,7 @@ def two_way_forward(transformer: TwoWayTransformer, image: Tensor, image_pe: Ten
         first = _first_block_image_side(transformer, image, x, positional, state)
         x = first[0][None]
     queries, query_pe = tokens, tokens
-    for i, (layer, (g, f)) in enumerate(zip(transformer.layers, positional)):
+    for i, (layer, (_, f, g_heads)) in enumerate(zip(transformer.layers, positional)):
         cached = i == 0 and first is not None
         if layer.skip_first_layer_pe:
             queries = layer.self_attn(q=queries, k=queries, v=queries)
@@ -284,15 +289,15 @@ def two_way_forward(transformer: TwoWayTransformer, image: Tensor, image_pe: Ten
             q = queries + query_pe
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
-        attn = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, x, g, row,
+        attn = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, x, g_heads, row,
                                first[1:3] if cached else None, low if cached else None)
         queries = layer.norm2(queries + attn)
         queries = layer.norm3(queries + layer.mlp(queries))
         pre = _image_to_token(layer.cross_attn_image_to_token, x, f, row, queries + query_pe, queries, b,
                               first[3] if cached else None, low if cached else None)
         x, row = layer.norm4(pre), None
-    g = positional[-1][0]
-    queries = queries + _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, x, g, row)
+    g_heads = positional[-1][2]
+    queries = queries + _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, x, g_heads, row)
     return transformer.norm_final_attn(queries), x.expand(b, -1, -1)
 
 
