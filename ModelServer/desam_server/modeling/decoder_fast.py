@@ -212,14 +212,15 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
     # U[(t, h)] = Wo_h v_t: the output projection applied to each token's value per head.
     vbd = _heads_block_diag(v, heads, token_major=True)     # B x D x TH
     u = vbd.transpose(1, 2) @ attn.out_proj.weight.T        # B x TH x C
-    bias = attn.out_proj.bias.expand(b, 1, -1) if row is None else (attn.out_proj.bias + row)[:, None, :]
-    columns, rows = [p], [u]
-    if low is not None:  # x + h W^T: the low-rank term joins the same product
-        columns.append(low[0].expand(b, -1, -1))
-        rows.append(low[1].T.expand(b, -1, -1))
-    columns.append(p.new_ones(b, lx, 1))
-    rows.append(bias)
-    return torch.baddbmm(x, torch.cat(columns, dim=2), torch.cat(rows, dim=1))
+    # Each head's probabilities sum to 1 over the tokens, so every row of p sums to H: the
+    # bias (and the row) join U as bias / H per column, without a column of ones.
+    bias = attn.out_proj.bias if row is None else (attn.out_proj.bias + row)[:, None, :]
+    u = u + bias / heads
+    if low is None:
+        return torch.baddbmm(x, p, u)
+    # x + h W^T: the low-rank term joins the same product.
+    h, w = low
+    return torch.baddbmm(x, torch.cat([p, h.expand(b, -1, -1)], dim=2), torch.cat([u, w.T.expand(b, -1, -1)], dim=1))
 
 
 def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Tensor, positional: list,
