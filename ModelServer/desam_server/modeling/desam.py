@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -15,6 +14,7 @@ from torch.nn import functional as F
 from .decoder_fast import MaskDense, mask_decoder_forward
 from .pdmm import PDMM
 from .prim import PRIM
+from .resize import resize_band
 
 
 @dataclass(frozen=True)
@@ -236,35 +236,11 @@ class DeSAM(nn.Module):
         """Low-res logits B x C x L x L -> B x C x H x W in the original slice frame:
         bilinear to S x S, crop the unpadded h x w region, bilinear to H x W (SAM's
         steps). Bilinear resizing is linear and separable, so the three steps fold into
-        one H x L matrix for rows and one W x L matrix for columns: two small matrix
-        products instead of an S x S intermediate per mask (same values to ~1e-6)."""
-        rows = resize_chain(logits.shape[-2], self.img_size, input_size[0], original_size[0], logits.device)
-        cols = resize_chain(logits.shape[-1], self.img_size, input_size[1], original_size[1], logits.device)
-        return rows @ logits.float() @ cols.T
-
-
-def _bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """n_out x n_in weights of ``F.interpolate(..., mode='bilinear', align_corners=False)``
-    along one axis (no antialiasing)."""
-    # Source coordinates in float32, as ATen computes them (bit-for-bit weights).
-    dst = torch.arange(n_out, dtype=torch.float32)
-    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
-    src = (scale * (dst + 0.5) - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=n_in - 1)
-    i1 = (i0 + 1).clamp(max=n_in - 1)
-    w1 = (src - i0).double()
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    m[torch.arange(n_out), i0] += 1 - w1
-    m[torch.arange(n_out), i1] += w1
-    return m
-
-
-@functools.lru_cache(maxsize=64)
-def _resize_chain_cpu(low: int, side: int, crop: int, out: int) -> torch.Tensor:
-    up = _bilinear_matrix(low, side)[:crop]            # L -> S, keep the unpadded part
-    return (_bilinear_matrix(crop, out) @ up).float()   # -> the original size
-
-
-def resize_chain(low: int, side: int, crop: int, out: int, device: torch.device) -> torch.Tensor:
-    """out x low matrix: bilinear low -> side, first ``crop`` entries, bilinear -> out."""
-    return _resize_chain_cpu(int(low), int(side), int(crop), int(out)).to(device)
+        one H x L matrix for rows and one W x L matrix for columns, applied band by band
+        (``resize.Band``): no S x S intermediate per mask (same values to ~1e-6)."""
+        rows = resize_band(logits.shape[-2], self.img_size, input_size[0], original_size[0], logits.device)
+        cols = resize_band(logits.shape[-1], self.img_size, input_size[1], original_size[1], logits.device)
+        x = logits.float()
+        lead = x.shape[:-2]
+        x = cols.apply(x.reshape(-1, *x.shape[-2:]).transpose(1, 2)).transpose(1, 2)
+        return rows.apply(x).reshape(*lead, rows.out, cols.out).contiguous()
