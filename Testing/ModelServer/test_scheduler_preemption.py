@@ -1,5 +1,5 @@
 """EncodingScheduler preemption: passes given up for clicks, obsolete views, unregistering;
-held while a click decodes; the hooks inert outside the worker."""
+urgent calls served inside a running pass; the hooks inert outside the worker."""
 
 from __future__ import annotations
 
@@ -113,25 +113,35 @@ def test_preemption_hooks_act_only_on_the_armed_thread(model):
             handle.remove()
 
 
-def test_a_click_decoding_holds_the_running_pass_without_losing_it(model, volume, tmp_path):
-    sched, _, _ = make(model, volume, tmp_path, neighbours=0)
-    calls = []
-    counting = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.image_encoder.modules()]
+def test_an_urgent_call_runs_inside_the_running_pass_without_losing_it(model, volume, tmp_path):
+    """A click's decoder pass runs on the worker at the running encoder pass's next module;
+    the pass then continues and finishes (not preempted, nothing encoded twice)."""
+    sched, encoder, _ = make(model, volume, tmp_path, neighbours=0)
+    modules = []
+    counting = [m.register_forward_pre_hook(lambda *_: modules.append(1)) for m in model.image_encoder.modules()]
+    seen, result = {}, {}
+
+    def click():
+        seen["thread"], seen["modules"] = threading.current_thread().name, len(modules)
+        return 42
+
     try:
         with Stall(model) as stall:
             sched.set_view(VOLUME, "k", 3)
             assert stall.entered.wait(20)
-            with sched.click_decoding():
-                stall.release.set()
-                time.sleep(0.3)
-                held = len(calls)
-                time.sleep(0.3)
-                assert len(calls) == held and not sched.is_cached(VOLUME, "k", 3)
+            caller = threading.Thread(target=lambda: result.update(value=sched.call(click)))
+            caller.start()
+            time.sleep(0.2)
+            assert "value" not in result  # the worker is still inside the stalled module
+            stall.release.set()
+            caller.join(20)
             wait_until(lambda: idle(sched))
     finally:
         for handle in counting:
             handle.remove()
-    assert sched.is_cached(VOLUME, "k", 3) and sched.stats()["preempted"] == 0
+    assert result["value"] == 42 and seen["thread"] == "desam-encoder"
+    assert 0 < seen["modules"] < len(modules)  # mid-pass: more modules ran after the call
+    assert sched.is_cached(VOLUME, "k", 3) and sched.stats()["preempted"] == 0 and encoder.calls == [1]
     sched.close()
 
 

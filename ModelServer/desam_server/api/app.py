@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Callable
 
 import anyio
@@ -50,6 +51,26 @@ def build_service(settings: ServiceSettings) -> Service:
     return Service(settings, model, model_info=info)
 
 
+def _in_own_thread(fn, *args):
+    """``fn(*args)`` on a thread that ends afterwards: model loading runs parallel PyTorch
+    work, and the OpenMP team that leaves behind lives as long as its thread (a pooled
+    one would keep it, see ``engine.scheduler_worker``)."""
+    result: dict = {}
+
+    def run():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="desam-startup")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def create_app(settings: ServiceSettings | None = None,
                service_factory: Callable[[ServiceSettings], Service] | None = None) -> FastAPI:
     """``service_factory`` (default ``build_service``) runs in the lifespan; tests pass
@@ -59,7 +80,7 @@ def create_app(settings: ServiceSettings | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        service = await anyio.to_thread.run_sync(factory, settings)
+        service = await anyio.to_thread.run_sync(_in_own_thread, factory, settings)
         app.state.service = service
         log.info("service ready: encoder %s on %s, %d decoder(s)", service.model.encoder_name,
                  service.model.device, len(service.decoders.names()))

@@ -4,9 +4,11 @@
 the loaded decoders, the job manager and the logits of recent answers. The routers only
 translate HTTP to these methods; errors are ``errors.ServiceError`` subclasses.
 
-Threads: the scheduler's worker runs every encoder pass; request threads and the job
-worker run decoder passes, one at a time under ``decode_lock``, where a click always
-goes before a job's next slice.
+Threads: the scheduler's worker runs every PyTorch computation -- encoder passes, and
+the decoder passes that request threads and the job worker hand it (``scheduler.call``):
+a click goes before queued encoding and a job's next slice, and runs inside a running
+encoder pass at its next module. One compute thread keeps one OpenMP team (see
+``engine.scheduler_worker``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .volume_store import StoredVolume, VolumeStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Service", "PriorityLock", "AXES"]
+__all__ = ["Service", "AXES"]
 
 AXES = ("k", "j", "i")
 
@@ -46,32 +48,6 @@ class _Slice:
     sid: str                       # the scheduler's id of (volume, window)
     window: IntensityWindow
     shape: tuple[int, int]         # H x W of a slice along the axis
-
-
-class PriorityLock:
-    """A mutex where waiting high-priority holders go before low-priority ones."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._busy = False
-        self._high_waiting = 0
-
-    @contextlib.contextmanager
-    def hold(self, high: bool) -> Iterator[None]:
-        with self._cond:
-            self._high_waiting += high
-            try:
-                while self._busy or (not high and self._high_waiting):
-                    self._cond.wait()
-            finally:
-                self._high_waiting -= high
-            self._busy = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
 
 
 #: Slices whose unpacked features (and the decoder work their prompts share, see
@@ -101,7 +77,6 @@ class Service:
             self.decoders.load_dir(settings.decoder_dir)
         self.jobs = JobManager(self._run_job, max_jobs=settings.max_jobs, keep=settings.finished_jobs_kept)
         self.logits = LogitsStore()
-        self.decode_lock = PriorityLock()
         self._lock = threading.Lock()
         self._sessions: dict[str, set[str]] = {}      # volume id -> scheduler ids (one per window)
         self._waiting_prompts = 0
@@ -241,6 +216,13 @@ class Service:
                 with self._lock:
                     self._waiting_prompts -= 1
 
+    def _on_worker(self, fn, *, urgent: bool = True):
+        """``fn()`` on the scheduler's worker thread (see the module's note on threads)."""
+        try:
+            return self.scheduler.call(fn, urgent=urgent)
+        except SchedulerClosedError:
+            raise Unavailable("the service is shutting down") from None
+
     # ---- prompted segmentation -----------------------------------------------------------------
     def prompt(self, volume_id: str, axis: str, index: int, *, points=None, labels=None, box=None,
                mask_input: dict | None = None, multimask: bool = True, decoder: str = "sam",
@@ -258,31 +240,33 @@ class Service:
             stored, shape = s.stored, s.shape
             features, cached = self._features(s.sid, axis, index, prompt=True, taps=decoder != "sam")
             t1 = time.perf_counter()
-            previous = None
-            if mask_input is not None:
-                if mask_input.get("logits_id"):
-                    previous = self.logits.get(mask_input["logits_id"], volume_id, axis, index)
-                elif mask_input.get("mask"):
-                    previous = mask_to_logits(decode_slice_mask(mask_input["mask"], stored.array.shape, axis, index),
-                                              self.model, features)
-                else:
-                    raise Unprocessable("mask_input needs logits_id or mask")
-            predictor = SlicePredictor(variant, precision=self.precision)
-            predictor.set_features(features)
             pts = None if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
             lab = None if labels is None else np.asarray(labels).reshape(-1)
-            with self.decode_lock.hold(high=True), self.scheduler.click_decoding():
+            previous_mask = None
+            if mask_input is not None and not mask_input.get("logits_id"):
+                if not mask_input.get("mask"):
+                    raise Unprocessable("mask_input needs logits_id or mask")
+                previous_mask = decode_slice_mask(mask_input["mask"], stored.array.shape, axis, index)
+            previous = None
+            if mask_input is not None and mask_input.get("logits_id"):
+                previous = self.logits.get(mask_input["logits_id"], volume_id, axis, index)
+
+            def decode():  # on the scheduler's worker thread
                 t2 = time.perf_counter()
+                predictor = SlicePredictor(variant, precision=self.precision)
+                predictor.set_features(features)
+                refine = previous if previous_mask is None else mask_to_logits(previous_mask, self.model, features)
                 try:
                     if decoder == "sam":
-                        masks, ious, low_res = predictor.predict(pts, lab, box=box, mask_input=previous,
-                                                                 multimask_output=multimask)
+                        out = predictor.predict(pts, lab, box=box, mask_input=refine, multimask_output=multimask)
                     else:
                         mask, iou = predictor.predict_desam(pts, lab, box=box)
-                        masks, ious, low_res = mask[None], np.array([iou]), None
+                        out = mask[None], np.array([iou]), None
                 except ValueError as exc:
                     raise Unprocessable(str(exc)) from None
-                t3 = time.perf_counter()
+                return out, t2, time.perf_counter()
+
+            (masks, ious, low_res), t2, t3 = self._on_worker(decode)
             answers = []
             for c in range(masks.shape[0]):
                 logits_id = None if low_res is None else self.logits.put(volume_id, axis, index, low_res[c])
@@ -323,9 +307,9 @@ class Service:
                 features, _ = self._features(sid, spec.axis, index, prompt=False)
                 job.check_cancelled()
                 predictor.set_features(features)
-                with self.decode_lock.hold(high=False):
-                    result = predictor.predict_auto(spec.mode, spec.grid_size, iou_threshold=spec.iou_threshold,
-                                                    min_region_area=spec.min_region_area)
+                result = self._on_worker(lambda: predictor.predict_auto(
+                    spec.mode, spec.grid_size, iou_threshold=spec.iou_threshold,
+                    min_region_area=spec.min_region_area), urgent=False)
                 slab[n] = result.mask
                 job.slices_with_mask += bool(result.mask.any())
                 job.done = n + 1

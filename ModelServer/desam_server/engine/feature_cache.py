@@ -91,11 +91,20 @@ class FeatureCache:
         None; ``taps=False`` leaves the taps out (``PackedFeatures.unpack``). A disk hit is
         verified and promoted to memory; a corrupt file is deleted and counted, and reads
         as a miss."""
+        packed = self.lookup(key)
+        return None if packed is None else self.unpack(packed, device, taps=taps)
+
+    def lookup(self, key: FeatureKey) -> PackedFeatures | None:
+        """The stored (packed) entry of ``key`` or None, counted as ``get`` counts it; the
+        unpacking (parallel PyTorch work) is left to ``unpack``, on a thread of choice."""
         digest = key.digest()
         packed = self._lookup_memory(digest)
-        if packed is None:
-            packed = self._lookup_disk(digest)
-        return None if packed is None else packed.unpack(self._device_for(device), taps=taps)
+        return packed if packed is not None else self._lookup_disk(digest)
+
+    def unpack(self, packed: PackedFeatures, device: str | torch.device | None = None, *,
+               taps: bool = True) -> ImageFeatures:
+        """A looked-up entry as float32 features on ``device`` (default the settings')."""
+        return packed.unpack(self._device_for(device), taps=taps)
 
     def put(self, key: FeatureKey, features: ImageFeatures) -> None:
         """Store (or replace) the features of ``key``."""

@@ -8,9 +8,10 @@ thread that entered ``armed(stop)``, a hook raises ``EncodePreempted`` once ``st
 set, so the pass ends at the next module boundary (milliseconds). On any other thread
 (a predictor encoding a slice directly) the hooks do nothing.
 
-The same hooks also *pause* a pass while ``armed``'s ``go`` event is clear: the scheduler
-clears it while a click is decoding, so on a CPU the click does not share the cores with
-the encoder; the pass continues where it stopped, nothing is lost.
+The same hooks also *serve* urgent work in the middle of a pass: ``armed``'s ``serve``
+callback runs at every module boundary, and the scheduler uses it to run a click's
+decoder pass on the worker thread there; the encoder pass continues where it stopped,
+nothing is lost.
 
 ``EncodePreempted`` derives from ``BaseException`` so that code handling encoder *errors*
 (``except Exception``) lets it through to the scheduler, which puts the job back in its
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -35,17 +36,13 @@ class EncodePreempted(BaseException):
     """The running encoder pass was given up for more urgent work."""
 
 
-#: Longest pause of a pass for one click: a click that never ends must not stop encoding.
-MAX_PAUSE_S = 5.0
-
-
 def _check(module: nn.Module, args) -> None:
     armed_with = getattr(_local, "armed", None)
     if armed_with is None:
         return
-    stop, go = armed_with
-    if go is not None and not go.is_set():
-        go.wait(MAX_PAUSE_S)
+    stop, serve = armed_with
+    if serve is not None:
+        serve()
     if stop.is_set():
         raise EncodePreempted()
 
@@ -56,11 +53,11 @@ def install(encoder: nn.Module) -> list[RemovableHandle]:
 
 
 @contextlib.contextmanager
-def armed(stop: threading.Event, go: threading.Event | None = None) -> Iterator[None]:
+def armed(stop: threading.Event, serve: Callable[[], None] | None = None) -> Iterator[None]:
     """Within the block, on this thread: a set ``stop`` ends the encoder pass at the next
-    module; a clear ``go`` holds it there until set again (at most MAX_PAUSE_S per module)."""
+    module; ``serve()`` is called at every module boundary before that check."""
     previous = getattr(_local, "armed", None)
-    _local.armed = (stop, go)
+    _local.armed = (stop, serve)
     try:
         yield
     finally:

@@ -24,7 +24,8 @@ API (all methods thread-safe; axis is 'k', 'j', 'i' or 0, 1, 2 of a K x J x I ar
   BACKGROUND work for every slice not cached yet, and its withdrawal.
 - ``progress(volume_id, axis)``: {'total', 'cached', 'queued', 'running'};
   ``is_cached(volume_id, axis, index)``.
-- ``click_decoding()``: a context in which the running pass holds at its next module.
+- ``call(fn, urgent=True)``: run other PyTorch work on the worker thread (urgent: at the
+  running pass's next module), so that one thread runs every parallel operation.
 - ``pause()`` / ``resume()`` (hold the worker before its next batch), ``stats()``,
   ``history()`` (recent encodes, oldest first), ``close()``.
 
@@ -43,11 +44,10 @@ by the first 12 characters of their id and never show voxel values.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -98,9 +98,7 @@ class EncodingScheduler(SchedulerWorker):
         self._encode_seconds = 0.0
         self._running: list[Job] = []                  # the batch in the encoder now
         self._preempt = threading.Event()
-        self._go = threading.Event()                     # clear while clicks decode
-        self._go.set()
-        self._clicks_decoding = 0
+        self._init_calls()
         self._hooks = preemption.install(model.image_encoder)  # an encode_fn using it is preemptible too
         self._thread = threading.Thread(target=self._run, name="desam-encoder", daemon=True)
         self._thread.start()
@@ -136,7 +134,12 @@ class EncodingScheduler(SchedulerWorker):
             volume = self._volume(volume_id)
             a, index = where(volume, axis, index)
         key = feature_key(self.model, volume, a, index)
-        cached = self.cache.get(key, self.model.device, taps=taps)
+        packed = self.cache.lookup(key)
+        # Unpacking (16-bit -> float32) is parallel work: the worker thread does it.
+        cached = None if packed is None else self.call(lambda: self.cache.unpack(packed, self.model.device,
+                                                                                 taps=taps))
+        if cached is None and threading.current_thread() is self._thread:
+            raise RuntimeError("features() on the worker thread: only for a cached slice")
         with self._cond:
             self._counters["requests"] += 1
             if cached is not None:
@@ -175,21 +178,6 @@ class EncodingScheduler(SchedulerWorker):
             volume = self._volume(volume_id)
             a, index = where(volume, axis, index)
         return self.cache.contains(feature_key(self.model, volume, a, index))
-
-    @contextlib.contextmanager
-    def click_decoding(self) -> Iterator[None]:
-        """Hold the running encoder pass at its next module while a click decodes (the
-        click gets the cores; the pass resumes after, losing nothing)."""
-        with self._cond:
-            self._clicks_decoding += 1
-            self._go.clear()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._clicks_decoding -= 1
-                if self._clicks_decoding == 0:
-                    self._go.set()
 
     def set_view(self, volume_id: str, axis, index: int) -> None:
         with self._cond:

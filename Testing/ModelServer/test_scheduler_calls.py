@@ -1,0 +1,77 @@
+"""EncodingScheduler.call: other PyTorch work on the worker thread (one OpenMP team)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from desam_server.engine.scheduler import SchedulerClosedError
+from scheduler_helpers import VOLUME, idle, make, model, volume, wait_until  # noqa: F401
+
+
+def test_a_call_runs_on_the_worker_and_returns_or_raises(model, volume, tmp_path):
+    sched, _, _ = make(model, volume, tmp_path)
+    assert sched.call(lambda: threading.current_thread().name) == "desam-encoder"
+    # From the worker itself (a call inside a call): at once, no deadlock.
+    assert sched.call(lambda: sched.call(lambda: 7) + 1) == 8
+    with pytest.raises(ZeroDivisionError):
+        sched.call(lambda: 1 / 0)
+    assert sched.call(lambda: "still serving") == "still serving"
+    sched.close()
+    with pytest.raises(SchedulerClosedError):
+        sched.call(lambda: None)
+
+
+def test_urgent_calls_go_before_others_and_before_encoding(model, volume, tmp_path):
+    sched, _, _ = make(model, volume, tmp_path, neighbours=0)
+    gate, order, threads = threading.Event(), [], []
+
+    def submit(name, urgent):
+        t = threading.Thread(target=lambda: sched.call(lambda: order.append(name), urgent=urgent))
+        t.start()
+        threads.append(t)
+
+    started = threading.Event()
+    blocker = threading.Thread(target=lambda: sched.call(lambda: started.set() or gate.wait(20), urgent=False))
+    blocker.start()
+    assert started.wait(20)  # the worker runs the blocker
+    submit("batch slice", urgent=False)
+    wait_until(lambda: len(sched._calls) == 1)
+    sched.precompute(VOLUME, "k")
+    submit("click", urgent=True)
+    wait_until(lambda: len(sched._urgent_calls) == 1)
+    gate.set()
+    for t in (blocker, *threads):
+        t.join(20)
+    assert order == ["click", "batch slice"]
+    assert sched.stats()["encoded"] < volume.shape[0]  # both ran before the precompute ended
+    wait_until(lambda: idle(sched))
+    sched.close()
+
+
+def test_calls_waiting_at_close_get_an_error(model, volume, tmp_path):
+    sched, _, _ = make(model, volume, tmp_path)
+    gate, outcome = threading.Event(), {}
+
+    def later():
+        try:
+            outcome["late"] = sched.call(lambda: "ran")
+        except SchedulerClosedError as exc:
+            outcome["late"] = exc
+
+    started = threading.Event()
+    blocker = threading.Thread(target=lambda: sched.call(lambda: started.set() or gate.wait(20)))
+    blocker.start()
+    assert started.wait(20)
+    late = threading.Thread(target=later)
+    late.start()
+    wait_until(lambda: len(sched._urgent_calls) == 1)
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    wait_until(lambda: sched.stats()["closed"])
+    gate.set()
+    for t in (blocker, late, closer):
+        t.join(20)
+    assert isinstance(outcome["late"], SchedulerClosedError)
+    assert not sched.stats()["worker_alive"]
