@@ -57,6 +57,20 @@ def _heads_block_diag(x: Tensor, heads: int) -> Tensor:
     return out.view(b, dim, t * heads)
 
 
+def _versions(tensors: list[Tensor]) -> list[int | None]:
+    """In-place version counters (optimizer steps, load_state_dict); inference tensors
+    cannot change outside inference mode and have none."""
+    return [None if w.is_inference() else w._version for w in tensors]
+
+
+def _still_valid(entry: tuple | None, sources: list[Tensor]) -> bool:
+    """Whether a cached (sources, versions, value) entry was computed from exactly these
+    tensors: the same objects (the entry holds them, so no address can be reused) at the
+    same versions."""
+    return (entry is not None and len(entry[0]) == len(sources) and entry[1] == _versions(sources)
+            and all(a is b for a, b in zip(entry[0], sources)))
+
+
 def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple]:
     """Per block (and the final attention): the positional halves of the image-side key
     projection of its token-to-image attention (g, L x D; per head g_heads, H x d x L) and
@@ -68,12 +82,8 @@ def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple]
     attns.append((transformer.final_attn_token_to_image, None))
     projections = [proj for t2i, i2t in attns for proj in (t2i.k_proj, i2t.q_proj if i2t else None) if proj]
     weights = [image_pe] + [w for proj in projections for w in (proj.weight, proj.bias)]
-    # Identity (the cache holds the tensors, so no address can be reused) and in-place
-    # version (optimizer steps, load_state_dict); inference tensors cannot change outside
-    # inference mode and have no version counter.
-    versions = [None if w.is_inference() else w._version for w in weights]
     cached = getattr(transformer, "_desam_constants", None)
-    if cached is not None and cached[1] == versions and all(a is b for a, b in zip(cached[0], weights)):
+    if _still_valid(cached, weights):
         return cached[2]
     pe = image_pe[0].flatten(1).T  # L x C
     consts = []
@@ -84,7 +94,7 @@ def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple]
             g_heads = g.reshape(len(g), heads, -1).permute(1, 2, 0).contiguous()   # H x d x L
             f = F.linear(pe, i2t.q_proj.weight, i2t.q_proj.bias) if i2t is not None else None
             consts.append((g, f, g_heads))
-    transformer._desam_constants = (weights, versions, consts)
+    transformer._desam_constants = (weights, _versions(weights), consts)
     return consts
 
 
@@ -229,10 +239,9 @@ def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Te
     t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
     g, f, _ = positional[0]
     sources = [image, g, f, t2i.k_proj.weight, t2i.v_proj.weight, t2i.v_proj.bias, i2t.q_proj.weight]
-    versions = [None if w.is_inference() else w._version for w in sources]
     key = ("two_way_first_block", id(transformer))
     entry = state.get(key)
-    if entry is not None and entry[1] == versions and all(a is b for a, b in zip(entry[0], sources)):
+    if _still_valid(entry, sources):
         return entry[2]
     x0 = x[0].contiguous()                                  # L x C
     weight = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # 3D x C
@@ -242,7 +251,7 @@ def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Te
     keys = projected[:, :dim].reshape(-1, heads, dim // heads).permute(1, 2, 0).contiguous()   # H x d x L
     values = projected[:, dim : 2 * dim].reshape(-1, heads, dim // heads).transpose(0, 1).contiguous()  # H x L x d
     out = (x0, keys, values, projected[:, 2 * dim :])
-    state[key] = (sources, versions, out)
+    state[key] = (sources, _versions(sources), out)
     return out
 
 
