@@ -242,14 +242,14 @@ class Service:
             t1 = time.perf_counter()
             pts = None if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
             lab = None if labels is None else np.asarray(labels).reshape(-1)
-            previous_mask = None
-            if mask_input is not None and not mask_input.get("logits_id"):
-                if not mask_input.get("mask"):
+            previous = previous_mask = None  # low-res logits of an earlier answer, or a binary mask
+            if mask_input is not None:
+                if mask_input.get("logits_id"):
+                    previous = self.logits.get(mask_input["logits_id"], volume_id, axis, index)
+                elif mask_input.get("mask"):
+                    previous_mask = decode_slice_mask(mask_input["mask"], stored.array.shape, axis, index)
+                else:
                     raise Unprocessable("mask_input needs logits_id or mask")
-                previous_mask = decode_slice_mask(mask_input["mask"], stored.array.shape, axis, index)
-            previous = None
-            if mask_input is not None and mask_input.get("logits_id"):
-                previous = self.logits.get(mask_input["logits_id"], volume_id, axis, index)
 
             def decode():  # on the scheduler's worker thread
                 t2 = time.perf_counter()
