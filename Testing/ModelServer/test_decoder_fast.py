@@ -5,26 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from desam_server.modeling import build_desam
+from decoder_helpers import embedding, tiny_model
 from desam_server.modeling.decoder_fast import mask_decoder_forward, two_way_forward
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(3)
-    m = build_desam("tiny")
-    # Random SAM weights give logits below 1; scale the hypernetworks to trained-looking
-    # logits (tens) so that the tolerances below mean something.
-    with torch.no_grad():
-        for mlp in m.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(40)
-    return m
+    return tiny_model(3)
 
 
 @pytest.fixture(scope="module")
 def image(model):
-    e = model.prompt_encoder.image_embedding_size[0]
-    return torch.randn(1, 256, e, e, generator=torch.Generator().manual_seed(0))
+    return embedding(model, 0)
 
 
 def prompts(model, kind: str, batch: int = 1):

@@ -6,24 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from desam_server.modeling import build_desam
+from decoder_helpers import embedding, tiny_model
 from desam_server.modeling.decoder_fast import MaskDense, mask_decoder_forward
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(4)
-    m = build_desam("tiny")
-    with torch.no_grad():  # trained-looking logits (tens), as in test_decoder_fast
-        for mlp in m.mask_decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(40)
-    return m
+    return tiny_model(4)
 
 
 @pytest.fixture(scope="module")
 def image(model):
-    e = model.prompt_encoder.image_embedding_size[0]
-    return torch.randn(1, 256, e, e, generator=torch.Generator().manual_seed(1))
+    return embedding(model, 1)
 
 
 def masks(model, batch: int = 1, seed: int = 0) -> torch.Tensor:
