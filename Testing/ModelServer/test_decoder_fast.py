@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoder_helpers import embedding, tiny_model
+from decoder_helpers import embedding, state_entries, tiny_model
 from desam_server.modeling.decoder_fast import mask_decoder_forward, two_way_forward
 
 
@@ -118,9 +118,10 @@ def test_state_computes_the_first_block_once_per_slice(model, image):
             want = decoder(image, pe, sparse, dense, True)
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
-        (entry,) = state.values()
-        kept = kept or entry[2]
-        assert entry[2] is kept  # computed by the first prompt, reused after
+        (entry,) = state_entries(state, "two_way_first_block")
+        (projected,) = state_entries(state, "projected_first_block")
+        kept = kept or (entry[2], projected[2])
+        assert entry[2] is kept[0] and projected[2] is kept[1]  # computed by the first prompt, reused after
 
 
 def test_state_is_recomputed_after_a_weight_change(model, image):
@@ -187,7 +188,7 @@ def test_prim_with_state_scores_a_batch_of_prompts_like_the_module(model, image)
 def test_upscaling_in_row_chunks_equals_the_module(model):
     """Chunks of input pixels (a clicked slice has 4,096; the tiny model 256) give the
     module's upscaling and hypernetwork product, for every chunk size."""
-    from desam_server.modeling.decoder_fast import _upscaled_masks
+    from desam_server.modeling.decoder_upscale import upscaled_masks
 
     decoder = model.mask_decoder
     e = model.prompt_encoder.image_embedding_size[0]
@@ -197,4 +198,4 @@ def test_upscaling_in_row_chunks_equals_the_module(model):
         up = decoder.output_upscaling(keys.transpose(1, 2).reshape(2, 256, e, e))
         want = (hyper @ up.flatten(2)).view(2, 3, 4 * e, 4 * e)
         for rows in (e * e, 100, 64, 1):
-            torch.testing.assert_close(_upscaled_masks(decoder, keys, hyper, e, rows), want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(upscaled_masks(decoder, keys, hyper, e, rows), want, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoder_helpers import embedding, tiny_model
+from decoder_helpers import embedding, state_entries, tiny_model
 from desam_server.modeling.decoder_fast import MaskDense, mask_decoder_forward
 
 
@@ -70,9 +70,10 @@ def test_refinement_reuses_the_slices_first_block(model, image, first_prompt_has
             got = mask_decoder_forward(decoder, image, pe, sparse, dense, True, state)
             want = decoder(image, pe, sparse, want_dense, True)
         assert_same(got, want)
-        (entry,) = state.values()
-        kept = kept or entry[2]
-        assert entry[2] is kept  # one first block per slice, whatever the prompts
+        (entry,) = state_entries(state, "two_way_first_block")
+        (projected,) = state_entries(state, "projected_first_block")
+        kept = kept or (entry[2], projected[2])
+        assert entry[2] is kept[0] and projected[2] is kept[1]  # one first block per slice, whatever the prompts
 
 
 def test_batched_mask_inputs_fall_back_to_the_full_embedding(model, image):
@@ -104,5 +105,5 @@ def test_sam_decode_with_a_mask_input_equals_the_module_path(model, image, with_
             want = model.sam_decode(image, **kwargs)
         finally:
             del model.reassociated_decoder
-    assert len(state) == 1
+    assert len(state_entries(state, "two_way_first_block")) == len(state_entries(state, "projected_first_block")) == 1
     assert_same(got, want)

@@ -51,7 +51,7 @@ class _Slice:
 
 
 #: Slices whose unpacked features (and the decoder work their prompts share, see
-#: ``decoder_fast``) stay in memory for the next click: ~14 MB each with the embedding
+#: ``decoder_fast``) stay in memory for the next click: ~18 MB each with the embedding
 #: only; with taps (DeSAM decoders; ViT-H: +60 MB) fewer, within HOT_BYTES of tensors.
 #: Outside the feature cache's budgets.
 HOT_SLICES = 4
@@ -191,7 +191,7 @@ class Service:
         return features, cached
 
     def _hot_bytes(self) -> int:
-        """Feature tensors held for recent clicks (the per-slice decoder state is ~10 MB more)."""
+        """Feature tensors held for recent clicks (the per-slice decoder state is ~14 MB more)."""
         return sum(t.numel() * t.element_size() for f in self._hot.values() for t in (f.embedding, *f.taps))
 
     def _cached_features(self, sid: str, axis: str, index: int, *, prompt: bool,

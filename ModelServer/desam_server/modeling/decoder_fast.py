@@ -24,15 +24,16 @@ head, as the module does, but without projecting the image tokens again. A
 prompt's dense embedding joins them through small products: SAM's "no mask" embedding is
 one row, and a mask input's embedding (``MaskDense``) is a row plus a rank-16 term (the
 prompt encoder's last mask layer is a 1 x 1 convolution from 16 channels).
-The upscaling runs channels-last as two matrix products (a 2 x 2 stride-2 transposed
-convolution maps each pixel independently) and the hypernetwork product is taken only for
-the masks that are returned. Same arithmetic up to float rounding (tests compare with
+Only the tokens a caller reads go through the final attention (``outputs``). The
+upscaling (``decoder_upscale``) runs channels-last as two matrix products; for one prompt
+with a slice state its first layer comes from the slice's cached tokens and the blocks'
+low-rank factors, and the hypernetwork product is taken only for the masks that are
+returned. Same arithmetic up to float rounding (tests compare with
 ``SamPredictor``); only for inference (no autograd), which is how callers use it.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -41,6 +42,9 @@ import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor
+
+from .decoder_upscale import Projection, projected_tokens, projection, upscaled_masks
+from .derived import still_valid, versions
 
 __all__ = ["MaskDense", "mask_decoder_forward", "two_way_forward"]
 
@@ -57,20 +61,6 @@ def _heads_block_diag(x: Tensor, heads: int) -> Tensor:
     return out.view(b, dim, t * heads)
 
 
-def _versions(tensors: list[Tensor]) -> list[int | None]:
-    """In-place version counters (optimizer steps, load_state_dict); inference tensors
-    cannot change outside inference mode and have none."""
-    return [None if w.is_inference() else w._version for w in tensors]
-
-
-def _still_valid(entry: tuple | None, sources: list[Tensor]) -> bool:
-    """Whether a cached (sources, versions, value) entry was computed from exactly these
-    tensors: the same objects (the entry holds them, so no address can be reused) at the
-    same versions."""
-    return (entry is not None and len(entry[0]) == len(sources) and entry[1] == _versions(sources)
-            and all(a is b for a, b in zip(entry[0], sources)))
-
-
 def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple]:
     """Per block (and the final attention): the positional halves of the image-side key
     projection of its token-to-image attention (g, L x D; per head g_heads, H x d x L) and
@@ -83,7 +73,7 @@ def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple]
     projections = [proj for t2i, i2t in attns for proj in (t2i.k_proj, i2t.q_proj if i2t else None) if proj]
     weights = [image_pe] + [w for proj in projections for w in (proj.weight, proj.bias)]
     cached = getattr(transformer, "_desam_constants", None)
-    if _still_valid(cached, weights):
+    if still_valid(cached, weights):
         return cached[2]
     pe = image_pe[0].flatten(1).T  # L x C
     consts = []
@@ -94,7 +84,7 @@ def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple]
             g_heads = g.reshape(len(g), heads, -1).permute(1, 2, 0).contiguous()   # H x d x L
             f = F.linear(pe, i2t.q_proj.weight, i2t.q_proj.bias) if i2t is not None else None
             consts.append((g, f, g_heads))
-    transformer._desam_constants = (weights, _versions(weights), consts)
+    transformer._desam_constants = (weights, versions(weights), consts)
     return consts
 
 
@@ -184,11 +174,12 @@ def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g_heads: Tenso
 
 def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k_tokens: Tensor,
                     v_tokens: Tensor, b: int, q_image: Tensor | None = None,
-                    low: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                    low: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """x + row + Attention(q=image + row + pe, k=tokens + pe, v=tokens) -> B x L x C (before
-    the layer norm). f: L x D positional half of the query projection; q_image: the bare
-    image tokens' queries (L x D, positional part and bias included) when precomputed --
-    then the row and ``low`` (see ``_token_to_image``) enter through small products."""
+    the layer norm), and its factors (P B x L x K, U B x K x C: the result is x + P U).
+    f: L x D positional half of the query projection; q_image: the bare image tokens'
+    queries (L x D, positional part and bias included) when precomputed -- then the row
+    and ``low`` (see ``_token_to_image``) enter through small products."""
     heads = attn.num_heads
     d = attn.internal_dim // heads
     t = k_tokens.shape[1]
@@ -221,11 +212,10 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
     # bias (and the row) join U as bias / H per column, without a column of ones.
     bias = attn.out_proj.bias if row is None else (attn.out_proj.bias + row)[:, None, :]
     u = u + bias / heads
-    if low is None:
-        return torch.baddbmm(x, p, u)
-    # x + h W^T: the low-rank term joins the same product.
-    h, w = low
-    return torch.baddbmm(x, torch.cat([p, h.expand(b, -1, -1)], dim=2), torch.cat([u, w.T.expand(b, -1, -1)], dim=1))
+    if low is not None:  # x + h W^T: the low-rank term joins the same product.
+        h, w = low
+        p, u = torch.cat([p, h.expand(b, -1, -1)], dim=2), torch.cat([u, w.T.expand(b, -1, -1)], dim=1)
+    return torch.baddbmm(x, p, u), p, u
 
 
 def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Tensor, positional: list,
@@ -241,7 +231,7 @@ def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Te
     sources = [image, g, f, t2i.k_proj.weight, t2i.v_proj.weight, t2i.v_proj.bias, i2t.q_proj.weight]
     key = ("two_way_first_block", id(transformer))
     entry = state.get(key)
-    if _still_valid(entry, sources):
+    if still_valid(entry, sources):
         return entry[2]
     x0 = x[0].contiguous()                                  # L x C
     weight = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # 3D x C
@@ -251,12 +241,13 @@ def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Te
     keys = projected[:, :dim].reshape(-1, heads, dim // heads).permute(1, 2, 0).contiguous()   # H x d x L
     values = projected[:, dim : 2 * dim].reshape(-1, heads, dim // heads).transpose(0, 1).contiguous()  # H x L x d
     out = (x0, keys, values, projected[:, 2 * dim :])
-    state[key] = (sources, _versions(sources), out)
+    state[key] = (sources, versions(sources), out)
     return out
 
 
 def two_way_forward(transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor, tokens: Tensor,
-                    dense: "Tensor | MaskDense", state: dict | None = None) -> tuple[Tensor, Tensor]:
+                    dense: "Tensor | MaskDense", state: dict | None = None,
+                    outputs: list[int] | None = None) -> tuple[Tensor, Tensor]:
     """``transformer(image + dense, image_pe, tokens)`` for inference.
 
     image: Bx x C x E x E (Bx = 1: one image shared by the B prompts); image_pe:
@@ -266,7 +257,19 @@ def two_way_forward(transformer: TwoWayTransformer, image: Tensor, image_pe: Ten
     image-side projections are computed once per slice and reused by later prompts with
     the constant dense embedding, and by single prompts with a mask input (``MaskDense``:
     its rank-16 term through small products). Returns (queries B x T x C, keys B x L x C)
-    as the module does."""
+    as the module does; with ``outputs`` (token indices), queries B x len(outputs) x C:
+    only those tokens go through the final attention (each token attends to the image on
+    its own, so the others are not needed by a caller that reads only these)."""
+    queries, keys, _ = _two_way(transformer, image, image_pe, tokens, dense, state, outputs)
+    return queries, keys
+
+
+def _two_way(transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor, tokens: Tensor,
+             dense: "Tensor | MaskDense", state: dict | None, outputs: list[int] | None,
+             proj: Projection | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``two_way_forward``, and with ``proj`` the keys' projection by its first layer
+    (1 x L x N, ``decoder_upscale.projected_tokens``) when the slice's first block is
+    cached and there is one prompt, else None."""
     b = tokens.shape[0]
     x = image.flatten(2).transpose(1, 2)                    # Bx x L x C, a view
     low = None
@@ -285,6 +288,8 @@ def two_way_forward(transformer: TwoWayTransformer, image: Tensor, image_pe: Ten
     if state is not None and row is not None and x.shape[0] == 1:
         first = _first_block_image_side(transformer, image, x, positional, state)
         x = first[0][None]
+    # Each block's image-side factors and layer-norm statistics, for the projection.
+    blocks = [] if proj is not None and proj.usable and first is not None and b == 1 else None
     queries, query_pe = tokens, tokens
     for i, (layer, (_, f, g_heads)) in enumerate(zip(transformer.layers, positional)):
         cached = i == 0 and first is not None
@@ -298,50 +303,23 @@ def two_way_forward(transformer: TwoWayTransformer, image: Tensor, image_pe: Ten
                                first[1:3] if cached else None, low if cached else None)
         queries = layer.norm2(queries + attn)
         queries = layer.norm3(queries + layer.mlp(queries))
-        pre = _image_to_token(layer.cross_attn_image_to_token, x, f, row, queries + query_pe, queries, b,
-                              first[3] if cached else None, low if cached else None)
-        x, row = layer.norm4(pre), None
+        pre, p, u = _image_to_token(layer.cross_attn_image_to_token, x, f, row, queries + query_pe, queries, b,
+                                    first[3] if cached else None, low if cached else None)
+        row, norm = None, layer.norm4
+        if blocks is None:
+            x = norm(pre)
+        else:
+            x, mean, rstd = torch.native_layer_norm(pre, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            blocks.append((p[0], u[0], mean[0], rstd[0]))
     g_heads = positional[-1][2]
+    if outputs is not None:
+        queries, query_pe = queries[:, outputs], query_pe[:, outputs]
     queries = queries + _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, x, g_heads, row)
-    return transformer.norm_final_attn(queries), x.expand(b, -1, -1)
-
-
-def _conv_weights(conv: torch.nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
-    """A 2 x 2 stride-2 transposed convolution as a matrix: C_in x (a, b, C_out), and its
-    bias repeated per output position."""
-    return conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, -1), conv.bias.repeat(4)
-
-
-def _upscaled_masks(decoder: MaskDecoder, keys: Tensor, hyper: Tensor, side: int, rows: int = 1024) -> Tensor:
-    """``hyper @ output_upscaling(keys as B x C x E x E)`` -> B x M x 4E x 4E.
-
-    A 2 x 2 stride-2 transposed convolution maps each input pixel to its own 2 x 2 output
-    block, so channels-last it is one matrix product per layer, and ``rows`` input pixels
-    at a time keep the intermediates (16x the input) in the CPU's cache (~10% faster than
-    whole). The hypernetwork product is taken in that scrambled pixel order and the
-    (small) masks are reordered once."""
-    conv1, norm, act1, conv2, act2 = decoder.output_upscaling
-    b, length, c = keys.shape
-    (w1, bias1), (w2, bias2) = _conv_weights(conv1), _conv_weights(conv2)
-    o1, m = conv1.out_channels, hyper.shape[1]
-    masks = keys.new_empty(b, m, 16 * length)
-    for i in range(b):
-        for start in range(0, length, rows):
-            y = torch.addmm(bias1, keys[i, start : start + rows], w1).view(-1, o1)
-            y = act1(F.layer_norm(y, (o1,), norm.weight, norm.bias, norm.eps))
-            z = act2(torch.addmm(bias2, y, w2)).view(-1, conv2.out_channels)
-            masks[i, :, 16 * start : 16 * (start + rows)] = hyper[i] @ z.T
-    # 2-D index_select: on a 3-D tensor along its last axis it is ~15x slower on CPU.
-    return masks.view(b * m, -1).index_select(1, _pixel_order(side, keys.device)).view(b, m, 4 * side, 4 * side)
-
-
-@functools.lru_cache(maxsize=8)
-def _pixel_order(side: int, device: torch.device) -> Tensor:
-    """Row-major output pixel (Y, X) of the two stacked 2 x 2 stride-2 upsamplings ->
-    its position in the channels-last product order (y, x, a, b, a2, b2), where
-    Y = 4y + 2a + a2 and X = 4x + 2b + b2."""
-    order = torch.arange(16 * side * side).view(side, side, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return order.reshape(-1).to(device)
+    projected = None
+    if blocks is not None:
+        key = ("projected_first_block", id(transformer))
+        projected = projected_tokens(first[0], proj, blocks, state, key)[None]
+    return transformer.norm_final_attn(queries), x.expand(b, -1, -1), projected
 
 
 def mask_decoder_forward(decoder: MaskDecoder, image: Tensor, image_pe: Tensor, sparse: Tensor,
@@ -349,13 +327,17 @@ def mask_decoder_forward(decoder: MaskDecoder, image: Tensor, image_pe: Tensor, 
                          state: dict | None = None) -> tuple[Tensor, Tensor]:
     """``decoder(image, image_pe, sparse, dense, multimask_output)`` for inference:
     (low-res logits B x C x 4E x 4E, iou B x C), C = 3 with multimask_output else 1.
-    state: see ``two_way_forward``."""
+    state: see ``two_way_forward``; with it, one prompt's first upscaling layer also
+    comes through the slice's cached tokens (``decoder_upscale``)."""
     b = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-    queries, keys = two_way_forward(decoder.transformer, image, image_pe, tokens, dense, state)
     chosen = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
-    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i]) for i in chosen], dim=1)
-    masks = _upscaled_masks(decoder, keys, hyper, image.shape[-1])
+    # Only the IoU token and the returned masks' tokens are read after the final attention.
+    queries, keys, projected = _two_way(decoder.transformer, image, image_pe, tokens, dense, state,
+                                        [0] + [1 + i for i in chosen], projection(decoder))
+    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + j]) for j, i in enumerate(chosen)],
+                        dim=1)
+    masks = upscaled_masks(decoder, keys, hyper, image.shape[-1], projected=projected)
     iou = decoder.iou_prediction_head(queries[:, 0])
     return masks, iou[:, chosen.start : chosen.stop]

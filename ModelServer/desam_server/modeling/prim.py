@@ -91,8 +91,9 @@ class PRIM(nn.Module):
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
 
         if self.reassociated and not torch.is_grad_enabled():
+            # Only the IoU token is read after the final attention.
             hs, image_tokens = two_way_forward(self.transformer, image_embeddings, image_pe, tokens,
-                                               dense_prompt_embeddings, state)
+                                               dense_prompt_embeddings, state, outputs=[0])
             iou = self.iou_prediction_head(hs[:, 0, :])[:, 0]
             e = image_embeddings.shape[-1]
             return iou, image_tokens.transpose(1, 2).reshape(batch, -1, e, e)

@@ -1,0 +1,149 @@
+"""decoder_upscale: a click's first upscaling layer through the slice's cached tokens and
+the blocks' low-rank factors, and the final attention for the read tokens only; both equal
+segment_anything's modules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from segment_anything.modeling import MaskDecoder, TwoWayTransformer
+
+from decoder_helpers import embedding, state_entries, tiny_model
+from desam_server.modeling.decoder_fast import MaskDense, _two_way, mask_decoder_forward, two_way_forward
+from desam_server.modeling.decoder_upscale import _conv_weights, projection
+
+
+def randomise_norms(decoder: MaskDecoder, seed: int) -> MaskDecoder:
+    """A copy whose layer norms and first upscaling bias are not the identity init (with
+    weight 1 and bias 0 the per-column factors of the unrolling would go untested)."""
+    decoder = copy.deepcopy(decoder)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in decoder.transformer.layers:
+            layer.norm4.weight.copy_(0.5 + torch.rand(layer.norm4.weight.shape, generator=g))
+            layer.norm4.bias.copy_(0.3 * torch.randn(layer.norm4.bias.shape, generator=g))
+        decoder.output_upscaling[0].bias.copy_(0.2 * torch.randn(decoder.output_upscaling[0].bias.shape, generator=g))
+        for mlp in decoder.output_hypernetworks_mlps:  # trained-looking logits (tens)
+            mlp.layers[-1].weight.mul_(40)
+    return decoder
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(6)
+
+
+@pytest.fixture(scope="module")
+def decoder(model):
+    return randomise_norms(model.mask_decoder, 1)
+
+
+@pytest.fixture(scope="module")
+def image(model):
+    return embedding(model, 2)
+
+
+def prompt(model, kind: str, batch: int = 1):
+    g = torch.Generator().manual_seed(3)
+    side = model.img_size
+    pts = (torch.rand(batch, 2, 2, generator=g) * side, torch.tensor([[1, 0]]).repeat(batch, 1))
+    box = torch.tensor([[8.0, 16.0, side - 20.0, side - 9.0]]).repeat(batch, 1)
+    low_res = 4 * model.prompt_encoder.image_embedding_size[0]
+    mask = torch.randn(batch, 1, low_res, low_res, generator=g) * 4
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(points=pts if "points" in kind else None,
+                                             boxes=box if "box" in kind else None, masks=None)
+        if "mask" in kind:
+            return sparse, MaskDense.of(model.prompt_encoder.mask_downscaling, mask), \
+                model.prompt_encoder.mask_downscaling(mask)
+    return sparse, dense, dense
+
+
+def tokens_of(decoder: MaskDecoder, sparse: torch.Tensor) -> torch.Tensor:
+    out = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
+    return torch.cat([out[None].expand(len(sparse), -1, -1), sparse], dim=1)
+
+
+@pytest.mark.parametrize("kind", ["points", "box", "points+mask"])
+def test_projected_tokens_equal_the_keys_through_the_first_layer(model, decoder, image, kind):
+    sparse, dense, _ = prompt(model, kind)
+    proj, state = projection(decoder), {}
+    with torch.inference_mode():
+        for _ in range(2):  # the first call fills the state, the second reads it
+            _, keys, projected = _two_way(decoder.transformer, image, model.dense_pe(), tokens_of(decoder, sparse),
+                                          dense, state, None, proj)
+            w, b = _conv_weights(decoder.output_upscaling[0])
+            want = keys @ w + b
+            assert projected is not None and projected.shape == want.shape
+            torch.testing.assert_close(projected, want, rtol=1e-4, atol=1e-4)
+    assert len(state_entries(state, "projected_first_block")) == 1
+
+
+@pytest.mark.parametrize("kind", ["points", "box", "points+mask"])
+@pytest.mark.parametrize("multimask", [True, False])
+def test_a_click_with_state_equals_the_module(model, decoder, image, kind, multimask):
+    sparse, dense, full = prompt(model, kind)
+    pe, state = model.dense_pe(), {}
+    with torch.inference_mode():
+        want = decoder(image, pe, sparse, full, multimask)
+        for _ in range(2):
+            got = mask_decoder_forward(decoder, image, pe, sparse, dense, multimask, state)
+            assert want[0].abs().max() > 1
+            torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_deeper_transformer_unrolls_every_block(model, image):
+    """The unrolling runs over any number of blocks (SAM has two)."""
+    torch.manual_seed(8)
+    deep = MaskDecoder(transformer_dim=256, transformer=TwoWayTransformer(depth=3, embedding_dim=256, mlp_dim=512,
+                                                                          num_heads=8))
+    deep = randomise_norms(deep, 2)
+    sparse, dense, _ = prompt(model, "points")
+    pe, state = model.dense_pe(), {}
+    with torch.inference_mode():
+        want = deep(image, pe, sparse, dense, True)
+        got = mask_decoder_forward(deep, image, pe, sparse, dense, True, state)
+    assert len(state_entries(state, "projected_first_block")) == 1
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
+
+
+def test_a_batch_of_prompts_projects_the_keys_directly(model, decoder, image):
+    sparse, dense, _ = prompt(model, "points", batch=3)
+    pe, state = model.dense_pe(), {}
+    with torch.inference_mode():
+        got = mask_decoder_forward(decoder, image, pe, sparse, dense, True, state)
+        want = decoder(image, pe, sparse, dense, True)
+    assert state_entries(state, "projected_first_block") == []
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
+
+
+def test_the_projection_follows_a_weight_change(model, image):
+    """A decoder swap rewrites the norms and the upscaling in place: the per-model
+    factors and the slice's cached product are recomputed."""
+    decoder = randomise_norms(model.mask_decoder, 3)
+    sparse, dense, _ = prompt(model, "points")
+    pe, state = model.dense_pe(), {}
+    with torch.no_grad():
+        mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)
+        before = projection(decoder)
+        for change in (lambda: decoder.transformer.layers[0].norm4.weight.mul_(1.3),
+                       lambda: decoder.transformer.layers[1].norm4.bias.add_(0.2),
+                       lambda: decoder.output_upscaling[0].weight.mul_(0.7)):
+            change()
+            got = mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)[0]
+            torch.testing.assert_close(got, decoder(image, pe, sparse, dense, False)[0], rtol=1e-4, atol=1e-3)
+        assert projection(decoder) is not before
+
+
+def test_outputs_runs_the_final_attention_for_those_tokens_only(model, decoder, image):
+    sparse, dense, _ = prompt(model, "points+box", batch=2)
+    tokens, pe = tokens_of(decoder, sparse), model.dense_pe()
+    with torch.no_grad():
+        want_q, want_k = decoder.transformer(image.expand(2, -1, -1, -1) + dense, pe, tokens)
+        got_q, got_k = two_way_forward(decoder.transformer, image, pe, tokens, dense, outputs=[0, 3, 4])
+    assert got_q.shape == (2, 3, 256)
+    torch.testing.assert_close(got_q, want_q[:, [0, 3, 4]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-4, atol=1e-5)
