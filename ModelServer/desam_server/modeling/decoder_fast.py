@@ -174,12 +174,13 @@ def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g_heads: Tenso
 
 def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k_tokens: Tensor,
                     v_tokens: Tensor, b: int, q_image: Tensor | None = None,
-                    low: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    low: tuple[Tensor, Tensor] | None = None, own: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """x + row + Attention(q=image + row + pe, k=tokens + pe, v=tokens) -> B x L x C (before
     the layer norm), and its factors (P B x L x K, U B x K x C: the result is x + P U).
     f: L x D positional half of the query projection; q_image: the bare image tokens'
     queries (L x D, positional part and bias included) when precomputed -- then the row
-    and ``low`` (see ``_token_to_image``) enter through small products."""
+    and ``low`` (see ``_token_to_image``) enter through small products. own: x is a
+    temporary of the caller's, updated in place when it has the result's shape."""
     heads = attn.num_heads
     d = attn.internal_dim // heads
     t = k_tokens.shape[1]
@@ -215,6 +216,8 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
     if low is not None:  # x + h W^T: the low-rank term joins the same product.
         h, w = low
         p, u = torch.cat([p, h.expand(b, -1, -1)], dim=2), torch.cat([u, w.T.expand(b, -1, -1)], dim=1)
+    if own and x.shape[0] == b:
+        return x.baddbmm_(p, u), p, u
     return torch.baddbmm(x, p, u), p, u
 
 
@@ -304,7 +307,7 @@ def _two_way(transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor, to
         queries = layer.norm2(queries + attn)
         queries = layer.norm3(queries + layer.mlp(queries))
         pre, p, u = _image_to_token(layer.cross_attn_image_to_token, x, f, row, queries + query_pe, queries, b,
-                                    first[3] if cached else None, low if cached else None)
+                                    first[3] if cached else None, low if cached else None, own=i > 0)
         row, norm = None, layer.norm4
         if blocks is None:
             x = norm(pre)
