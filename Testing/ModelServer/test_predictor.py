@@ -286,3 +286,20 @@ def test_windowing_and_rgb_conversion():
     mr = IntensityWindow.from_percentiles(np.arange(1000, dtype=np.float32))
     assert 0 < mr.low < 10 and mr.width > 980
     assert IntensityWindow.default_for(np.array([-1024, 500], np.int16)) == IntensityWindow.ct_soft_tissue()
+
+
+@pytest.mark.parametrize("mode", ["box", "grid"])
+def test_automatic_modes_offer_serve_points_between_their_steps(trained_predictor, mode):
+    """On the service's compute thread a click runs between PRIM chunks and before each of
+    PDMM's blocks, not after the whole slice (``preemption``)."""
+    import threading
+
+    from desam_server.engine import preemption
+
+    served = []
+    with preemption.armed(threading.Event(), lambda: served.append(1)):
+        trained_predictor.predict_auto(mode, grid_size=5, iou_threshold=-1e9, min_region_area=0, decode_chunk=1)
+    prim_chunks = 25 if mode == "grid" else 0
+    pdmm_blocks = 3  # fusion, up1, up2 (and the head) for each decode; one decode here
+    assert len(served) >= prim_chunks + pdmm_blocks
+    assert trained_predictor.model.pdmm._desam_serve_points  # installed once, kept

@@ -75,3 +75,38 @@ def test_calls_waiting_at_close_get_an_error(model, volume, tmp_path):
         t.join(20)
     assert isinstance(outcome["late"], SchedulerClosedError)
     assert not sched.stats()["worker_alive"]
+
+
+def test_a_long_call_serves_urgent_calls_at_its_serve_points(model, volume, tmp_path):
+    """A batch-segmentation slice (non-urgent, seconds on a CPU) lets a click run at its
+    next serve point instead of after it."""
+    from desam_server.engine import preemption
+
+    sched, _, _ = make(model, volume, tmp_path)
+    started, clicked, order = threading.Event(), threading.Event(), []
+
+    def long_slice():
+        started.set()
+        for _ in range(2000):  # up to 20 s, serving at every step
+            if clicked.is_set():
+                break
+            preemption.serve_point()
+            threading.Event().wait(0.01)
+        order.append("slice done")
+        return clicked.is_set()
+
+    def click():
+        order.append("click")
+        preemption.serve_point()  # served work does not serve again: no nesting
+        clicked.set()
+
+    result = {}
+    slice_thread = threading.Thread(target=lambda: result.update(slice=sched.call(long_slice, urgent=False)))
+    slice_thread.start()
+    assert started.wait(20)
+    sched.call(click)  # returns while the slice is still running
+    slice_thread.join(20)
+    assert order == ["click", "slice done"] and result["slice"] is True
+    # Outside the worker's calls a serve point does nothing.
+    preemption.serve_point()
+    sched.close()

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..modeling.desam import DeSAM, ImageFeatures
+from . import preemption
 from .postprocess import grid_points, remove_small_regions
 from .preprocess import IntensityWindow, prepare_input, to_input_frame, to_rgb
 from .runtime import Precision, choose_precision
@@ -227,6 +228,8 @@ class SlicePredictor:
             raise UntrainedDecoderError(HOW_TO_GET_A_DECODER)
         feats = self._require_image()
         h, w = feats.original_size
+        # On the service's compute thread, clicks run between PRIM chunks and PDMM's blocks.
+        preemption.install_serve_points(self.model.pdmm)
         if mode == "box":
             box = to_input_frame(np.array([[0.0, 0.0], [w, h]]), feats.original_size, self.model.img_size)
             boxes = torch.as_tensor(box.reshape(1, 4), dtype=torch.float, device=self.device)
@@ -249,6 +252,7 @@ class SlicePredictor:
         ious, embeddings = [], []
         for start in range(0, coords.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
+            preemption.serve_point()
             sparse, dense = self.model.prompt_encoder(points=(coords[chunk], labels[chunk]), boxes=None, masks=None)
             iou, mask_embedding = self.model.prim(feats.embedding, image_pe, sparse, dense, state=feats.decoder_state)
             keep = iou > iou_threshold

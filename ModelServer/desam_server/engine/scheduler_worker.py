@@ -47,12 +47,14 @@ class SchedulerWorker:
     def _init_calls(self) -> None:
         self._urgent_calls: collections.deque = collections.deque()
         self._calls: collections.deque = collections.deque()
+        self._never_stop = threading.Event()  # calls serve clicks but are never preempted
 
     def call(self, fn: Callable[[], Any], *, urgent: bool = True) -> Any:
         """Run ``fn()`` on the worker thread; return its result or raise its exception.
         Urgent calls (clicks) run before any queued encoding and, during an encoder pass,
         at its next module (the pass then continues); others (batch segmentation)
-        between passes, after the urgent ones. On the worker thread itself: at once."""
+        between passes, after the urgent ones, and serve urgent calls at their serve
+        points (``preemption.serve_point``). On the worker thread itself: at once."""
         if threading.current_thread() is self._thread:
             return fn()
         future: Future = Future()
@@ -119,6 +121,7 @@ class SchedulerWorker:
                     self._cond.wait()
                 if self._closing:
                     return
+                urgent = bool(self._urgent_calls)
                 task = self._next_call()
                 if task is None:
                     batch = self._queue.pop_batch(self.encode_batch, same_pass)
@@ -127,7 +130,11 @@ class SchedulerWorker:
                     self._running = batch
                     self._preempt.clear()
             if task is not None:
-                self._execute(task)
+                if urgent:
+                    self._execute(task)
+                else:  # a long call serves clicks at its serve points (see ``preemption``)
+                    with preemption.armed(self._never_stop, self._serve_urgent):
+                        self._execute(task)
                 continue
             preempted = False
             try:
