@@ -6,6 +6,8 @@
   click adds a point (alternately negative and positive) to the previous ones and refines
   the previous answer by its ``logits_id`` (SAM's mask input, one mask per answer).
 - ``cold_click``: one click whose slice still has to be encoded.
+- ``clicks_during_job``: clicks on a cached slice while a batch-segmentation job runs on
+  the same compute thread (they run at the job's serve points).
 """
 
 from __future__ import annotations
@@ -92,3 +94,22 @@ def cold_click(client, vid, k, center, points, window=None) -> float:
     t0 = time.perf_counter()
     client.segment_prompt(vid, "k", k, multimask=True, window=window, **prompt_kwargs(*center, points))
     return ms(time.perf_counter() - t0)
+
+
+def clicks_during_job(client, vid: str, k: int, center, points: bool, window, job: dict, n: int = 30,
+                      seed: int = 0) -> dict:
+    """Start the job (``segment_auto`` keyword arguments), then click on slice k (cached)
+    every 50-150 ms until it ends or n clicks were made. Round trips of clicks sent while
+    the job was running."""
+    rng = np.random.default_rng(seed)
+    started = client.segment_auto(vid, window=window, **job)
+    rtt = []
+    while len(rtt) < n and client.job(started["id"])["state"] in ("queued", "running"):
+        x, y = np.asarray(center, float) + rng.uniform(-6, 6, 2)
+        t0 = time.perf_counter()
+        client.segment_prompt(vid, "k", k, multimask=True, window=window, **prompt_kwargs(x, y, points))
+        rtt.append(ms(time.perf_counter() - t0))
+        time.sleep(rng.uniform(0.05, 0.15))
+    final = client.wait_job(started["id"], poll=0.1, timeout=1800)
+    return {"clicks": len(rtt), "round_trip_ms": lib.summary(rtt) if rtt else None,
+            "max_ms": max(rtt) if rtt else None, "job_state": final["state"], "job_elapsed_s": final["elapsed_s"]}

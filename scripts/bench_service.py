@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 import bench_service_lib as lib
-from bench_clicks import TARGETS, cold_click, ms, prompt_kwargs, refine_clicks, timed_clicks
+from bench_clicks import TARGETS, clicks_during_job, cold_click, ms, prompt_kwargs, refine_clicks, timed_clicks
 from SlicerDeSAMLib import wire
 
 OTHER_WINDOW = (40.0, 400.0)   # warm-up window: its features never serve the session's clicks
@@ -182,6 +182,10 @@ def bench_model(name: str, args, ct: lib.Cranium, files: dict, work: Path, res: 
         n_auto = min(args.auto_slices, args.encode_slices)
         res["grid_service"] = bench_auto(c, sub, decoder.stem, "grid", n_auto, ct.window)
         res["box_service"] = bench_auto(c, sub, decoder.stem, "box", n_auto, ct.window)
+        res["click_during_grid_job"] = clicks_during_job(
+            c, sub, 0, ct.centroid(ct.reference_slice), points, ct.window,
+            dict(axis="k", start=0, stop=n_auto, mode="grid", decoder=decoder.stem, grid_size=9,
+                 iou_threshold=0.0, min_region_area=0))
         res["info_after"] = {"scheduler": (i := c.info())["scheduler"], "logits_kept": i["logits_kept"]}
         res["service_log_problems"] = svc.log_problems()
         res["load_service_end"] = lib.load()
@@ -291,6 +295,9 @@ def print_tables(report: dict) -> None:
         row(f"cache KiB/slice, {tier}", lambda r, t=tier: f"{r['cache_bytes'][t]['bytes_per_slice'] / 1024:.0f}")
     row("grid mode via service (s/slice)", lambda r: f"{r['grid_service']['s_per_slice']:.3f}")
     row("box mode via service (s/slice)", lambda r: f"{r['box_service']['s_per_slice']:.3f}")
+    row("click during a grid job p50/p95/mean (ms)", lambda r: dist(r["click_during_grid_job"]["round_trip_ms"]))
+    row("  clicks / max (ms)", lambda r: f"{r['click_during_grid_job']['clicks']} / "
+                                        f"{r['click_during_grid_job']['max_ms']:.0f}")
     row("engine grid / naive (ms)", lambda r: f"{r['engine']['grid_mode']['median_ms']:.0f} / "
                                               f"{r['engine']['grid_mode_naive']['median_ms']:.0f}")
     row(f"engine grid speedup (target >= {TARGETS['grid_speedup']:.0f}x)",
