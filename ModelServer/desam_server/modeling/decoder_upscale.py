@@ -112,7 +112,8 @@ def upscaled_masks(decoder: MaskDecoder, keys: Tensor, hyper: Tensor, side: int,
     ``projected_tokens``) when already known."""
     conv1, norm, act1, conv2, act2 = decoder.output_upscaling
     b, length, c = keys.shape
-    (w1, bias1), (w2, bias2) = _conv_weights(conv1), _conv_weights(conv2)
+    proj = projection(decoder)  # the first layer as a matrix, kept per weight version
+    (w1, bias1), (w2, bias2) = (proj.weight, proj.bias), _conv_weights(conv2)
     o1, m = conv1.out_channels, hyper.shape[1]
     masks = keys.new_empty(b, m, 16 * length)
     for i in range(b):
