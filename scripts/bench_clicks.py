@@ -38,7 +38,10 @@ def _report(rtt, results) -> dict:
            "server_features_ms": lib.summary(ms(t["features_s"]) for t in timing),
            "overhead_ms": lib.summary(np.subtract(rtt, [ms(t["total_s"]) for t in timing])),
            "cached_share": float(np.mean([bool(t["cached"]) for t in timing])),
-           "masks": len(results[-1].masks), "slice_shape": list(results[-1].masks.shape[1:])}
+           "masks": len(results[-1].masks), "slice_shape": list(results[-1].masks.shape[1:]),
+           # In click order: this machine's speed drifts within seconds, which the
+           # percentiles hide and the series shows (round trip, server decode).
+           "series_ms": [[round(a, 1), round(ms(t["decode_s"]), 1)] for a, t in zip(rtt, timing)]}
     p50, p95 = out["round_trip_ms"]["p50"], out["round_trip_ms"]["p95"]
     out["target"] = {"p50_ms": TARGETS["click_p50_ms"], "p95_ms": TARGETS["click_p95_ms"],
                      "p50_met": p50 <= TARGETS["click_p50_ms"], "p95_met": p95 <= TARGETS["click_p95_ms"]}
