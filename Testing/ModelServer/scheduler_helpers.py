@@ -58,6 +58,17 @@ def wait_until(predicate, timeout: float = 20.0) -> None:
         time.sleep(0.005)
 
 
+def close_while_held(sched, gate, *threads, timeout: float = 30.0) -> None:
+    """Close ``sched`` while its worker is held at ``gate``: once the scheduler reports
+    closed, open the gate and join the closer and ``threads``."""
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    wait_until(lambda: sched.stats()["closed"])
+    gate.set()
+    for t in (closer, *threads):
+        t.join(timeout)
+
+
 def make(model, volume, tmp_path, storage_dtype="float16", **kw):
     cache = FeatureCache(FeatureCacheSettings(directory=tmp_path / "cache", storage_dtype=storage_dtype))
     encoder = kw.pop("encoder", None) or Encoder(model)

@@ -13,7 +13,7 @@ from desam_server.engine import SlicePredictor
 from desam_server.engine.scheduler import SchedulerClosedError
 from desam_server.engine.scheduler_queue import outward
 from desam_server.segment import slice_view
-from scheduler_helpers import VOLUME, WINDOW, Encoder, idle, make, model, order, volume, wait_until  # noqa: F401
+from scheduler_helpers import VOLUME, WINDOW, Encoder, close_while_held, idle, make, model, order, volume, wait_until  # noqa: F401
 
 def test_outward_order_clips_at_edges():
     assert [i for _, i in outward(5, 3, 12)] == [5, 6, 4, 7, 3, 8, 2]
@@ -174,12 +174,7 @@ def test_close_cancels_queued_work_and_finishes_the_running_batch(model, volume,
     waiting = threading.Thread(target=ask, args=("waiting", 7))
     waiting.start()
     wait_until(lambda: sched.stats()["queued_by_priority"].get("prompt") == 1)
-    closer = threading.Thread(target=sched.close)
-    closer.start()
-    wait_until(lambda: sched.stats()["closed"])
-    gate.set()
-    for t in (closer, running, waiting):
-        t.join(30)
+    close_while_held(sched, gate, running, waiting)
     assert isinstance(outcome["running"].embedding, torch.Tensor)
     assert isinstance(outcome["waiting"], SchedulerClosedError)
     stats = sched.stats()

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from desam_server.engine.scheduler import SchedulerClosedError
-from scheduler_helpers import VOLUME, idle, make, model, volume, wait_until  # noqa: F401
+from scheduler_helpers import VOLUME, close_while_held, idle, make, model, volume, wait_until  # noqa: F401
 
 
 def test_a_call_runs_on_the_worker_and_returns_or_raises(model, volume, tmp_path):
@@ -67,12 +67,7 @@ def test_calls_waiting_at_close_get_an_error(model, volume, tmp_path):
     late = threading.Thread(target=later)
     late.start()
     wait_until(lambda: len(sched._urgent_calls) == 1)
-    closer = threading.Thread(target=sched.close)
-    closer.start()
-    wait_until(lambda: sched.stats()["closed"])
-    gate.set()
-    for t in (blocker, late, closer):
-        t.join(20)
+    close_while_held(sched, gate, blocker, late, timeout=20)
     assert isinstance(outcome["late"], SchedulerClosedError)
     assert not sched.stats()["worker_alive"]
 
