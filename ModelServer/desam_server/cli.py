@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from .wire import AXES
+
 log = logging.getLogger("desam_server")
 
 SEGMENT_COLOR = (120 / 255, 230 / 255, 90 / 255)  # the montage's first label colour: green stands out on CT grey
@@ -58,11 +60,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .engine import IntensityWindow
-    from .io.overlay import write_overlay_montage
-    from .io import SegmentInfo, read_segmentation, read_volume, write_labelmap_nifti, write_segmentation
-    from .segment import PromptRule, dice_score, parse_slice_range, segment_volume, AXES
     from .atomic import atomic_write_bytes
+    from .engine import IntensityWindow
+    from .io import SegmentInfo, read_segmentation, read_volume, write_labelmap_nifti, write_segmentation
+    from .io.overlay import write_overlay_montage
+    from .io.slices import axis_dimension
+    from .segment import PromptRule, dice_score, parse_slice_range, segment_volume
 
     t_start = time.perf_counter()
     volume = read_volume(args.input)
@@ -86,7 +89,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         window = IntensityWindow(center=args.window[0], width=args.window[1])
     else:
         window = IntensityWindow.default_for(volume.array, args.modality)
-    slices = parse_slice_range(args.slices, volume.array.shape[AXES[args.axis]])
+    dimension = axis_dimension(args.axis)
+    slices = parse_slice_range(args.slices, volume.array.shape[dimension])
 
     predictor = load_model(args)
     t_loaded = time.perf_counter()
@@ -104,8 +108,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         write_labelmap_nifti(args.nifti, labelmap, volume.geometry)
         outputs["nifti"] = str(args.nifti)
     overlay = args.overlay or args.output.with_name(_stem(args.output) + "_overlay.png")
-    write_overlay_montage(overlay, volume.array if args.axis == "k" else np.moveaxis(volume.array, AXES[args.axis], 0),
-                          labelmap if args.axis == "k" else np.moveaxis(labelmap, AXES[args.axis], 0),
+    write_overlay_montage(overlay, np.moveaxis(volume.array, dimension, 0), np.moveaxis(labelmap, dimension, 0),
                           window=(window.center, window.width))
     outputs["overlay"] = str(overlay)
 
@@ -123,7 +126,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if reference is not None:
         sel = np.zeros(volume.array.shape, bool)
         idx = [slice(None)] * 3
-        idx[AXES[args.axis]] = list(slices)
+        idx[dimension] = list(slices)
         sel[tuple(idx)] = True
         summary["dice_vs_reference"] = dice_score(labelmap.astype(bool) & sel, reference & sel)
     report_path = args.report or args.output.with_name(_stem(args.output) + "_report.json")
@@ -240,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--structure", required=True, help="segment name written into the output")
     seg.add_argument("--mode", choices=["box", "grid", "prompt"], default="box",
                      help="box / grid: DeSAM automatic modes (need --decoder); prompt: SAM's prompted decoder")
-    seg.add_argument("--axis", choices=["k", "j", "i"], default="k", help="slice along this index axis (k: usually axial)")
+    seg.add_argument("--axis", choices=list(AXES), default="k", help="slice along this index axis (k: usually axial)")
     seg.add_argument("--slices", default=None, help="slice range 'start:stop' (default: all)")
     seg.add_argument("--window", type=lambda s: _floats(s, 2, "--window"), default=None,
                      metavar="CENTER,WIDTH", help="intensity window (default: CT soft tissue, or MR percentiles)")

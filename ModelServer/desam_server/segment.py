@@ -9,21 +9,15 @@ slice (``--prompt-from-mask``), or one fixed box or point for every slice.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 
 from .engine.postprocess import largest_component
 from .engine.predictor import SlicePredictor
 from .engine.preprocess import IntensityWindow, apply_window
-
-AXES = {"k": 0, "j": 1, "i": 2}
-
-
-def slice_view(array: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """The 2D slice ``index`` along array axis ``axis`` of a K x J x I array (a view)."""
-    return array[(slice(None),) * axis + (index,)]
+from .io.slices import axis_dimension, slice_view
 
 
 def parse_slice_range(text: str | None, count: int) -> range:
@@ -64,7 +58,7 @@ class PromptRule:
             return f"fixed box {self.box} on every slice"
         return f"fixed foreground point {self.point} on every slice"
 
-    def prompt_for(self, axis: int, index: int, shape: tuple[int, int]) -> dict | None:
+    def prompt_for(self, axis: str, index: int, shape: tuple[int, int]) -> dict | None:
         h, w = shape
         if self.reference is not None:
             ref = largest_component(slice_view(self.reference, axis, index))
@@ -123,22 +117,20 @@ def segment_volume(
 ) -> tuple[np.ndarray, SegmentationReport]:
     """Segment ``volume`` (K x J x I) slice by slice. Returns (uint8 labelmap with 1
     inside, same shape; a timing/quality report). Slices outside ``slices`` stay 0."""
-    if axis not in AXES:
-        raise ValueError(f"axis must be one of {', '.join(AXES)}")
+    dimension = axis_dimension(axis)
     if mode not in ("box", "grid", "prompt"):
         raise ValueError(f"mode must be box, grid or prompt, not {mode!r}")
     if mode == "prompt" and prompt is None:
         raise ValueError("prompted mode needs a prompt rule (reference mask, box or point)")
     if volume.ndim != 3 or min(volume.shape) < 1:
         raise ValueError(f"expected a non-empty 3D volume, got shape {volume.shape}")
-    a = AXES[axis]
-    indices = list(range(volume.shape[a]) if slices is None else slices)
+    indices = list(range(volume.shape[dimension]) if slices is None else slices)
     labelmap = np.zeros(volume.shape, np.uint8)
     report = SegmentationReport(mode=mode, axis=axis, slices=indices)
     iterator = progress(indices) if progress else indices
     for index in iterator:
-        image = slice_view(volume, a, index)
-        request = prompt.prompt_for(a, index, image.shape) if mode == "prompt" else None
+        image = slice_view(volume, axis, index)
+        request = prompt.prompt_for(axis, index, image.shape) if mode == "prompt" else None
         if mode == "prompt" and request is None:
             report.skipped += 1
             continue
@@ -155,7 +147,7 @@ def segment_volume(
         report.encode_seconds.append(t1 - t0)
         report.decode_seconds.append(t2 - t1)
         report.ious.append(iou)
-        out = slice_view(labelmap, a, index)  # a view: writing into it fills the labelmap
+        out = slice_view(labelmap, axis, index)  # a view: writing into it fills the labelmap
         out[mask] = 1
     return labelmap, report
 

@@ -19,7 +19,8 @@ from functools import cached_property
 import numpy as np
 
 __all__ = ["WireFormatError", "PayloadTooLargeError", "DecodedVolume", "DecodedMask", "encode_volume",
-           "decode_volume", "volume_id", "encode_mask", "decode_mask", "mask_slice_shape", "DTYPES"]
+           "decode_volume", "volume_id", "encode_mask", "decode_mask", "mask_slice_shape", "DTYPES", "AXES",
+           "axis_dimension"]
 
 FORMAT_VERSION = 1
 VOLUME_MAGIC, MASK_MAGIC = b"DESAMVOL", b"DESAMMSK"
@@ -35,7 +36,18 @@ MAX_INFLATE_RATIO = 1032                  # deflate cannot expand beyond this
 _STRATEGIES = {"default": zlib.Z_DEFAULT_STRATEGY, "rle": zlib.Z_RLE, "filtered": zlib.Z_FILTERED,
                "huffman": zlib.Z_HUFFMAN_ONLY}
 _PARALLEL_MIN, _PIECE = 8 << 20, 4 << 20  # deflate in parallel 4 MiB pieces above 8 MiB
-_AXES, _MAX_DIM = ("k", "j", "i"), (1 << 31) - 1
+_MAX_DIM = (1 << 31) - 1
+#: The index axes of a [K, J, I] volume by name, in array-dimension order: the one
+#: vocabulary of slicing axes in payloads, the HTTP API, the client and the service. A slice
+#: along "k" is J x I (rows j, columns i), along "j" K x I, along "i" K x J.
+AXES = ("k", "j", "i")
+
+
+def axis_dimension(axis: str) -> int:
+    """The array dimension (0, 1 or 2) of index axis ``axis`` ('k', 'j' or 'i')."""
+    if not isinstance(axis, str) or axis not in AXES:
+        raise ValueError(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
+    return AXES.index(axis)
 
 
 class WireFormatError(ValueError):
@@ -340,11 +352,13 @@ def decode_volume(data, *, max_voxels: int = DEFAULT_MAX_VOXELS, max_bytes: int 
 # ------------------------------------------------------------------ masks
 
 def mask_slice_shape(volume_shape, axis: str) -> tuple[int, int]:
-    """(H, W) of one slice of a [K, J, I] volume along ``axis``: k -> JI, j -> KI, i -> KJ."""
-    if axis not in _AXES:
-        raise WireFormatError(f"axis must be one of {list(_AXES)}, got {axis!r}")
-    k, j, i = (int(n) for n in volume_shape)
-    return {"k": (j, i), "j": (k, i), "i": (k, j)}[axis]
+    """(H, W) of one slice of a [K, J, I] volume along ``axis``: k -> JI, j -> KI, i -> KJ
+    (the other two dimensions, in order)."""
+    if axis not in AXES:
+        raise WireFormatError(f"axis must be one of {list(AXES)}, got {axis!r}")
+    shape = [int(n) for n in volume_shape]
+    del shape[AXES.index(axis)]
+    return shape[0], shape[1]
 
 
 def encode_mask(mask: np.ndarray, *, axis: str, offset: int, compression: str = "zlib",
@@ -355,8 +369,8 @@ def encode_mask(mask: np.ndarray, *, axis: str, offset: int, compression: str = 
         raise WireFormatError(f"a mask must be a bool array (use mask != 0), got {mask.dtype}")
     if mask.ndim not in (2, 3) or any(n < 1 for n in mask.shape):
         raise WireFormatError(f"a mask must be 2-D (H x W) or 3-D (N x H x W) and non-empty, got {mask.shape}")
-    if axis not in _AXES:
-        raise WireFormatError(f"axis must be one of {list(_AXES)}, got {axis!r}")
+    if axis not in AXES:
+        raise WireFormatError(f"axis must be one of {list(AXES)}, got {axis!r}")
     if not (_is_int(offset) or isinstance(offset, np.integer)) or not 0 <= offset <= _MAX_DIM:
         raise WireFormatError(f"offset must be an integer in [0, {_MAX_DIM}], got {offset!r}")
     _check_compression(compression, level)
@@ -375,7 +389,7 @@ def decode_mask(data, *, max_pixels: int = DEFAULT_MAX_PIXELS, volume_shape=None
     """Parse and validate a mask payload (and, given ``volume_shape`` [K, J, I], that it fits)."""
     h, body = _unframe(data, MASK_MAGIC, "mask")
     shape = _shape(h, (2, 3))
-    axis = _choice(h, "axis", _AXES)
+    axis = _choice(h, "axis", AXES)
     offset = _int(h, "offset", 0, _MAX_DIM)
     _choice(h, "packing", ("bits-lsb-first",))
     if "volume_id" in h and not isinstance(h["volume_id"], str):
@@ -384,7 +398,7 @@ def decode_mask(data, *, max_pixels: int = DEFAULT_MAX_PIXELS, volume_shape=None
     if pixels > max_pixels:
         raise PayloadTooLargeError(f"{pixels} mask pixels exceed the limit of {max_pixels}")
     if volume_shape is not None:
-        n, extent = (shape[0] if len(shape) == 3 else 1), int(volume_shape[_AXES.index(axis)])
+        n, extent = (shape[0] if len(shape) == 3 else 1), int(volume_shape[AXES.index(axis)])
         if tuple(shape[-2:]) != mask_slice_shape(volume_shape, axis) or offset + n > extent:
             raise WireFormatError(f"mask {shape} at {axis}={offset} does not fit volume shape {tuple(volume_shape)}")
     nbytes = (pixels + 7) // 8

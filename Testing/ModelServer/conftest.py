@@ -53,6 +53,22 @@ def tiny_model(tiny_sam_checkpoint):
     return build_desam("tiny", sam_checkpoint=path)
 
 
+@pytest.fixture(scope="module")
+def scheduler_model():
+    """A tiny DeSAM with random weights (seeded), for the scheduler tests."""
+    torch.manual_seed(0)
+    return build_desam("tiny")
+
+
+@pytest.fixture(scope="module")
+def scheduler_volume():
+    """A 12 x 64 x 80 int16 noise volume with a bright block, for the scheduler tests."""
+    r = np.random.default_rng(7)
+    vol = r.normal(0, 120, size=(12, 64, 80)).astype(np.int16)
+    vol[:, 20:40, 30:60] += 200
+    return vol
+
+
 @pytest.fixture()
 def rng():
     return np.random.default_rng(1234)

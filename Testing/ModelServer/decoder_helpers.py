@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from desam_server.modeling import build_desam
+from desam_server.modeling.decoder_fast import transformer_constants
+from desam_server.modeling.decoder_upscale import upscale_projection
 
 
 def tiny_model(seed: int):
@@ -24,8 +26,9 @@ def embedding(model, seed: int) -> torch.Tensor:
     return torch.randn(1, 256, e, e, generator=torch.Generator().manual_seed(seed))
 
 
-def state_entries(state: dict, name: str) -> list[tuple]:
-    """The (sources, versions, value) entries of one kind in a slice's decoder state:
-    "two_way_first_block" (the first block's image side) or "projected_first_block" (the
-    bare tokens through the first upscaling layer)."""
-    return [entry for key, entry in state.items() if key[0] == name]
+def sam_constants(model, decoder=None):
+    """(TransformerConstants, UpscaleProjection) of SAM's decoder (or ``decoder``) for the
+    model's positional encoding: what ``DeSAM`` derives and passes to ``decoder_fast``."""
+    decoder = decoder or model.mask_decoder
+    with torch.no_grad():
+        return transformer_constants(decoder.transformer, model.dense_pe()), upscale_projection(decoder)

@@ -1,46 +1,30 @@
-"""Shared by the scheduler tests: a tiny model, a volume, an encoder wrapper, waiting."""
+"""Shared by the scheduler tests: an encoder wrapper, a scheduler, waiting (the tiny
+model and the volume are the ``scheduler_model`` / ``scheduler_volume`` fixtures of
+conftest.py)."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-import numpy as np
-import pytest
-import torch
-
 from desam_server.engine import IntensityWindow
 from desam_server.engine.feature_cache import FeatureCache, FeatureCacheSettings
 from desam_server.engine.scheduler import EncodingScheduler
-from desam_server.modeling import build_desam
 
 VOLUME = "PATIENT-Doe^Jane-1234-volume"
 WINDOW = IntensityWindow(center=40.0, width=400.0)
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_desam("tiny")
-
-
-@pytest.fixture(scope="module")
-def volume():
-    r = np.random.default_rng(7)
-    vol = r.normal(0, 120, size=(12, 64, 80)).astype(np.int16)
-    vol[:, 20:40, 30:60] += 200
-    return vol
-
-
 class Encoder:
-    """Wraps model.encode: counts passes and batch sizes, can block on a gate or fail."""
+    """Wraps model.encode: counts passes and batch sizes, can block on a gate or fail,
+    and passes the scheduler's ``between_steps`` on to the model."""
 
     def __init__(self, model, fail_times: int = 0, gate: threading.Event | None = None):
         self.model, self.fail_times, self.gate = model, fail_times, gate
         self.calls: list[int] = []
         self.entered = threading.Event()
 
-    def __call__(self, x):
+    def __call__(self, x, between_steps=None):
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(20)
@@ -48,10 +32,11 @@ class Encoder:
         if self.fail_times > 0:
             self.fail_times -= 1
             raise RuntimeError("simulated encoder failure")
-        return self.model.encode(x)
+        return self.model.encode(x, between_steps=between_steps)
 
 
 def wait_until(predicate, timeout: float = 20.0) -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
     end = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < end, "condition not reached in time"

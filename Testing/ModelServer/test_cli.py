@@ -124,5 +124,5 @@ def test_slice_ranges_and_prompt_rules():
     ref[1, 2:5, 3:8] = True
     ref[1, 9, 0] = True  # a stray island is not part of the box
     rule = PromptRule(reference=ref, margin=1)
-    assert rule.prompt_for(0, 0, (10, 10)) is None
-    np.testing.assert_array_equal(rule.prompt_for(0, 1, (10, 10))["box"], [2, 1, 9, 6])
+    assert rule.prompt_for("k", 0, (10, 10)) is None
+    np.testing.assert_array_equal(rule.prompt_for("k", 1, (10, 10))["box"], [2, 1, 9, 6])

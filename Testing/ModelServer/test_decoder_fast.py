@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoder_helpers import embedding, state_entries, tiny_model
-from desam_server.modeling.decoder_fast import mask_decoder_forward, two_way_forward
+from desam_server.modeling import FastPath, SliceDecoderState
+from desam_server.modeling.decoder_fast import mask_decoder_forward, transformer_constants, two_way_forward
+from desam_server.modeling.decoder_state import TransformerSliceCache
+
+from decoder_helpers import embedding, sam_constants, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +42,11 @@ def prompts(model, kind: str, batch: int = 1):
 def test_mask_decoder_forward_equals_the_module(model, image, kind, multimask, batch):
     sparse, dense = prompts(model, kind, batch)
     pe = model.dense_pe()
+    constants, projection = sam_constants(model)
     with torch.inference_mode():
         want_masks, want_iou = model.mask_decoder(image, pe, sparse, dense, multimask)
-        got_masks, got_iou = mask_decoder_forward(model.mask_decoder, image, pe, sparse, dense, multimask)
+        got_masks, got_iou = mask_decoder_forward(model.mask_decoder, constants, projection, image, sparse, dense,
+                                                  multimask)
     assert got_masks.shape == want_masks.shape == (batch, 3 if multimask else 1, 64, 64)
     assert want_masks.abs().max() > 1  # not a comparison of near-zero numbers
     torch.testing.assert_close(got_masks, want_masks, rtol=1e-4, atol=1e-4)
@@ -56,131 +61,111 @@ def test_two_way_forward_equals_the_module_for_shared_and_per_prompt_images(mode
                         sparse], dim=1)
     images = image if shared else image + 0.1 * torch.randn(4, *image.shape[1:])
     pe = model.dense_pe()
+    constants, _ = sam_constants(model)
     with torch.no_grad():
         want_q, want_k = decoder.transformer(images.expand(4, -1, -1, -1) + dense, pe, tokens)
-        got_q, got_k = two_way_forward(decoder.transformer, images, pe, tokens, dense)
+        got_q, got_k = two_way_forward(decoder.transformer, constants, images, tokens, dense)
     torch.testing.assert_close(got_q, want_q, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_k, want_k, rtol=1e-4, atol=1e-5)
 
 
-def test_prim_uses_it_without_autograd_and_the_module_with(model, image):
+def test_prim_infer_equals_its_forward_and_training_uses_the_forward(model, image):
     sparse, dense = prompts(model, "points", 5)
     pe = model.dense_pe()
+    constants = transformer_constants(model.prim.transformer, pe)
     with torch.no_grad():
-        fast = model.prim(image, pe, sparse, dense)
-        model.prim.reassociated = False
-        try:
-            slow = model.prim(image, pe, sparse, dense)
-        finally:
-            del model.prim.reassociated
-    for got, want in zip(fast, slow):
+        fast = model.prim.infer(image, sparse, dense, constants=constants)
+        slow = model.prim(image, pe, sparse, dense)
+    for got, want in zip(fast, slow, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # Training: the module's forward, gradients reach PRIM's weights.
-    iou, embedding = model.prim(image, pe, sparse, dense)
-    (iou.sum() + embedding.mean()).backward()
+    iou, mask_embedding = model.prim(image, pe, sparse, dense)
+    (iou.sum() + mask_embedding.mean()).backward()
     grad = model.prim.transformer.layers[0].cross_attn_image_to_token.q_proj.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     model.prim.zero_grad(set_to_none=True)
 
 
-def test_positional_constants_follow_a_weight_change(model, image):
-    """A decoder swap (load_state_dict, an optimizer step) rewrites weights in place:
-    the cached positional projections must be recomputed, not reused."""
-    sparse, dense = prompts(model, "points")
-    pe = model.dense_pe()
-    decoder = model.mask_decoder
-    with torch.no_grad():
-        mask_decoder_forward(decoder, image, pe, sparse, dense, False)  # fills the cache
-        state = {k: v.clone() for k, v in decoder.state_dict().items()}
-        try:
-            for layer in decoder.transformer.layers:
-                layer.cross_attn_token_to_image.k_proj.bias.add_(0.5)
-                layer.cross_attn_image_to_token.q_proj.weight.mul_(1.5)
-            decoder.transformer.final_attn_token_to_image.k_proj.weight.mul_(0.5)
-            want = decoder(image, pe, sparse, dense, False)[0]
-            got = mask_decoder_forward(decoder, image, pe, sparse, dense, False)[0]
-        finally:
-            decoder.load_state_dict(state)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        restored = mask_decoder_forward(decoder, image, pe, sparse, dense, False)[0]
-        torch.testing.assert_close(restored, decoder(image, pe, sparse, dense, False)[0], rtol=1e-4, atol=1e-4)
-
-
 def test_state_computes_the_first_block_once_per_slice(model, image):
-    """Later prompts on a slice reuse the first block's image side from ``state``; the
-    answers still equal the module's for every prompt."""
-    pe, decoder, state = model.dense_pe(), model.mask_decoder, {}
+    """Later prompts on a slice reuse the first block's image side from the slice's
+    cache; the answers still equal the module's for every prompt."""
+    pe, decoder, cache = model.dense_pe(), model.mask_decoder, TransformerSliceCache()
+    constants, projection = sam_constants(model)
     kept = None
     for kind in ("points", "box", "points+box"):
         sparse, dense = prompts(model, kind)
         with torch.inference_mode():
-            got = mask_decoder_forward(decoder, image, pe, sparse, dense, True, state)
+            got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, True, cache=cache)
             want = decoder(image, pe, sparse, dense, True)
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
-        (entry,) = state_entries(state, "two_way_first_block")
-        (projected,) = state_entries(state, "projected_first_block")
-        kept = kept or (entry[2], projected[2])
-        assert entry[2] is kept[0] and projected[2] is kept[1]  # computed by the first prompt, reused after
+        assert cache.first_block is not None and cache.first_layer is not None
+        kept = kept or (cache.first_block, cache.first_layer)
+        assert cache.first_block is kept[0] and cache.first_layer is kept[1]  # computed by the first prompt
 
 
-def test_state_is_recomputed_after_a_weight_change(model, image):
-    pe, decoder, state = model.dense_pe(), model.mask_decoder, {}
-    sparse, dense = prompts(model, "points")
-    v_bias = decoder.transformer.layers[0].cross_attn_token_to_image.v_proj.bias
+def test_a_slice_state_follows_the_weights_generation(model, image):
+    """``DeSAM`` clears a slice's state filled under other weights (``weights_changed``)
+    instead of reading it: after a change the answer is the new weights' answer."""
+    state = SliceDecoderState()
+    sparse_args = dict(points=(torch.tensor([[[20.0, 30.0]]]), torch.tensor([[1]])), boxes=None, mask_input=None,
+                       multimask_output=False)
+    v_bias = model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.v_proj.bias
     with torch.no_grad():
-        mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)
-        before = next(iter(state.values()))[2]
+        model.sam_decode(image, fast=FastPath(), state=state, **sparse_args)
+        before, generation = state.sam.first_block, state.generation
         v_bias.add_(0.25)
+        model.weights_changed()
         try:
-            got = mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)[0]
-            want = decoder(image, pe, sparse, dense, False)[0]
+            got = model.sam_decode(image, fast=FastPath(), state=state, **sparse_args)[0]
+            want = model.sam_decode(image, **sparse_args)[0]
         finally:
             v_bias.sub_(0.25)
-        assert next(iter(state.values()))[2] is not before
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            model.weights_changed()
+    assert state.generation != generation and state.sam.first_block is not before
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_dense_tensor_that_varies_over_the_image_skips_the_state(model, image):
     """A mask input given as its full dense embedding (not factored): no shared first block."""
     pe, decoder = model.dense_pe(), model.mask_decoder
+    constants, projection = sam_constants(model)
     sparse, dense = prompts(model, "points+mask")
-    fresh = {}
+    fresh = TransformerSliceCache()
     with torch.no_grad():
-        got = mask_decoder_forward(decoder, image, pe, sparse, dense, False, fresh)[0]
+        got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, False, cache=fresh)[0]
         want = decoder(image, pe, sparse, dense, False)[0]
-    assert fresh == {}
+    assert fresh.first_block is None and fresh.first_layer is None
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_prompts_with_different_constant_rows_share_the_state(model, image):
     """Each prompt's constant dense row joins the shared first block through small products."""
-    pe, decoder, state = model.dense_pe(), model.mask_decoder, {}
+    pe, decoder, cache = model.dense_pe(), model.mask_decoder, TransformerSliceCache()
+    constants, projection = sam_constants(model)
     sparse, _ = prompts(model, "points", 3)
     e = image.shape[-1]
     dense = torch.randn(3, 256, 1, 1, generator=torch.Generator().manual_seed(5)).expand(-1, -1, e, e)
     with torch.no_grad():
-        got = mask_decoder_forward(decoder, image, pe, sparse, dense, True, state)
+        got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, True, cache=cache)
         want = decoder(image, pe, sparse, dense, True)
-    assert len(state) == 1
+    assert cache.first_block is not None
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
 
 
 def test_prim_with_state_scores_a_batch_of_prompts_like_the_module(model, image):
     """Grid mode: many prompts against one slice's state, in batches and one by one."""
-    pe, state = model.dense_pe(), {}
+    state = SliceDecoderState()
     sparse, dense = prompts(model, "points", 6)
     with torch.no_grad():
-        batched = model.prim(image, pe, sparse, dense, state=state)
-        single = [model.prim(image, pe, sparse[i : i + 1], dense[i : i + 1], state=state) for i in range(6)]
-        model.prim.reassociated = False
-        try:
-            want = model.prim(image, pe, sparse, dense)
-        finally:
-            del model.prim.reassociated
-    assert len(state) == 1
-    for got in (batched, tuple(torch.cat(parts) for parts in zip(*single))):
+        batched = model.run_prim(image, sparse, dense, fast=FastPath(), state=state)
+        first = state.prim.first_block
+        single = [model.run_prim(image, sparse[i : i + 1], dense[i : i + 1], fast=FastPath(), state=state)
+                  for i in range(6)]
+        want = model.run_prim(image, sparse, dense)  # fast=None: PRIM's module forward
+    assert first is not None and state.prim.first_block is first
+    for got in (batched, tuple(torch.cat(parts) for parts in zip(*single, strict=True))):
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
 
@@ -191,6 +176,7 @@ def test_upscaling_in_row_chunks_equals_the_module(model):
     from desam_server.modeling.decoder_upscale import upscaled_masks
 
     decoder = model.mask_decoder
+    _, projection = sam_constants(model)
     e = model.prompt_encoder.image_embedding_size[0]
     g = torch.Generator().manual_seed(5)
     keys, hyper = torch.randn(2, e * e, 256, generator=g), torch.randn(2, 3, 32, generator=g)
@@ -198,4 +184,5 @@ def test_upscaling_in_row_chunks_equals_the_module(model):
         up = decoder.output_upscaling(keys.transpose(1, 2).reshape(2, 256, e, e))
         want = (hyper @ up.flatten(2)).view(2, 3, 4 * e, 4 * e)
         for rows in (e * e, 100, 64, 1):
-            torch.testing.assert_close(upscaled_masks(decoder, keys, hyper, e, rows), want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(upscaled_masks(decoder, projection, keys, hyper, e, rows), want, rtol=1e-4,
+                                       atol=1e-4)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoder_helpers import embedding, state_entries, tiny_model
+from desam_server.modeling import FastPath, SliceDecoderState
 from desam_server.modeling.decoder_fast import MaskDense, mask_decoder_forward
+from desam_server.modeling.decoder_state import TransformerSliceCache
+
+from decoder_helpers import embedding, sam_constants, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,8 @@ def test_mask_dense_factors_the_prompt_encoders_mask_embedding(model):
 @pytest.mark.parametrize("first_prompt_has_a_mask", [False, True])
 def test_refinement_reuses_the_slices_first_block(model, image, first_prompt_has_a_mask, monkeypatch):
     monkeypatch.setattr(MaskDense, "full", unexpected)  # the factored path, never the full embedding
-    pe, decoder, state = model.dense_pe(), model.mask_decoder, {}
+    pe, decoder, cache = model.dense_pe(), model.mask_decoder, TransformerSliceCache()
+    constants, projection = sam_constants(model)
     pts = points(model)
     sparse, plain_dense = model.prompt_encoder(points=pts, boxes=None, masks=None)
     order = [1, None, 2] if first_prompt_has_a_mask else [None, 1, 2]
@@ -67,43 +71,40 @@ def test_refinement_reuses_the_slices_first_block(model, image, first_prompt_has
                 m = masks(model, seed=seed)
                 dense = MaskDense.of(model.prompt_encoder.mask_downscaling, m)
                 want_dense = model.prompt_encoder.mask_downscaling(m)
-            got = mask_decoder_forward(decoder, image, pe, sparse, dense, True, state)
+            got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, True, cache=cache)
             want = decoder(image, pe, sparse, want_dense, True)
         assert_same(got, want)
-        (entry,) = state_entries(state, "two_way_first_block")
-        (projected,) = state_entries(state, "projected_first_block")
-        kept = kept or (entry[2], projected[2])
-        assert entry[2] is kept[0] and projected[2] is kept[1]  # one first block per slice, whatever the prompts
+        kept = kept or (cache.first_block, cache.first_layer)
+        assert cache.first_block is kept[0] and cache.first_layer is kept[1]  # one per slice, whatever the prompts
 
 
 def test_batched_mask_inputs_fall_back_to_the_full_embedding(model, image):
-    pe, decoder, state = model.dense_pe(), model.mask_decoder, {}
+    pe, decoder, cache = model.dense_pe(), model.mask_decoder, TransformerSliceCache()
+    constants, projection = sam_constants(model)
     sparse, _ = model.prompt_encoder(points=points(model, 3), boxes=None, masks=None)
     m = masks(model, 3)
     with torch.inference_mode():
-        got = mask_decoder_forward(decoder, image, pe, sparse, MaskDense.of(model.prompt_encoder.mask_downscaling, m),
-                                   False, state)
+        got = mask_decoder_forward(decoder, constants, projection, image, sparse,
+                                   MaskDense.of(model.prompt_encoder.mask_downscaling, m), False, cache=cache)
         want = decoder(image, pe, sparse, model.prompt_encoder.mask_downscaling(m), False)
-    assert state == {}
+    assert cache.first_block is None and cache.first_layer is None
     assert_same(got, want)
 
 
 @pytest.mark.parametrize("with_points", [True, False])
 def test_sam_decode_with_a_mask_input_equals_the_module_path(model, image, with_points, monkeypatch):
     """``DeSAM.sam_decode`` factors the mask input when given a slice state; the module
-    forward (``reassociated_decoder = False``) is the reference."""
+    forward (``fast=None``) is the reference."""
     monkeypatch.setattr(MaskDense, "full", unexpected)
     kwargs = dict(points=points(model) if with_points else None, boxes=None, mask_input=masks(model, seed=3),
                   multimask_output=True)
-    state = {}
+    state = SliceDecoderState()
     with torch.inference_mode():
         model.sam_decode(image, points=points(model), boxes=None, mask_input=None, multimask_output=True,
-                         state=state)
-        got = model.sam_decode(image, state=state, **kwargs)
-        model.reassociated_decoder = False
-        try:
-            want = model.sam_decode(image, **kwargs)
-        finally:
-            del model.reassociated_decoder
-    assert len(state_entries(state, "two_way_first_block")) == len(state_entries(state, "projected_first_block")) == 1
+                         fast=FastPath(), state=state)
+        first = state.sam.first_block
+        got = model.sam_decode(image, fast=FastPath(), state=state, **kwargs)
+        monkeypatch.undo()  # the module path builds the full embedding, as SAM does
+        want = model.sam_decode(image, **kwargs)
+    assert first is not None and state.sam.first_block is first and state.sam.first_layer is not None
     assert_same(got, want)

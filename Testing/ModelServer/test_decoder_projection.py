@@ -10,9 +10,11 @@ import pytest
 import torch
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
-from decoder_helpers import embedding, state_entries, tiny_model
 from desam_server.modeling.decoder_fast import MaskDense, _two_way, mask_decoder_forward, two_way_forward
-from desam_server.modeling.decoder_upscale import _conv_weights, projection
+from desam_server.modeling.decoder_state import TransformerSliceCache
+from desam_server.modeling.decoder_upscale import _conv_weights
+
+from decoder_helpers import embedding, sam_constants, tiny_model
 
 
 def randomise_norms(decoder: MaskDecoder, seed: int) -> MaskDecoder:
@@ -69,27 +71,29 @@ def tokens_of(decoder: MaskDecoder, sparse: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["points", "box", "points+mask"])
 def test_projected_tokens_equal_the_keys_through_the_first_layer(model, decoder, image, kind):
     sparse, dense, _ = prompt(model, kind)
-    proj, state = projection(decoder), {}
+    constants, projection = sam_constants(model, decoder)
+    cache = TransformerSliceCache()
     with torch.inference_mode():
-        for _ in range(2):  # the first call fills the state, the second reads it
-            _, keys, projected = _two_way(decoder.transformer, image, model.dense_pe(), tokens_of(decoder, sparse),
-                                          dense, state, None, proj)
+        for _ in range(2):  # the first call fills the cache, the second reads it
+            _, keys, projected = _two_way(decoder.transformer, constants, image, tokens_of(decoder, sparse), dense,
+                                          cache, None, projection)
             w, b = _conv_weights(decoder.output_upscaling[0])
             want = keys @ w + b
             assert projected is not None and projected.shape == want.shape
             torch.testing.assert_close(projected, want, rtol=1e-4, atol=1e-4)
-    assert len(state_entries(state, "projected_first_block")) == 1
+    assert cache.first_layer is not None
 
 
 @pytest.mark.parametrize("kind", ["points", "box", "points+mask"])
 @pytest.mark.parametrize("multimask", [True, False])
 def test_a_click_with_state_equals_the_module(model, decoder, image, kind, multimask):
     sparse, dense, full = prompt(model, kind)
-    pe, state = model.dense_pe(), {}
+    pe, cache = model.dense_pe(), TransformerSliceCache()
+    constants, projection = sam_constants(model, decoder)
     with torch.inference_mode():
         want = decoder(image, pe, sparse, full, multimask)
         for _ in range(2):
-            got = mask_decoder_forward(decoder, image, pe, sparse, dense, multimask, state)
+            got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, multimask, cache=cache)
             assert want[0].abs().max() > 1
             torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
             torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
@@ -102,48 +106,58 @@ def test_a_deeper_transformer_unrolls_every_block(model, image):
                                                                           num_heads=8))
     deep = randomise_norms(deep, 2)
     sparse, dense, _ = prompt(model, "points")
-    pe, state = model.dense_pe(), {}
+    pe, cache = model.dense_pe(), TransformerSliceCache()
+    constants, projection = sam_constants(model, deep)
     with torch.inference_mode():
         want = deep(image, pe, sparse, dense, True)
-        got = mask_decoder_forward(deep, image, pe, sparse, dense, True, state)
-    assert len(state_entries(state, "projected_first_block")) == 1
+        got = mask_decoder_forward(deep, constants, projection, image, sparse, dense, True, cache=cache)
+    assert cache.first_layer is not None and len(projection.blocks) == 3
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
 
 
 def test_a_batch_of_prompts_projects_the_keys_directly(model, decoder, image):
     sparse, dense, _ = prompt(model, "points", batch=3)
-    pe, state = model.dense_pe(), {}
+    pe, cache = model.dense_pe(), TransformerSliceCache()
+    constants, projection = sam_constants(model, decoder)
     with torch.inference_mode():
-        got = mask_decoder_forward(decoder, image, pe, sparse, dense, True, state)
+        got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, True, cache=cache)
         want = decoder(image, pe, sparse, dense, True)
-    assert state_entries(state, "projected_first_block") == []
+    assert cache.first_block is not None and cache.first_layer is None
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
 
 
 def test_the_projection_follows_a_weight_change(model, image):
-    """A decoder swap rewrites the norms and the upscaling in place: the per-model
-    factors and the slice's cached product are recomputed."""
-    decoder = randomise_norms(model.mask_decoder, 3)
-    sparse, dense, _ = prompt(model, "points")
-    pe, state = model.dense_pe(), {}
+    """New norms and upscaling weights (a decoder change, then ``weights_changed``): the
+    model's projection and the slice's cached product are rebuilt, the answer follows."""
+    from desam_server.modeling import FastPath, SliceDecoderState
+
+    changed = copy.deepcopy(model)
+    changed.mask_decoder = randomise_norms(model.mask_decoder, 3)
+    changed.weights_changed()
+    decoder = changed.mask_decoder
+    state = SliceDecoderState()
+    args = dict(points=(torch.tensor([[[20.0, 30.0]]]), torch.tensor([[1]])), boxes=None, mask_input=None,
+                multimask_output=False)
     with torch.no_grad():
-        mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)
-        before = projection(decoder)
+        changed.sam_decode(image, fast=FastPath(), state=state, **args)
         for change in (lambda: decoder.transformer.layers[0].norm4.weight.mul_(1.3),
                        lambda: decoder.transformer.layers[1].norm4.bias.add_(0.2),
                        lambda: decoder.output_upscaling[0].weight.mul_(0.7)):
+            before = state.sam.first_layer
             change()
-            got = mask_decoder_forward(decoder, image, pe, sparse, dense, False, state)[0]
-            torch.testing.assert_close(got, decoder(image, pe, sparse, dense, False)[0], rtol=1e-4, atol=1e-3)
-        assert projection(decoder) is not before
+            changed.weights_changed()
+            got = changed.sam_decode(image, fast=FastPath(), state=state, **args)[0]
+            torch.testing.assert_close(got, changed.sam_decode(image, **args)[0], rtol=1e-4, atol=1e-3)
+            assert state.sam.first_layer is not before
 
 
 def test_outputs_runs_the_final_attention_for_those_tokens_only(model, decoder, image):
     sparse, dense, _ = prompt(model, "points+box", batch=2)
     tokens, pe = tokens_of(decoder, sparse), model.dense_pe()
+    constants, _ = sam_constants(model, decoder)
     with torch.no_grad():
         want_q, want_k = decoder.transformer(image.expand(2, -1, -1, -1) + dense, pe, tokens)
-        got_q, got_k = two_way_forward(decoder.transformer, image, pe, tokens, dense, outputs=[0, 3, 4])
+        got_q, got_k = two_way_forward(decoder.transformer, constants, image, tokens, dense, outputs=[0, 3, 4])
     assert got_q.shape == (2, 3, 256)
     torch.testing.assert_close(got_q, want_q[:, [0, 3, 4]], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_k, want_k, rtol=1e-4, atol=1e-5)

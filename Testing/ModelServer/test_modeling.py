@@ -58,29 +58,30 @@ def test_pdmm_skips_are_prompt_independent():
     torch.testing.assert_close(once, each, rtol=1e-5, atol=1e-5)
 
 
-def test_tapped_encoder_hooks_capture_the_raw_block_outputs(tiny_model):
+def test_tapped_encoder_returns_segment_anythings_embedding_and_the_raw_block_outputs(tiny_model):
+    from segment_anything.modeling import ImageEncoderViT
+
     enc = tiny_model.image_encoder
     x = torch.randn(1, 3, 256, 256)
-    with torch.no_grad():
-        embedding, taps = enc(x)
-        # Reference: run the blocks by hand.
-        h = enc.patch_embed(x)
-        if enc.pos_embed is not None:
-            h = h + enc.pos_embed
-        expected = []
-        for i, blk in enumerate(enc.blocks):
-            h = blk(h)
-            if i in enc.tap_blocks:
-                expected.append(h.permute(0, 3, 1, 2))
-        neck = enc.neck(h.permute(0, 3, 1, 2))
+    captured = []  # the reference taps: the tapped blocks' outputs, caught by this test's own hooks
+    handles = [enc.blocks[i].register_forward_hook(lambda _m, _a, out: captured.append(out.permute(0, 3, 1, 2)))
+               for i in enc.tap_blocks]
+    try:
+        with torch.no_grad():
+            reference = ImageEncoderViT.forward(enc, x)  # segment_anything's own forward
+            expected = list(captured)
+            embedding, taps = enc(x)
+    finally:
+        for handle in handles:
+            handle.remove()
     assert enc.tap_blocks == (1, 3, 5)  # the first three global-attention blocks
     assert embedding.shape == (1, 256, 16, 16)
     assert [t.shape for t in taps] == [(1, 32, 16, 16)] * 3
-    for got, want in zip(taps, expected):
-        torch.testing.assert_close(got, want)
-    torch.testing.assert_close(embedding, neck)
-    # The hooks leave no state behind between calls.
-    assert enc._captured is None
+    for got, want in zip(taps, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(embedding, reference, rtol=0, atol=0)
+    # The encoder carries no hooks of its own.
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in enc.modules())
 
 
 def test_vit_registry_tap_blocks_are_the_first_three_global_blocks():
@@ -185,11 +186,17 @@ def test_banded_resize_equals_the_dense_matrix(low, side, crop, out):
     torch.testing.assert_close(band.apply(x.transpose(1, 2).contiguous().transpose(1, 2)), got)  # any strides
 
 
-def test_dense_pe_is_cached_and_follows_the_buffer(tiny_model):
+def test_dense_pe_is_kept_per_weights_generation(tiny_model):
     pe = tiny_model.dense_pe()
     assert tiny_model.dense_pe() is pe
     torch.testing.assert_close(pe, tiny_model.prompt_encoder.get_dense_pe())
-    gaussian = tiny_model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
-    with torch.no_grad():
-        gaussian.mul_(1.0)                       # an in-place change bumps the version
+    generation = tiny_model.generation
+    tiny_model.weights_changed()                 # what training code calls after an optimizer step
+    assert tiny_model.generation != generation and tiny_model.dense_pe() is not pe
+    pe = tiny_model.dense_pe()
+    tiny_model.to("cpu")                         # to() makes new tensors: a new generation
     assert tiny_model.dense_pe() is not pe
+    with torch.inference_mode():                 # asked for first under inference mode ...
+        tiny_model.weights_changed()
+        pe = tiny_model.dense_pe()
+    assert not pe.is_inference()                 # ... it is still usable by training code

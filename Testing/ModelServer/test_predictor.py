@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 from segment_anything import SamPredictor
 from torchvision.ops import nms
 
-from conftest import phantom_slice
 from desam_server.engine import IntensityWindow, SlicePredictor, UntrainedDecoderError, apply_window, to_rgb
 from desam_server.engine.postprocess import grid_points, remove_small_regions
-from desam_server.modeling import build_desam, save_decoder
+from desam_server.modeling import FastPath, build_desam, save_decoder
+
+from conftest import phantom_slice
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +158,7 @@ def naive_grid(pred: SlicePredictor, grid_size: int, iou_threshold: float, min_a
 
     pts = to_input_frame(grid_points(grid_size, *f.original_size), f.original_size, m.img_size)
     masks, scores, all_ious = [], [], []
-    with torch.no_grad(), module_forwards(m):
+    with torch.no_grad():
         for x, y in pts:
             points = (torch.tensor([[[x, y]]], dtype=torch.float), torch.ones(1, 1, dtype=torch.int))
             iou, logits = m.desam_forward(f.embedding, f.taps, points=points)
@@ -176,16 +175,6 @@ def naive_grid(pred: SlicePredictor, grid_size: int, iou_threshold: float, min_a
     return masks[best].numpy(), float(scores[best]), all_ious
 
 
-@contextlib.contextmanager
-def module_forwards(model):
-    """segment_anything's own module forwards instead of the reassociated inference ones."""
-    model.reassociated_decoder = model.prim.reassociated = False
-    try:
-        yield
-    finally:
-        del model.reassociated_decoder, model.prim.reassociated
-
-
 def between(values, quantile: float) -> float:
     """A threshold at ``quantile`` of ``values`` that lies midway between two of them, so
     float rounding (1e-6) of the scores cannot move a prompt across it."""
@@ -200,15 +189,17 @@ def grid_ious(trained_predictor):
 
 
 @pytest.mark.parametrize("quantile,min_area", [(0.5, 16), (0.2, 16), (0.5, 2000), (0.9, 0)])
-@pytest.mark.parametrize("reuse", [True, False])
-def test_grid_mode_equals_the_literal_procedure(trained_predictor, grid_ious, quantile, min_area, reuse):
+@pytest.mark.parametrize("fast", [FastPath(), FastPath.without("slice_cache"), None])
+def test_grid_mode_equals_the_literal_procedure(trained_predictor, grid_ious, quantile, min_area, fast):
     """Scoring all prompts with PRIM, then decoding candidates in IoU order until one
-    survives, returns exactly what the full procedure (81 full decoder passes, NMS) does."""
-    pred = trained_predictor
+    survives, returns exactly what the full procedure (81 full decoder passes, NMS) does,
+    with the fast path (and PDMM's image part kept per slice, or recomputed) or without."""
+    pred = SlicePredictor(trained_predictor.model, precision="fp32", fast=fast)
+    pred.set_features(trained_predictor.features)
     threshold = between(grid_ious, quantile)
     want, want_iou, _ = naive_grid(pred, 5, threshold, min_area)
     got = pred.predict_auto("grid", grid_size=5, iou_threshold=threshold, min_region_area=min_area,
-                            chunk_size=7, decode_chunk=2, reuse_image_part=reuse)
+                            chunk_size=7, decode_chunk=2)
     assert got.candidates == 25
     assert got.passed == sum(i > threshold for i in grid_ious)
     if want is None:
@@ -289,17 +280,19 @@ def test_windowing_and_rgb_conversion():
 
 
 @pytest.mark.parametrize("mode", ["box", "grid"])
-def test_automatic_modes_offer_serve_points_between_their_steps(trained_predictor, mode):
-    """On the service's compute thread a click runs between PRIM chunks and before each of
-    PDMM's blocks, not after the whole slice (``preemption``)."""
-    import threading
+def test_automatic_modes_call_between_steps_and_leave_nothing_on_the_model(trained_predictor, mode):
+    """A caller (the service's compute thread) gets control between PRIM chunks and
+    before PDMM's stages and blocks, not only after the whole slice; nothing is
+    installed on the model for it."""
+    from desam_server.modeling import SliceDecoderState
 
-    from desam_server.engine import preemption
-
+    trained_predictor.features.decoder_state = SliceDecoderState()  # PDMM's image part computed again
     served = []
-    with preemption.armed(threading.Event(), lambda: served.append(1)):
-        trained_predictor.predict_auto(mode, grid_size=5, iou_threshold=-1e9, min_region_area=0, decode_chunk=1)
+    trained_predictor.predict_auto(mode, grid_size=5, iou_threshold=-1e9, min_region_area=0, decode_chunk=1,
+                                   between_steps=lambda: served.append(1))
     prim_chunks = 25 if mode == "grid" else 0
-    pdmm_blocks = 3  # fusion, up1, up2 (and the head) for each decode; one decode here
-    assert len(served) >= prim_chunks + pdmm_blocks
-    assert trained_predictor.model.pdmm._desam_serve_points  # installed once, kept
+    pdmm_steps = 3 + 3  # PDMM's three stages (once per slice), fusion, up1, up2 (one decode here)
+    assert len(served) >= prim_chunks + pdmm_steps
+    model = trained_predictor.model
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    assert not any(name.startswith("_desam") for m in model.modules() for name in vars(m))

@@ -12,8 +12,10 @@ import torch
 from desam_server.engine import SlicePredictor
 from desam_server.engine.scheduler import SchedulerClosedError
 from desam_server.engine.scheduler_queue import outward
-from desam_server.segment import slice_view
-from scheduler_helpers import VOLUME, WINDOW, Encoder, close_while_held, idle, make, model, order, volume, wait_until  # noqa: F401
+from desam_server.io.slices import slice_view
+
+from scheduler_helpers import VOLUME, WINDOW, Encoder, close_while_held, idle, make, order, wait_until
+
 
 def test_outward_order_clips_at_edges():
     assert [i for _, i in outward(5, 3, 12)] == [5, 6, 4, 7, 3, 8, 2]
@@ -21,8 +23,8 @@ def test_outward_order_clips_at_edges():
     assert [i for _, i in outward(11, 2, 12)] == [11, 10, 9]
 
 
-def test_priority_order(model, volume, tmp_path):
-    sched, _, _ = make(model, volume, tmp_path, neighbours=2)
+def test_priority_order(scheduler_model, scheduler_volume, tmp_path):
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path, neighbours=2)
     sched.pause()
     sched.precompute(VOLUME, "k")
     sched.set_view(VOLUME, "k", 6)
@@ -42,8 +44,8 @@ def test_priority_order(model, volume, tmp_path):
     sched.close()
 
 
-def test_neighbours_outward_near_the_edge(model, volume, tmp_path):
-    sched, _, _ = make(model, volume, tmp_path, neighbours=3)
+def test_neighbours_outward_near_the_edge(scheduler_model, scheduler_volume, tmp_path):
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path, neighbours=3)
     sched.pause()
     sched.set_view(VOLUME, "j", 1)
     sched.resume()
@@ -52,8 +54,8 @@ def test_neighbours_outward_near_the_edge(model, volume, tmp_path):
     sched.close()
 
 
-def test_moving_the_view_cancels_obsolete_work(model, volume, tmp_path):
-    sched, _, _ = make(model, volume, tmp_path, neighbours=2)
+def test_moving_the_view_cancels_obsolete_work(scheduler_model, scheduler_volume, tmp_path):
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path, neighbours=2)
     sched.pause()
     sched.set_view(VOLUME, "k", 3)        # 3, 4, 2, 5, 1
     sched.set_view(VOLUME, "k", 5)        # 5, 6, 4, 7, 3: drops 2 and 1
@@ -74,8 +76,8 @@ def test_moving_the_view_cancels_obsolete_work(model, volume, tmp_path):
     sched.close()
 
 
-def test_concurrent_requests_encode_once(model, volume, tmp_path):
-    sched, encoder, _ = make(model, volume, tmp_path, neighbours=0)
+def test_concurrent_requests_encode_once(scheduler_model, scheduler_volume, tmp_path):
+    sched, encoder, _ = make(scheduler_model, scheduler_volume, tmp_path, neighbours=0)
     sched.pause()
     sched.set_view(VOLUME, "k", 5)
     sched.precompute(VOLUME, "k")
@@ -86,7 +88,7 @@ def test_concurrent_requests_encode_once(model, volume, tmp_path):
         barrier.wait()
         try:
             results.append(sched.features(VOLUME, "k", 5, timeout=30))
-        except Exception as exc:  # pragma: no cover - reported below
+        except Exception as exc:  # noqa: BLE001 - any failure is reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=request) for _ in range(8)]
@@ -106,12 +108,12 @@ def test_concurrent_requests_encode_once(model, volume, tmp_path):
 
 
 @pytest.mark.parametrize("storage_dtype", ["float32", "float16"])
-def test_features_equal_set_image(model, volume, tmp_path, storage_dtype):
-    sched, _, _ = make(model, volume, tmp_path, storage_dtype=storage_dtype)
-    predictor = SlicePredictor(model, precision="fp32")
-    for axis, a, index in (("k", 0, 4), ("j", 1, 30), ("i", 2, 79)):
+def test_features_equal_set_image(scheduler_model, scheduler_volume, tmp_path, storage_dtype):
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path, storage_dtype=storage_dtype)
+    predictor = SlicePredictor(scheduler_model, precision="fp32")
+    for axis, index in (("k", 4), ("j", 30), ("i", 79)):
         got = sched.features(VOLUME, axis, index, timeout=30)
-        predictor.set_image(slice_view(volume, a, index), WINDOW)
+        predictor.set_image(slice_view(scheduler_volume, axis, index), WINDOW)
         want = predictor.features
         assert got.input_size == want.input_size and got.original_size == want.original_size
         for x, y in zip([got.embedding, *got.taps], [want.embedding, *want.taps], strict=True):
@@ -125,8 +127,9 @@ def test_features_equal_set_image(model, volume, tmp_path, storage_dtype):
     sched.close()
 
 
-def test_errors_reach_the_caller_and_the_worker_survives(model, volume, tmp_path, caplog):
-    sched, encoder, _ = make(model, volume, tmp_path, encoder=Encoder(model, fail_times=1))
+def test_errors_reach_the_caller_and_the_worker_survives(scheduler_model, scheduler_volume, tmp_path, caplog):
+    sched, encoder, _ = make(scheduler_model, scheduler_volume, tmp_path,
+                             encoder=Encoder(scheduler_model, fail_times=1))
     with caplog.at_level(logging.DEBUG, logger="desam_server"):
         with pytest.raises(RuntimeError, match="simulated encoder failure"):
             sched.features(VOLUME, "k", 2, timeout=30)
@@ -137,8 +140,8 @@ def test_errors_reach_the_caller_and_the_worker_survives(model, volume, tmp_path
     sched.close()
 
 
-def test_bad_requests(model, volume, tmp_path):
-    sched, _, _ = make(model, volume, tmp_path)
+def test_bad_requests(scheduler_model, scheduler_volume, tmp_path):
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path)
     with pytest.raises(KeyError, match="register_volume"):
         sched.features("nope", "k", 0)
     with pytest.raises(IndexError, match="outside 0..11"):
@@ -147,8 +150,10 @@ def test_bad_requests(model, volume, tmp_path):
         sched.set_view(VOLUME, "i", -1)
     with pytest.raises(ValueError, match="axis"):
         sched.precompute(VOLUME, "x")
+    with pytest.raises(ValueError, match="axis"):  # one vocabulary: names, not array dimensions
+        sched.precompute(VOLUME, 0)
     with pytest.raises(ValueError):
-        sched.register_volume("flat", volume[0], WINDOW)
+        sched.register_volume("flat", scheduler_volume[0], WINDOW)
     sched.pause()
     with pytest.raises(TimeoutError):
         sched.features(VOLUME, "k", 3, timeout=0.05)
@@ -156,15 +161,16 @@ def test_bad_requests(model, volume, tmp_path):
     sched.close()
 
 
-def test_close_cancels_queued_work_and_finishes_the_running_batch(model, volume, tmp_path):
+def test_close_cancels_queued_work_and_finishes_the_running_batch(scheduler_model, scheduler_volume, tmp_path):
     gate = threading.Event()
-    sched, encoder, _ = make(model, volume, tmp_path, encoder=Encoder(model, gate=gate))
+    sched, encoder, _ = make(scheduler_model, scheduler_volume, tmp_path,
+                             encoder=Encoder(scheduler_model, gate=gate))
     outcome = {}
 
     def ask(name, index):
         try:
             outcome[name] = sched.features(VOLUME, "k", index, timeout=30)
-        except Exception as exc:
+        except SchedulerClosedError as exc:
             outcome[name] = exc
 
     running = threading.Thread(target=ask, args=("running", 0))
@@ -185,8 +191,8 @@ def test_close_cancels_queued_work_and_finishes_the_running_batch(model, volume,
         sched.set_view(VOLUME, "k", 5)
 
 
-def test_progress(model, volume, tmp_path):
-    sched, _, _ = make(model, volume, tmp_path)
+def test_progress(scheduler_model, scheduler_volume, tmp_path):
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path)
     sched.features(VOLUME, "k", 3, timeout=30)
     sched.pause()
     assert sched.precompute(VOLUME, "k") == 11
@@ -199,8 +205,9 @@ def test_progress(model, volume, tmp_path):
     sched.close()
 
 
-def test_batched_encoding(model, volume, tmp_path):
-    sched, encoder, _ = make(model, volume, tmp_path, storage_dtype="float32", encode_batch=4)
+def test_batched_encoding(scheduler_model, scheduler_volume, tmp_path):
+    sched, encoder, _ = make(scheduler_model, scheduler_volume, tmp_path, storage_dtype="float32",
+                             encode_batch=4)
     sched.pause()
     sched.precompute(VOLUME, "k")
     sched.precompute(VOLUME, "j")
@@ -209,8 +216,8 @@ def test_batched_encoding(model, volume, tmp_path):
     assert encoder.calls[:3] == [4, 4, 4] and sum(encoder.calls) == 12 + 64
     stats = sched.stats()
     assert stats["encoded"] == 76 and stats["batches"] == len(encoder.calls)
-    predictor = SlicePredictor(model, precision="fp32")
-    predictor.set_image(slice_view(volume, 0, 5), WINDOW)
+    predictor = SlicePredictor(scheduler_model, precision="fp32")
+    predictor.set_image(slice_view(scheduler_volume, "k", 5), WINDOW)
     got = sched.features(VOLUME, "k", 5)
     assert torch.allclose(got.embedding, predictor.features.embedding, rtol=1e-4, atol=1e-5)
     sched.close()

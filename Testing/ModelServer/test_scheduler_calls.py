@@ -7,11 +7,12 @@ import threading
 import pytest
 
 from desam_server.engine.scheduler import SchedulerClosedError
-from scheduler_helpers import VOLUME, close_while_held, idle, make, model, volume, wait_until  # noqa: F401
+
+from scheduler_helpers import VOLUME, close_while_held, idle, make, wait_until
 
 
-def test_a_call_runs_on_the_worker_and_returns_or_raises(model, volume, tmp_path):
-    sched, _, _ = make(model, volume, tmp_path)
+def test_a_call_runs_on_the_worker_and_returns_or_raises(scheduler_model, scheduler_volume, tmp_path):
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path)
     assert sched.call(lambda: threading.current_thread().name) == "desam-encoder"
     # From the worker itself (a call inside a call): at once, no deadlock.
     assert sched.call(lambda: sched.call(lambda: 7) + 1) == 8
@@ -23,8 +24,8 @@ def test_a_call_runs_on_the_worker_and_returns_or_raises(model, volume, tmp_path
         sched.call(lambda: None)
 
 
-def test_urgent_calls_go_before_others_and_before_encoding(model, volume, tmp_path):
-    sched, _, _ = make(model, volume, tmp_path, neighbours=0)
+def test_urgent_calls_go_before_others_and_before_encoding(scheduler_model, scheduler_volume, tmp_path):
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path, neighbours=0)
     gate, order, threads = threading.Event(), [], []
 
     def submit(name, urgent):
@@ -37,21 +38,21 @@ def test_urgent_calls_go_before_others_and_before_encoding(model, volume, tmp_pa
     blocker.start()
     assert started.wait(20)  # the worker runs the blocker
     submit("batch slice", urgent=False)
-    wait_until(lambda: len(sched._calls) == 1)
+    wait_until(lambda: sched.stats()["calls_waiting"]["other"] == 1)
     sched.precompute(VOLUME, "k")
     submit("click", urgent=True)
-    wait_until(lambda: len(sched._urgent_calls) == 1)
+    wait_until(lambda: sched.stats()["calls_waiting"]["urgent"] == 1)
     gate.set()
     for t in (blocker, *threads):
         t.join(20)
     assert order == ["click", "batch slice"]
-    assert sched.stats()["encoded"] < volume.shape[0]  # both ran before the precompute ended
+    assert sched.stats()["encoded"] < scheduler_volume.shape[0]  # both ran before the precompute ended
     wait_until(lambda: idle(sched))
     sched.close()
 
 
-def test_calls_waiting_at_close_get_an_error(model, volume, tmp_path):
-    sched, _, _ = make(model, volume, tmp_path)
+def test_calls_waiting_at_close_get_an_error(scheduler_model, scheduler_volume, tmp_path):
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path)
     gate, outcome = threading.Event(), {}
 
     def later():
@@ -66,18 +67,16 @@ def test_calls_waiting_at_close_get_an_error(model, volume, tmp_path):
     assert started.wait(20)
     late = threading.Thread(target=later)
     late.start()
-    wait_until(lambda: len(sched._urgent_calls) == 1)
+    wait_until(lambda: sched.stats()["calls_waiting"]["urgent"] == 1)
     close_while_held(sched, gate, blocker, late, timeout=20)
     assert isinstance(outcome["late"], SchedulerClosedError)
     assert not sched.stats()["worker_alive"]
 
 
-def test_a_long_call_serves_urgent_calls_at_its_serve_points(model, volume, tmp_path):
+def test_a_long_call_serves_urgent_calls_when_it_asks(scheduler_model, scheduler_volume, tmp_path):
     """A batch-segmentation slice (non-urgent, seconds on a CPU) lets a click run at its
-    next serve point instead of after it."""
-    from desam_server.engine import preemption
-
-    sched, _, _ = make(model, volume, tmp_path)
+    next step (it calls ``serve_urgent`` there) instead of after it."""
+    sched, _, _ = make(scheduler_model, scheduler_volume, tmp_path)
     started, clicked, order = threading.Event(), threading.Event(), []
 
     def long_slice():
@@ -85,14 +84,14 @@ def test_a_long_call_serves_urgent_calls_at_its_serve_points(model, volume, tmp_
         for _ in range(2000):  # up to 20 s, serving at every step
             if clicked.is_set():
                 break
-            preemption.serve_point()
+            sched.serve_urgent()
             threading.Event().wait(0.01)
         order.append("slice done")
         return clicked.is_set()
 
     def click():
         order.append("click")
-        preemption.serve_point()  # served work does not serve again: no nesting
+        sched.serve_urgent()  # served work does not serve again: no nesting
         clicked.set()
 
     result = {}
@@ -102,6 +101,6 @@ def test_a_long_call_serves_urgent_calls_at_its_serve_points(model, volume, tmp_
     sched.call(click)  # returns while the slice is still running
     slice_thread.join(20)
     assert order == ["click", "slice done"] and result["slice"] is True
-    # Outside the worker's calls a serve point does nothing.
-    preemption.serve_point()
+    # Outside the worker thread serve_urgent does nothing (and runs nobody's call).
+    sched.serve_urgent()
     sched.close()

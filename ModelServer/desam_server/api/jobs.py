@@ -17,18 +17,29 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from enum import StrEnum
 
 from .errors import Conflict, NotFound, TooManyRequests
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AutoJobSpec", "Job", "JobManager", "JobCancelled", "ACTIVE", "FINISHED"]
+__all__ = ["AutoJobSpec", "AutoJob", "JobState", "JobManager", "JobCancelled", "ACTIVE", "FINISHED"]
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-ACTIVE = (QUEUED, RUNNING)
-FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+class JobState(StrEnum):
+    """A job's state; the values are the API's words (``JobInfo.state``)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = (JobState.QUEUED, JobState.RUNNING)
+FINISHED = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
 class JobCancelled(Exception):
@@ -56,10 +67,13 @@ class AutoJobSpec:
 
 
 @dataclass(eq=False)
-class Job:
+class AutoJob:
+    """An automatic-segmentation job: its spec, state, progress and result (a wire mask
+    payload of the slice range)."""
+
     spec: AutoJobSpec
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    state: str = QUEUED
+    state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -81,7 +95,7 @@ class Job:
         elapsed = None
         if self.started is not None:
             elapsed = round((self.finished or time.time()) - self.started, 3)
-        return {"id": self.id, "state": self.state, "spec": self.spec.to_json(),
+        return {"id": self.id, "state": self.state.value, "spec": self.spec.to_json(),
                 "progress": {"done": self.done, "total": self.total,
                              "fraction": round(self.done / self.total, 4) if self.total else 1.0},
                 "slices_with_mask": self.slices_with_mask, "created": self.created, "started": self.started,
@@ -93,20 +107,20 @@ class JobManager:
     """``run(job) -> bytes`` does the work (checking ``job.check_cancelled()``, updating
     ``job.done``) and returns the result payload."""
 
-    def __init__(self, run: Callable[[Job], bytes], *, max_jobs: int, keep: int) -> None:
+    def __init__(self, run: Callable[[AutoJob], bytes], *, max_jobs: int, keep: int) -> None:
         self._run = run
         self.max_jobs = max_jobs
         self.keep = keep
         self._lock = threading.Condition()
-        self._jobs: dict[str, Job] = {}
-        self._queue: collections.deque[Job] = collections.deque()
+        self._jobs: dict[str, AutoJob] = {}
+        self._queue: collections.deque[AutoJob] = collections.deque()
         self._finished: collections.deque[str] = collections.deque()
         self._closing = False
-        self._counters = collections.Counter(dict.fromkeys((SUCCEEDED, FAILED, CANCELLED), 0))
+        self._counters = collections.Counter(dict.fromkeys((state.value for state in FINISHED), 0))
         self._thread = threading.Thread(target=self._worker, name="desam-jobs", daemon=True)
         self._thread.start()
 
-    def submit(self, spec: AutoJobSpec) -> Job:
+    def submit(self, spec: AutoJobSpec) -> AutoJob:
         with self._lock:
             if self._closing:
                 raise Conflict("the service is shutting down")
@@ -118,33 +132,33 @@ class JobManager:
             if len(active) >= self.max_jobs:
                 raise TooManyRequests(f"{len(active)} jobs are queued or running (limit {self.max_jobs})",
                                       retry_after=10)
-            job = Job(spec)
+            job = AutoJob(spec)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._lock.notify_all()
         log.info("job %s queued: %s mode, %d slices", job.id[:8], spec.mode, job.total)
         return job
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str) -> AutoJob:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
             raise NotFound(f"unknown job {job_id[:32]!r} (finished jobs are forgotten after {self.keep} newer ones)")
         return job
 
-    def list(self) -> list[Job]:
+    def list(self) -> list[AutoJob]:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda j: j.created)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str) -> AutoJob:
         """Ask a job to stop (idempotent; a finished job is left as it is)."""
         job = self.get(job_id)
         with self._lock:
-            if job.state == QUEUED:
+            if job.state is JobState.QUEUED:
                 self._queue.remove(job)
                 job.cancel_requested.set()
-                self._finish(job, CANCELLED)
-            elif job.state == RUNNING:
+                self._finish(job, JobState.CANCELLED)
+            elif job.state is JobState.RUNNING:
                 job.cancel_requested.set()
         return job
 
@@ -163,7 +177,7 @@ class JobManager:
     def stats(self) -> dict:
         with self._lock:
             states = collections.Counter(j.state for j in self._jobs.values())
-            return {"queued": states[QUEUED], "running": states[RUNNING], "kept": len(self._jobs),
+            return {"queued": states[JobState.QUEUED], "running": states[JobState.RUNNING], "kept": len(self._jobs),
                     "finished_total": dict(self._counters), "max_jobs": self.max_jobs}
 
     def close(self, timeout: float | None = 30.0) -> None:
@@ -174,24 +188,24 @@ class JobManager:
             self._queue.clear()
             for job in pending:
                 job.cancel_requested.set()
-                self._finish(job, CANCELLED)
+                self._finish(job, JobState.CANCELLED)
             for job in self._jobs.values():
-                if job.state == RUNNING:
+                if job.state is JobState.RUNNING:
                     job.cancel_requested.set()
             self._lock.notify_all()
         self._thread.join(timeout)
 
     # ---- internals -----------------------------------------------------------------------
-    def _finish(self, job: Job, state: str, error: str | None = None) -> None:
+    def _finish(self, job: AutoJob, state: JobState, error: str | None = None) -> None:
         """Caller holds the lock."""
         job.state, job.error, job.finished = state, error, time.time()
-        self._counters[state] += 1
+        self._counters[state.value] += 1
         self._finished.append(job.id)
         while len(self._finished) > self.keep:
             self._jobs.pop(self._finished.popleft(), None)
         self._lock.notify_all()
 
-    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+    def wait(self, job_id: str, timeout: float | None = None) -> AutoJob:
         """Block until the job has finished (tests, command line)."""
         job = self.get(job_id)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -199,7 +213,7 @@ class JobManager:
             while job.state in ACTIVE:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"job {job_id[:8]} still {job.state} after {timeout} s")
+                    raise TimeoutError(f"job {job_id[:8]} still {job.state.value} after {timeout} s")
                 self._lock.wait(left)
         return job
 
@@ -211,22 +225,22 @@ class JobManager:
                 if self._closing and not self._queue:
                     return
                 job = self._queue.popleft()
-                job.state, job.started = RUNNING, time.time()
+                job.state, job.started = JobState.RUNNING, time.time()
             try:
                 result = self._run(job)
             except JobCancelled:
                 with self._lock:
-                    self._finish(job, CANCELLED)
+                    self._finish(job, JobState.CANCELLED)
                 log.info("job %s cancelled after %d/%d slices", job.id[:8], job.done, job.total)
             except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the worker
                 message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
                 with self._lock:
-                    self._finish(job, FAILED, message)
+                    self._finish(job, JobState.FAILED, message)
                 log.warning("job %s failed (%s)", job.id[:8], exc.__class__.__name__)
             else:
                 with self._lock:
                     job.result = result
-                    self._finish(job, SUCCEEDED)
+                    self._finish(job, JobState.SUCCEEDED)
                 log.info("job %s succeeded: %d slices in %.1f s", job.id[:8], job.total,
                          (job.finished or 0) - (job.started or 0))
 

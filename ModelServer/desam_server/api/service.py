@@ -7,8 +7,9 @@ translate HTTP to these methods; errors are ``errors.ServiceError`` subclasses.
 Threads: the scheduler's worker runs every PyTorch computation -- encoder passes, and
 the decoder passes that request threads and the job worker hand it (``scheduler.call``):
 a click goes before queued encoding and a job's next slice, and runs inside a running
-encoder pass at its next module. One compute thread keeps one OpenMP team (see
-``engine.scheduler_worker``).
+encoder pass at its next step; a job's slice serves waiting clicks between its own steps
+(it gets ``scheduler.serve_urgent`` as its ``between_steps``). One compute thread keeps
+one OpenMP team (see ``engine.scheduler_worker``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -28,18 +29,17 @@ from ..engine import IntensityWindow, SlicePredictor
 from ..engine.feature_cache import FeatureCache
 from ..engine.scheduler import EncodingScheduler, SchedulerClosedError
 from ..modeling.desam import DeSAM, ImageFeatures
+from ..wire import axis_dimension
 from .decoders import DecoderSet
 from .errors import NotFound, TooManyRequests, Unavailable, Unprocessable
-from .jobs import AutoJobSpec, Job, JobManager
+from .jobs import AutoJob, AutoJobSpec, JobManager
 from .prompting import LogitsStore, decode_slice_mask, mask_payload, mask_to_logits
 from .settings import ServiceSettings
 from .volume_store import StoredVolume, VolumeStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Service", "AXES"]
-
-AXES = ("k", "j", "i")
+__all__ = ["Service"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class Service:
         self.scheduler = EncodingScheduler(model, self.cache, encode_batch=settings.encode_batch,
                                            neighbours=settings.neighbours, precision=settings.precision)
         self.precision = self.scheduler.precision
+        self.fast_path = settings.decoder_fast_path()
         self.store = VolumeStore(settings.volume_dir, disk_bytes=settings.volume_disk_bytes,
                                  memory_bytes=settings.volume_memory_bytes, max_voxels=settings.max_voxels,
                                  on_evict=self._forget_volume)
@@ -129,10 +130,11 @@ class Service:
 
     @staticmethod
     def _check_slice(stored: StoredVolume, axis: str, index: int) -> tuple[int, int]:
-        if axis not in AXES:
-            raise Unprocessable(f"axis must be one of {', '.join(AXES)}, got {axis!r}")
-        a = AXES.index(axis)
-        count = stored.array.shape[a]
+        try:
+            dimension = axis_dimension(axis)
+        except ValueError as exc:
+            raise Unprocessable(str(exc)) from None
+        count = stored.array.shape[dimension]
         if not 0 <= index < count:
             raise Unprocessable(f"slice index {index} is outside 0..{count - 1} along axis {axis}")
         return wire.mask_slice_shape(stored.array.shape, axis)
@@ -253,7 +255,7 @@ class Service:
 
             def decode():  # on the scheduler's worker thread
                 t2 = time.perf_counter()
-                predictor = SlicePredictor(variant, precision=self.precision)
+                predictor = SlicePredictor(variant, precision=self.precision, fast=self.fast_path)
                 predictor.set_features(features)
                 refine = previous if previous_mask is None else mask_to_logits(previous_mask, self.model, features)
                 try:
@@ -281,10 +283,10 @@ class Service:
     # ---- automatic segmentation jobs ---------------------------------------------------------------
     def submit_job(self, volume_id: str, *, axis: str, start: int | None, stop: int | None, mode: str,
                    decoder: str | None, window: dict | None, grid_size: int, iou_threshold: float,
-                   min_region_area: int) -> Job:
+                   min_region_area: int) -> AutoJob:
         loaded = self.decoders.require(decoder)
         with self._slice(volume_id, axis, 0, window) as s:
-            count = s.stored.array.shape[AXES.index(axis)]
+            count = s.stored.array.shape[axis_dimension(axis)]
             start = 0 if start is None else start
             stop = count if stop is None else stop
             if not 0 <= start < stop <= count:
@@ -294,22 +296,24 @@ class Service:
                            min_region_area=min_region_area)
         return self.jobs.submit(spec)
 
-    def _run_job(self, job: Job) -> bytes:
+    def _run_job(self, job: AutoJob) -> bytes:
         spec = job.spec
         variant = self.decoders.get(spec.decoder).model
         window = {"center": spec.window[0], "width": spec.window[1]}
         with self._slice(spec.volume_id, spec.axis, spec.start, window) as s:
             sid = s.sid
             slab = np.zeros((job.total, *s.shape), dtype=bool)
-            predictor = SlicePredictor(variant, precision=self.precision)
+            predictor = SlicePredictor(variant, precision=self.precision, fast=self.fast_path)
             for n, index in enumerate(range(spec.start, spec.stop)):
                 job.check_cancelled()
                 features, _ = self._features(sid, spec.axis, index, prompt=False)
                 job.check_cancelled()
                 predictor.set_features(features)
+                # Clicks run between the slice's steps (PRIM chunks, PDMM's blocks).
                 result = self._on_worker(lambda: predictor.predict_auto(
                     spec.mode, spec.grid_size, iou_threshold=spec.iou_threshold,
-                    min_region_area=spec.min_region_area), urgent=False)
+                    min_region_area=spec.min_region_area, between_steps=self.scheduler.serve_urgent),
+                    urgent=False)
                 slab[n] = result.mask
                 job.slices_with_mask += bool(result.mask.any())
                 job.done = n + 1

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..engine.feature_config import GiB, FeatureCacheSettings, parse_bytes
+from ..engine.feature_config import FeatureCacheSettings, GiB, parse_bytes
+from ..modeling.fast_path import FastPath
 
 __all__ = ["ServiceSettings", "SettingsError", "default_volume_dir", "is_loopback"]
 
@@ -58,7 +59,10 @@ class ServiceSettings:
     slice to be encoded (then 503); max_pending_prompts: prompts waiting for the encoder
     before new ones get 429; max_jobs: queued + running automatic jobs before 429;
     finished_jobs_kept: finished jobs remembered (with results); encode_batch and
-    neighbours: the scheduler's; cache: the feature cache's settings.
+    neighbours: the scheduler's; fast_path: the decoders' inference fast path ('all', the
+    default; 'none': the modules as written; 'without:PART,PART': all but those parts of
+    ``modeling.FastPath`` -- for diagnosis and the side-by-side benchmark); cache: the
+    feature cache's settings.
     """
 
     host: str = "127.0.0.1"
@@ -83,6 +87,7 @@ class ServiceSettings:
     finished_jobs_kept: int = 64
     encode_batch: int = 1
     neighbours: int = 8
+    fast_path: str = "all"
     log_level: str = "info"
     cache: FeatureCacheSettings = field(default_factory=FeatureCacheSettings)
 
@@ -102,8 +107,23 @@ class ServiceSettings:
             raise SettingsError("neighbours must be >= 0 and click_timeout_s > 0")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise SettingsError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        try:
+            self.decoder_fast_path()
+        except ValueError as exc:
+            raise SettingsError(f"fast_path: {exc}") from None
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+
+    def decoder_fast_path(self) -> FastPath | None:
+        """``fast_path`` as the ``FastPath`` the predictors get (None: the modules)."""
+        text = self.fast_path.strip()
+        if text == "all":
+            return FastPath()
+        if text == "none":
+            return None
+        if text.startswith("without:"):
+            return FastPath.without(*(p.strip() for p in text[len("without:"):].split(",") if p.strip()))
+        raise ValueError(f"{text!r} is not 'all', 'none' or 'without:PART,...'")
 
     def check_bind(self) -> None:
         """Refuse to listen beyond loopback without a token."""
@@ -122,6 +142,7 @@ class ServiceSettings:
                 "max_voxels": self.max_voxels, "max_points": self.max_points,
                 "click_timeout_s": self.click_timeout_s, "max_pending_prompts": self.max_pending_prompts,
                 "max_jobs": self.max_jobs, "encode_batch": self.encode_batch, "neighbours": self.neighbours,
+                "fast_path": self.fast_path,
                 "cache": self.cache.to_json()}
 
     # ---- loading ------------------------------------------------------------------------
@@ -167,7 +188,7 @@ _INTS = {"port", "max_points", "max_pending_prompts", "max_jobs", "finished_jobs
          "max_voxels"}
 _BYTES = {"volume_disk_bytes", "volume_memory_bytes", "max_upload_bytes"}
 _PATHS = {"sam_checkpoint", "decoder_dir", "volume_dir"}
-_STRINGS = {"host", "token", "encoder", "device", "precision", "log_level"}
+_STRINGS = {"host", "token", "encoder", "device", "precision", "log_level", "fast_path"}
 
 
 def _convert(name: str, value: Any) -> Any:

@@ -7,13 +7,14 @@ prompted decoder; same argument meanings, coordinate frame and outputs), plus
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..modeling.desam import DeSAM, ImageFeatures
-from . import preemption
+from ..modeling.fast_path import FastPath
 from .postprocess import grid_points, remove_small_regions
 from .preprocess import IntensityWindow, prepare_input, to_input_frame, to_rgb
 from .runtime import Precision, choose_precision
@@ -21,8 +22,8 @@ from .runtime import Precision, choose_precision
 HOW_TO_GET_A_DECODER = (
     "DeSAM's automatic modes need a trained DeSAM decoder (PRIM + PDMM) for this encoder; "
     "PDMM starts from random weights and its output would be meaningless. Train one "
-    "(desam-server train, or the Train tab in Slicer) and pass it with --decoder / "
-    "decoder_checkpoint=..., or use the prompted mode (points or a box)."
+    "and pass it with --decoder / decoder_checkpoint=..., or use the prompted mode (points or a "
+    "box)."
 )
 
 
@@ -49,12 +50,16 @@ class AutoResult:
 
 class SlicePredictor:
     """Arguments: a DeSAM model (already on its device); ``precision`` 'auto', 'fp32',
-    'bf16' or 'fp16' for the encoder pass (decoders always run in fp32). Decoder passes
-    run under ``torch.inference_mode`` (about 15% faster on CPU than ``no_grad``)."""
+    'bf16' or 'fp16' for the encoder pass (decoders always run in fp32); ``fast``: the
+    decoders' inference fast path (``FastPath``: all parts by default), or None to run the
+    modules as written. Decoder passes run under ``torch.inference_mode`` (about 15% faster
+    on CPU than ``no_grad``)."""
 
-    def __init__(self, model: DeSAM, *, precision: str | Precision = "auto") -> None:
+    def __init__(self, model: DeSAM, *, precision: str | Precision = "auto",
+                 fast: FastPath | None = FastPath()) -> None:
         self.model = model
         self.precision = precision if isinstance(precision, Precision) else choose_precision(model.device, precision)
+        self.fast = fast
         self.features: ImageFeatures | None = None
 
     @property
@@ -70,13 +75,15 @@ class SlicePredictor:
 
     # ---- image -------------------------------------------------------------------------
     @torch.no_grad()
-    def set_image(self, image: np.ndarray, window: IntensityWindow | None = None) -> None:
+    def set_image(self, image: np.ndarray, window: IntensityWindow | None = None, *,
+                  between_steps: Callable[[], None] | None = None) -> None:
         """Encode one slice: H x W intensities (with ``window``; uint8 needs none) or
-        H x W x 3 uint8 RGB. Keeps the neck embedding and the taps for later prompts."""
+        H x W x 3 uint8 RGB. Keeps the neck embedding and the taps for later prompts.
+        between_steps: see ``DeSAM.encode``."""
         rgb = to_rgb(image, window)
         x, input_size = prepare_input(self.model, rgb)
         with self.precision.autocast():
-            embedding, taps = self.model.encode(x)
+            embedding, taps = self.model.encode(x, between_steps=between_steps)
         self.set_features(
             ImageFeatures(
                 embedding=embedding.float(),
@@ -111,7 +118,7 @@ class SlicePredictor:
                 raise ValueError("point coordinates must be finite")
             if not np.isin(labels, (0, 1)).all():
                 raise ValueError("point labels must be 1 (foreground) or 0 (background)")
-            if (coords[:, 0] < 0).any() or (coords[:, 0] > w).any() or (coords[:, 1] < 0).any() or (coords[:, 1] > h).any():
+            if not ((0 <= coords[:, 0]) & (coords[:, 0] <= w) & (0 <= coords[:, 1]) & (coords[:, 1] <= h)).all():
                 raise ValueError(f"points must lie inside the {w} x {h} slice (x in [0, {w}], y in [0, {h}])")
             if not self.model.convention.supports_points:
                 raise ValueError(f"encoder {self.model.encoder_name} was trained with box prompts only")
@@ -163,9 +170,9 @@ class SlicePredictor:
             mask_tensor = torch.as_tensor(m, device=self.device)[None]
         low_res, iou = self.model.sam_decode(
             feats.embedding, points=points, boxes=boxes, mask_input=mask_tensor,
-            multimask_output=multimask_output, state=feats.decoder_state,
+            multimask_output=multimask_output, fast=self.fast, state=feats.decoder_state,
         )
-        masks = self.model.postprocess_logits(low_res, feats.input_size, feats.original_size)
+        masks = self._postprocess(low_res, feats)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks[0].cpu().numpy(), iou[0].float().cpu().numpy(), low_res[0].float().cpu().numpy()
@@ -184,15 +191,21 @@ class SlicePredictor:
         if points is None and boxes is None:
             raise ValueError("give at least one prompt: points or a box")
         iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats), points=points, boxes=boxes,
-                                              state=feats.decoder_state)
-        mask = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[0, 0] > 0
+                                              fast=self.fast, state=feats.decoder_state)
+        mask = self._postprocess(logits, feats)[0, 0] > 0
         return mask.cpu().numpy(), float(iou[0])
 
+    def _postprocess(self, logits: torch.Tensor, feats: ImageFeatures) -> torch.Tensor:
+        return self.model.postprocess_logits(logits, feats.input_size, feats.original_size,
+                                             banded=self.fast is not None and self.fast.banded_resize)
+
     # ---- automatic (DeSAM) modes ----------------------------------------------------------
-    def _skips(self, feats: ImageFeatures) -> list[torch.Tensor]:
-        if feats.skips is None:
-            feats.skips = self.model.image_skips(feats.taps)
-        return feats.skips
+    def _skips(self, feats: ImageFeatures, between_steps: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """PDMM's image part: kept in the slice's decoder state with the fast path, else
+        computed per call (the modules as written, nothing kept)."""
+        if self.fast is None or not self.fast.slice_cache:
+            return self.model.image_skips(feats.taps, between_steps=between_steps)
+        return self.model.slice_skips(feats, between_steps=between_steps)
 
     @torch.inference_mode()
     def predict_auto(
@@ -204,7 +217,7 @@ class SlicePredictor:
         min_region_area: int = 64,
         chunk_size: int | None = None,
         decode_chunk: int = 1,
-        reuse_image_part: bool = True,
+        between_steps: Callable[[], None] | None = None,
     ) -> AutoResult:
         """DeSAM without a user prompt.
 
@@ -221,21 +234,21 @@ class SlicePredictor:
           decoder work. ``chunk_size`` None: 16 on a GPU, 1 on a CPU (batched PRIM
           passes expand the image embedding per prompt, which costs more than it saves
           there: 81 prompts 8.2 s at 16, 4.9 s at 1 with MobileSAM on 2 cores).
-        reuse_image_part: compute PDMM's prompt-independent part once per slice (False
-          recomputes it for every decode chunk; identical results, only slower).
+        between_steps: called between the steps of the computation (each PRIM chunk, PDMM's
+          stages and blocks): a caller's chance to run other work (the service serves
+          clicks there during a batch job). Nothing is installed on the model.
         """
         if not self.model.has_trained_decoder:
             raise UntrainedDecoderError(HOW_TO_GET_A_DECODER)
         feats = self._require_image()
         h, w = feats.original_size
-        # On the service's compute thread, clicks run between PRIM chunks and PDMM's blocks.
-        preemption.install_serve_points(self.model.pdmm)
         if mode == "box":
             box = to_input_frame(np.array([[0.0, 0.0], [w, h]]), feats.original_size, self.model.img_size)
             boxes = torch.as_tensor(box.reshape(1, 4), dtype=torch.float, device=self.device)
-            iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats), boxes=boxes,
-                                                  state=feats.decoder_state)
-            mask = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[0, 0] > 0
+            iou, logits = self.model.desam_decode(feats.embedding, self._skips(feats, between_steps), boxes=boxes,
+                                                  fast=self.fast, state=feats.decoder_state,
+                                                  between_steps=between_steps)
+            mask = self._postprocess(logits, feats)[0, 0] > 0
             mask = remove_small_regions(mask.cpu().numpy(), min_region_area)
             return AutoResult(mask=mask, iou=float(iou[0]), candidates=1, passed=1, decoded=1)
         if mode != "grid":
@@ -247,30 +260,32 @@ class SlicePredictor:
         pts = to_input_frame(grid_points(grid_size, h, w), feats.original_size, self.model.img_size)
         coords = torch.as_tensor(pts, dtype=torch.float, device=self.device)[:, None, :]
         labels = torch.ones((coords.shape[0], 1), dtype=torch.int, device=self.device)
-        image_pe = self.model.dense_pe()
 
         ious, embeddings = [], []
         for start in range(0, coords.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
-            preemption.serve_point()
+            if between_steps is not None:
+                between_steps()
             sparse, dense = self.model.prompt_encoder(points=(coords[chunk], labels[chunk]), boxes=None, masks=None)
-            iou, mask_embedding = self.model.prim(feats.embedding, image_pe, sparse, dense, state=feats.decoder_state)
+            iou, mask_embedding = self.model.run_prim(feats.embedding, sparse, dense, fast=self.fast,
+                                                      state=feats.decoder_state)
             keep = iou > iou_threshold
             ious.append(iou)
             # Only candidates can be decoded later; keep just their mask embeddings.
-            embeddings.extend(zip((start + keep.nonzero()[:, 0]).tolist(), mask_embedding[keep]))
+            embeddings.extend(zip((start + keep.nonzero()[:, 0]).tolist(), mask_embedding[keep], strict=True))
         ious = torch.cat(ious)
         candidates = dict(embeddings)
         # Decreasing IoU; ties keep grid order (stable sort), as NMS ranks them.
         order = sorted(candidates, key=lambda i: -float(ious[i]))
         decoded = 0
+        skips = self._skips(feats, between_steps) if order else None
         for start in range(0, len(order), decode_chunk):
             batch = order[start : start + decode_chunk]
-            skips = self._skips(feats) if reuse_image_part else self.model.image_skips(feats.taps)
-            logits = self.model.pdmm.decode(torch.stack([candidates[i] for i in batch]), skips)
-            masks = self.model.postprocess_logits(logits, feats.input_size, feats.original_size)[:, 0] > 0
+            logits = self.model.pdmm.decode(torch.stack([candidates[i] for i in batch]), skips,
+                                            between_steps=between_steps)
+            masks = self._postprocess(logits, feats)[:, 0] > 0
             decoded += len(batch)
-            for index, mask in zip(batch, masks.cpu().numpy()):
+            for index, mask in zip(batch, masks.cpu().numpy(), strict=True):
                 cleaned = remove_small_regions(mask, min_region_area)
                 if cleaned.any():
                     return AutoResult(mask=cleaned, iou=float(ious[index]), candidates=coords.shape[0],

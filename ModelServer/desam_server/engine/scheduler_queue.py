@@ -1,43 +1,40 @@
-"""The encoding scheduler's job queue: priorities, reasons, lazy-deletion heap.
+"""The encoding scheduler's queue: priorities, reasons, lazy-deletion heap.
 
-A ``Job`` is one slice to encode, named by its ``FeatureKey``. It is wanted for one or
-more *reasons*: prompt waiters (a thread blocked in ``features()``), a place in the
-current view's neighbourhood (rank 0 is the viewed slice itself, rank r > 0 the r-th
-neighbour in outward order v+1, v-1, v+2, v-2, ...), and a background precompute. Its
-priority is that of its strongest reason; a job without reasons is cancelled.
+An ``EncodeRequest`` is one slice to encode, named by its ``FeatureKey``. It is wanted
+for one or more *reasons*: prompt waiters (a thread blocked in ``features()``), a place
+in the current view's neighbourhood (rank 0 is the viewed slice itself, rank r > 0 the
+r-th neighbour in outward order v+1, v-1, v+2, v-2, ...), and a background precompute.
+Its priority is that of its strongest reason; a request without reasons is cancelled.
 
-The heap holds ``(priority, rank, seq, job)`` entries. A job that changes priority gets
-a fresh entry and its old one goes stale (``job.entry`` no longer points at it); stale
-and finished entries are dropped when they reach the top. ``seq`` grows with every push,
-so equal (priority, rank) pop first-in, first-out. Not thread-safe: the scheduler calls
-every method under its own lock.
+The heap holds ``(priority, rank, seq, request)`` entries. A request that changes
+priority gets a fresh entry and its old one goes stale (``request.entry`` no longer points
+at it); stale and finished entries are dropped when they reach the top. ``seq`` grows
+with every push, so equal (priority, rank) pop first-in, first-out. Not thread-safe: the
+scheduler calls every method under its own lock.
 
-Also here: the registration record of a volume, argument checks, cache keys and the
-encoder pass over a batch of jobs.
+Also here: the registration record of a volume (``RegisteredVolume``), argument checks,
+cache keys, and which requests may share an encoder pass.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Callable, Iterator
+from enum import Enum, IntEnum
 
 import numpy as np
-import torch
 
-from ..modeling.desam import DeSAM, ImageFeatures
-from ..segment import slice_view
+from ..io.slices import axis_dimension
+from ..modeling.desam import DeSAM
+from ..wire import AXES
 from .feature_config import FeatureKey
-from .preprocess import PREPROCESSING_VERSION, IntensityWindow, prepare_input, to_rgb
-from .runtime import Precision
+from .preprocess import PREPROCESSING_VERSION, IntensityWindow
 
-__all__ = ["Priority", "Job", "JobQueue", "Volume", "outward", "where", "feature_key", "encode_slices",
-           "same_pass", "AXIS_NAMES"]
-
-AXIS_NAMES = ("k", "j", "i")
+__all__ = ["Priority", "RequestState", "EncodeRequest", "RequestQueue", "RegisteredVolume", "outward", "where",
+           "feature_key", "same_pass"]
 
 
 class Priority(IntEnum):
@@ -49,23 +46,28 @@ class Priority(IntEnum):
     BACKGROUND = 3  # precompute of a whole volume
 
 
-QUEUED, RUNNING, DONE = "queued", "running", "done"
+class RequestState(Enum):
+    QUEUED = "queued"     # in the heap, waiting for the encoder
+    RUNNING = "running"   # in the encoder pass now
+    DONE = "done"         # settled, cancelled or dropped; no longer in the queue
 
 
 @dataclass(eq=False)
-class Volume:
-    """A registered volume: K x J x I voxels (by reference), window, encoder weights."""
+class RegisteredVolume:
+    """A volume registered with the scheduler: K x J x I voxels (by reference), window,
+    encoder weights."""
 
     volume_id: str
     array: np.ndarray
     window: IntensityWindow
     weights_sha256: str | None
     view: tuple[int, int] | None = None                 # (axis number, index)
-    view_jobs: set = field(default_factory=set)         # queued jobs holding a view rank
+    view_requests: set = field(default_factory=set)     # queued requests holding a view rank
     background_axes: set = field(default_factory=set)
 
     @classmethod
-    def create(cls, volume_id: str, array, window: IntensityWindow, weights_sha256: str | None) -> "Volume":
+    def create(cls, volume_id: str, array, window: IntensityWindow, weights_sha256: str | None,
+               ) -> RegisteredVolume:
         if not isinstance(volume_id, str) or not volume_id:
             raise ValueError("volume_id must be a non-empty string")
         array = np.asarray(array)
@@ -81,41 +83,39 @@ class Volume:
         return self.volume_id[:12]
 
 
-def where(volume: Volume, axis, index) -> tuple[int, int]:
-    """Checked (axis number, index); axis 'k', 'j', 'i' or 0, 1, 2."""
-    if isinstance(axis, str) and axis in AXIS_NAMES:
-        a = AXIS_NAMES.index(axis)
-    elif isinstance(axis, (int, np.integer)) and not isinstance(axis, bool) and 0 <= axis < 3:
-        a = int(axis)
-    else:
-        raise ValueError(f"axis must be one of 'k', 'j', 'i' or 0, 1, 2, got {axis!r}")
+def where(volume: RegisteredVolume, axis: str, index) -> tuple[int, int]:
+    """Checked (array dimension of ``axis``, index); axis 'k', 'j' or 'i'."""
+    a = axis_dimension(axis)
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
         raise TypeError(f"slice index must be an integer, got {type(index).__name__}")
     count = volume.array.shape[a]
     if not 0 <= index < count:
-        raise IndexError(f"slice {index} is outside 0..{count - 1} along axis {AXIS_NAMES[a]}")
+        raise IndexError(f"slice {index} is outside 0..{count - 1} along axis {axis}")
     return a, int(index)
 
 
-def feature_key(model: DeSAM, volume: Volume, axis_number: int, index: int) -> FeatureKey:
+def feature_key(model: DeSAM, volume: RegisteredVolume, dimension: int, index: int) -> FeatureKey:
     return FeatureKey(
-        volume_id=volume.volume_id, axis=AXIS_NAMES[axis_number], slice_index=index,
+        volume_id=volume.volume_id, axis=AXES[dimension], slice_index=index,
         window_center=volume.window.center, window_width=volume.window.width,
         preprocessing_version=PREPROCESSING_VERSION, encoder=model.encoder_name,
         encoder_weights_sha256=volume.weights_sha256)
 
 
 @dataclass(eq=False)
-class Job:
+class EncodeRequest:
+    """One slice to encode and why (see the module docstring); ``future`` gets its
+    ``ImageFeatures``."""
+
     key: FeatureKey
-    volume: object  # the scheduler's registration record the job was created under
-    axis_number: int
+    volume: RegisteredVolume       # the registration the request was created under
+    dimension: int                 # array dimension of the slicing axis (0, 1, 2 for k, j, i)
     future: Future = field(default_factory=Future)
-    state: str = QUEUED
-    waiters: int = 0               # threads blocked in features() on this job
+    state: RequestState = RequestState.QUEUED
+    waiters: int = 0               # threads blocked in features() on this request
     view_rank: int | None = None   # 0: the viewed slice; r > 0: r-th neighbour
     background: bool = False
-    entry: list | None = None      # the job's live heap entry
+    entry: list | None = None      # the request's live heap entry
 
     @property
     def index(self) -> int:
@@ -145,57 +145,57 @@ def outward(view: int, neighbours: int, count: int) -> Iterator[tuple[int, int]]
                 yield rank, index
 
 
-class JobQueue:
-    """Jobs by key (queued and running ones) and the priority heap of queued ones."""
+class RequestQueue:
+    """Requests by key (queued and running ones) and the priority heap of queued ones."""
 
     def __init__(self) -> None:
-        self.jobs: dict[FeatureKey, Job] = {}
+        self.requests: dict[FeatureKey, EncodeRequest] = {}
         self._heap: list[list] = []
         self._seq = itertools.count()
 
     def __len__(self) -> int:
-        return sum(1 for job in self.jobs.values() if job.state == QUEUED)
+        return sum(1 for request in self.requests.values() if request.state is RequestState.QUEUED)
 
-    def get(self, key: FeatureKey) -> Job | None:
-        return self.jobs.get(key)
+    def get(self, key: FeatureKey) -> EncodeRequest | None:
+        return self.requests.get(key)
 
-    def add(self, job: Job) -> None:
-        """Register a new job (with at least one reason set) and queue it."""
-        self.jobs[job.key] = job
-        self._push(job)
+    def add(self, request: EncodeRequest) -> None:
+        """Register a new request (with at least one reason set) and queue it."""
+        self.requests[request.key] = request
+        self._push(request)
 
-    def reschedule(self, job: Job) -> bool:
-        """Re-rank a queued job after its reasons changed. Returns False when it has no
+    def reschedule(self, request: EncodeRequest) -> bool:
+        """Re-rank a queued request after its reasons changed. Returns False when it has no
         reason left: it is then removed (the caller completes its future)."""
-        if job.state != QUEUED:
+        if request.state is not RequestState.QUEUED:
             return True
-        prio = job.priority()
+        prio = request.priority()
         if prio is None:
-            job.state = DONE
-            job.entry = None
-            self.jobs.pop(job.key, None)
+            request.state = RequestState.DONE
+            request.entry = None
+            self.requests.pop(request.key, None)
             return False
-        if job.entry is None or tuple(job.entry[:2]) != prio:
-            self._push(job)
+        if request.entry is None or tuple(request.entry[:2]) != prio:
+            self._push(request)
         return True
 
-    def _push(self, job: Job) -> None:
-        prio, rank = job.priority()
-        job.entry = [prio, rank, next(self._seq), job]
-        heapq.heappush(self._heap, job.entry)
+    def _push(self, request: EncodeRequest) -> None:
+        prio, rank = request.priority()
+        request.entry = [prio, rank, next(self._seq), request]
+        heapq.heappush(self._heap, request.entry)
 
     def _prune(self) -> None:
         heap = self._heap
-        while heap and (heap[0][3].entry is not heap[0] or heap[0][3].state != QUEUED):
+        while heap and (heap[0][3].entry is not heap[0] or heap[0][3].state is not RequestState.QUEUED):
             heapq.heappop(heap)
 
     def has_work(self) -> bool:
         self._prune()
         return bool(self._heap)
 
-    def pop_batch(self, limit: int, compatible: Callable[[Job, Job], bool]) -> list[Job]:
-        """The best queued job plus up to ``limit - 1`` more, in priority order, for
-        which ``compatible(first, other)`` holds. Returned jobs are marked running."""
+    def pop_batch(self, limit: int, compatible: Callable[[EncodeRequest, EncodeRequest], bool]) -> list[EncodeRequest]:
+        """The best queued request plus up to ``limit - 1`` more, in priority order, for
+        which ``compatible(first, other)`` holds. Returned requests are marked running."""
         self._prune()
         if not self._heap:
             return []
@@ -203,58 +203,42 @@ class JobQueue:
         batch, skipped = [first], []
         while len(batch) < limit and self._heap:
             entry = heapq.heappop(self._heap)
-            job = entry[3]
-            if job.entry is not entry or job.state != QUEUED:
+            request = entry[3]
+            if request.entry is not entry or request.state is not RequestState.QUEUED:
                 continue
-            if compatible(first, job):
-                batch.append(job)
+            if compatible(first, request):
+                batch.append(request)
             else:
                 skipped.append(entry)
         for entry in skipped:
             heapq.heappush(self._heap, entry)
-        for job in batch:
-            job.state = RUNNING
-            job.entry = None
+        for request in batch:
+            request.state = RequestState.RUNNING
+            request.entry = None
         return batch
 
-    def finish(self, job: Job) -> None:
-        job.state = DONE
-        self.jobs.pop(job.key, None)
+    def finish(self, request: EncodeRequest) -> None:
+        request.state = RequestState.DONE
+        self.requests.pop(request.key, None)
 
-    def queued(self) -> list[Job]:
-        return [job for job in self.jobs.values() if job.state == QUEUED]
+    def queued(self) -> list[EncodeRequest]:
+        return [request for request in self.requests.values() if request.state is RequestState.QUEUED]
 
-    def drain(self) -> list[Job]:
-        """Remove every queued job (running ones stay); returns the removed ones."""
+    def drain(self) -> list[EncodeRequest]:
+        """Remove every queued request (running ones stay); returns the removed ones."""
         removed = self.queued()
-        for job in removed:
-            job.state = DONE
-            job.entry = None
-            del self.jobs[job.key]
+        for request in removed:
+            request.state = RequestState.DONE
+            request.entry = None
+            del self.requests[request.key]
         self._heap.clear()
         return removed
 
 
-def same_pass(first: Job, other: Job) -> bool:
+def same_pass(first: EncodeRequest, other: EncodeRequest) -> bool:
     """Whether ``other`` may join ``first``'s encoder pass: same volume and axis, and a
-    PROMPT job takes only PROMPT jobs along (a click never waits for background work)."""
-    if other.volume is not first.volume or other.axis_number != first.axis_number:
+    PROMPT request takes only PROMPT requests along (a click never waits for background
+    work)."""
+    if other.volume is not first.volume or other.dimension != first.dimension:
         return False
     return first.priority()[0] != Priority.PROMPT or other.priority()[0] == Priority.PROMPT
-
-
-@torch.no_grad()
-def encode_slices(model: DeSAM, encode: Callable, precision: Precision, jobs: list[Job]) -> list[ImageFeatures]:
-    """One encoder pass over the jobs' slices (same volume and axis, so same input size),
-    preprocessed exactly as ``SlicePredictor.set_image`` does."""
-    inputs, sizes, originals = [], [], []
-    for job in jobs:
-        rgb = to_rgb(slice_view(job.volume.array, job.axis_number, job.index), job.volume.window)
-        x, input_size = prepare_input(model, rgb)
-        inputs.append(x)
-        sizes.append(input_size)
-        originals.append(tuple(rgb.shape[:2]))
-    with precision.autocast():
-        embedding, taps = encode(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
-    return [ImageFeatures(embedding=embedding[b:b + 1].float(), taps=[t[b:b + 1].float() for t in taps],
-                          input_size=sizes[b], original_size=originals[b]) for b in range(len(jobs))]

@@ -1,15 +1,21 @@
-"""The worker half of ``EncodingScheduler``: the loop of its one compute thread.
+"""``ComputeWorker``: the encoding scheduler's one compute thread.
 
-Takes the best batch off the queue, encodes it through the feature cache with the
-preemption hooks armed, and settles every job: result, error, or back in the queue
-when the pass was preempted and the job is still wanted. Methods run on the worker
-thread and use the scheduler's attributes and lock (see ``scheduler``).
+It runs every PyTorch computation the scheduler is given: encoder passes (which it asks
+its owner for, through three callables: ``next_pass``, ``run_pass``, ``finish_pass``) and
+*calls* -- other work handed over with ``call(fn)``: a click's decoder pass (urgent: before
+any queued encoding, and inside a running pass at its next step, after which the pass
+continues), a batch job's next slice (between passes), feature unpacking.
 
-``call(fn)`` runs other PyTorch work on this thread too (the service's decoder passes and
-feature unpacking): with GNU OpenMP every thread that runs a parallel operation keeps a
-team of its own, and once a process has more OpenMP threads than CPUs, libgomp stops
-spinning between parallel regions and sleeps in the kernel instead -- measured ~8 ms of
-a ~40 ms click on two cores. One compute thread keeps one team.
+Why one thread: with GNU OpenMP every thread that runs a parallel operation keeps a team
+of its own, and once a process has more OpenMP threads than CPUs, libgomp stops spinning
+between parallel regions and sleeps in the kernel instead -- measured ~8 ms of a ~40 ms
+click on two cores. One compute thread keeps one team.
+
+Stopping a pass: the worker hands ``run_pass`` a ``between_steps`` callable, which the
+encoder calls between its steps (``DeSAM.encode``). It runs the waiting urgent calls and,
+once ``preempt()`` was asked for (under the owner's lock), raises ``EncodePreempted``; the
+pass then ends at that step and ``finish_pass`` learns it was preempted. Nothing is
+installed on the model.
 """
 
 from __future__ import annotations
@@ -17,68 +23,125 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ..modeling.desam import ImageFeatures
-from . import preemption
-from .scheduler_queue import QUEUED, Job, encode_slices, same_pass
-
 log = logging.getLogger("desam_server.engine.scheduler")
 
-__all__ = ["SchedulerWorker", "SchedulerClosedError"]
+__all__ = ["ComputeWorker", "EncodePreempted", "SchedulerClosedError"]
 
 
 class SchedulerClosedError(RuntimeError):
     """The scheduler was closed before the work could run."""
 
 
-class SchedulerWorker:
-    """Mixin: the worker loop; the scheduler provides the queue, cache, lock, counters."""
+class EncodePreempted(BaseException):
+    """The running encoder pass was given up for more urgent work. A ``BaseException``, so
+    that code handling encoder *errors* (``except Exception``) lets it through to the
+    worker, which hands the pass back to its owner as preempted instead of failed."""
 
-    _preempt: threading.Event
-    _volumes: dict
-    _running: list[Job]
-    _thread: threading.Thread
 
-    def _init_calls(self) -> None:
-        self._urgent_calls: collections.deque = collections.deque()
-        self._calls: collections.deque = collections.deque()
-        self._never_stop = threading.Event()  # calls serve clicks but are never preempted
+StepCallback = Callable[[], None]
+
+
+class ComputeWorker:
+    """The compute thread (see the module docstring).
+
+    cond: the owner's lock and condition; the worker waits on it and the owner notifies it
+    when work arrives. next_pass(): with the lock held, the requests of the next encoder
+    pass (marked running), or None when there is none to run now. run_pass(requests,
+    between_steps): runs that pass (lock not held). finish_pass(requests, preempted,
+    error): settles it (lock not held; ``error`` is an exception that escaped
+    ``run_pass``, else None). device_type: autocast is switched off for calls made inside
+    an encoder pass's autocast region.
+    """
+
+    def __init__(self, cond: threading.Condition, *, next_pass: Callable[[], list | None],
+                 run_pass: Callable[[list, StepCallback], None],
+                 finish_pass: Callable[[list, bool, BaseException | None], None], device_type: str,
+                 name: str = "desam-encoder") -> None:
+        self._cond = cond
+        self._next_pass = next_pass
+        self._run_pass = run_pass
+        self._finish_pass = finish_pass
+        self._device_type = device_type
+        self._urgent: collections.deque = collections.deque()
+        self._others: collections.deque = collections.deque()
+        self._preempt = threading.Event()
+        self._closing = False
+        self._serving = False  # worker thread only: inside serve_urgent
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- for any thread -------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def on_worker_thread(self) -> bool:
+        return threading.current_thread() is self._thread
 
     def call(self, fn: Callable[[], Any], *, urgent: bool = True) -> Any:
         """Run ``fn()`` on the worker thread; return its result or raise its exception.
         Urgent calls (clicks) run before any queued encoding and, during an encoder pass,
-        at its next module (the pass then continues); others (batch segmentation)
-        between passes, after the urgent ones, and serve urgent calls at their serve
-        points (``preemption.serve_point``). On the worker thread itself: at once."""
-        if threading.current_thread() is self._thread:
+        at its next step (the pass then continues); others (batch segmentation) between
+        passes, after the urgent ones; they can serve urgent calls at their own steps
+        (``serve_urgent``). On the worker thread itself: at once. Raises
+        ``SchedulerClosedError`` once the worker is closing."""
+        if self.on_worker_thread():
             return fn()
         future: Future = Future()
         with self._cond:
-            self._check_open()
-            (self._urgent_calls if urgent else self._calls).append((fn, future))
+            if self._closing:
+                raise SchedulerClosedError("the encoding scheduler is closed")
+            (self._urgent if urgent else self._others).append((fn, future))
             self._cond.notify_all()
         return future.result()
 
-    def _next_call(self) -> tuple | None:
-        """The next call to run (lock held)."""
-        for calls in (self._urgent_calls, self._calls):
-            if calls:
-                return calls.popleft()
-        return None
+    def waiting_calls(self) -> dict[str, int]:
+        """Calls queued and not yet started: {'urgent': n, 'other': m}."""
+        with self._cond:
+            return {"urgent": len(self._urgent), "other": len(self._others)}
 
-    def _serve_urgent(self) -> None:
-        """Run the waiting urgent calls (worker thread, inside an encoder pass)."""
-        while True:
-            with self._cond:
-                if not self._urgent_calls:
-                    return
-                task = self._urgent_calls.popleft()
-            self._execute(task)
+    # ---- for the owner, with its lock held ---------------------------------------------------
+    def preempt(self) -> None:
+        """Ask the running encoder pass to stop at its next step (owner's lock held)."""
+        self._preempt.set()
+
+    def stop(self) -> None:
+        """Stop taking calls and passes (owner's lock held); ``join`` waits for the thread."""
+        self._closing = True
+        self._cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        if not self.on_worker_thread():
+            self._thread.join(timeout)
+
+    # ---- on the worker thread -------------------------------------------------------------------
+    def serve_urgent(self) -> None:
+        """Run the urgent calls waiting now (a long computation on the worker thread calls
+        this between its steps: a batch job's slice serves clicks that way). Elsewhere,
+        and inside an urgent call, it does nothing."""
+        if not self.on_worker_thread() or self._serving:
+            return
+        self._serving = True
+        try:
+            while True:
+                with self._cond:
+                    if not self._urgent:
+                        return
+                    task = self._urgent.popleft()
+                self._execute(task)
+        finally:
+            self._serving = False
+
+    def _between_encoder_steps(self) -> None:
+        self.serve_urgent()
+        if self._preempt.is_set():
+            raise EncodePreempted()
 
     def _execute(self, task: tuple) -> None:
         fn, future = task
@@ -86,26 +149,12 @@ class SchedulerWorker:
             return
         try:
             # Inside an encoder pass its autocast region is active: not for this work.
-            with torch.autocast(self.model.device.type, enabled=False):
+            with torch.autocast(self._device_type, enabled=False):
                 result = fn()
         except BaseException as exc:  # noqa: BLE001 - the caller gets it; the worker goes on
             future.set_exception(exc)
         else:
             future.set_result(result)
-
-    def _fail_calls(self) -> None:
-        with self._cond:
-            tasks = list(self._urgent_calls) + list(self._calls)
-            self._urgent_calls.clear()
-            self._calls.clear()
-        for _, future in tasks:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(SchedulerClosedError("the encoding scheduler was closed"))
-
-    def _preempt_unless(self, keep: Callable[[Job], bool]) -> None:
-        """Stop the running pass unless ``keep`` holds for one of its jobs (lock held)."""
-        if self._running and not any(keep(job) for job in self._running):
-            self._preempt.set()
 
     def _run(self) -> None:
         try:
@@ -115,103 +164,36 @@ class SchedulerWorker:
 
     def _loop(self) -> None:
         while True:
+            task, batch = None, None
             with self._cond:
-                while (not self._closing and not self._urgent_calls and not self._calls
-                       and (self._paused or not self._queue.has_work())):
+                while True:
+                    if self._closing:
+                        return
+                    if self._urgent or self._others:
+                        task = (self._urgent or self._others).popleft()
+                        break
+                    batch = self._next_pass()
+                    if batch:
+                        self._preempt.clear()
+                        break
                     self._cond.wait()
-                if self._closing:
-                    return
-                urgent = bool(self._urgent_calls)
-                task = self._next_call()
-                if task is None:
-                    batch = self._queue.pop_batch(self.encode_batch, same_pass)
-                    for job in batch:
-                        self._history.append((job.key.volume_id, job.key.axis, job.index, job.priority()[0].name))
-                    self._running = batch
-                    self._preempt.clear()
             if task is not None:
-                if urgent:
-                    self._execute(task)
-                else:  # a long call serves clicks at its serve points (see ``preemption``)
-                    with preemption.armed(self._never_stop, self._serve_urgent):
-                        self._execute(task)
+                self._execute(task)  # a long non-urgent call serves urgent ones itself (serve_urgent)
                 continue
-            preempted = False
+            preempted, error = False, None
             try:
-                with preemption.armed(self._preempt, self._serve_urgent):
-                    self._encode_batch(batch)
-            except preemption.EncodePreempted:
+                self._run_pass(batch, self._between_encoder_steps)
+            except EncodePreempted:
                 preempted = True
-            except BaseException as exc:  # noqa: BLE001 - the worker must survive anything
-                self._fail(batch, exc)
-            finally:
-                self._finish(batch, preempted)
+            except BaseException as exc:  # noqa: BLE001 - the worker must survive anything; the pass's waiters get it
+                error = exc
+            self._finish_pass(batch, preempted, error)
 
-    def _finish(self, batch: list[Job], preempted: bool) -> None:
-        """Jobs of a preempted pass go back in the queue while wanted (by a waiter, or
-        with their volume still registered); others are done."""
-        dropped = []
+    def _fail_calls(self) -> None:
         with self._cond:
-            self._running = []
-            for job in batch:
-                if preempted and not job.future.done():
-                    self._counters["preempted"] += 1
-                    job.state = QUEUED
-                    kept = job.waiters > 0 or self._volumes.get(job.key.volume_id) is job.volume
-                    if not self._closing and kept and self._queue.reschedule(job):
-                        continue
-                    self._queue.finish(job)
-                    dropped.append(job)
-                else:
-                    self._queue.finish(job)
-                job.volume.view_jobs.discard(job)
-        self._cancel(dropped, SchedulerClosedError("the encoding scheduler was closed") if self._closing else None)
-
-    def _fail(self, jobs: list[Job], exc: BaseException) -> None:
-        pending = [job for job in jobs if not job.future.done()]
-        with self._cond:
-            self._counters["errors"] += len(pending)
-        if pending:
-            j = pending[0]
-            log.warning("scheduler: encoding %d slice(s) of volume %s axis %s failed (%s)", len(pending),
-                        j.volume.tag, j.key.axis, exc.__class__.__name__)
-        for job in pending:
-            job.future.set_exception(exc)
-
-    def _encode_batch(self, batch: list[Job]) -> None:
-        device = self.model.device
-        todo = []
-        for job in batch:
-            cached = self.cache.get(job.key, device) if self.cache.contains(job.key) else None
-            if cached is not None:
-                with self._cond:
-                    self._counters["skipped_cached"] += 1
-                job.future.set_result(cached)
-            else:
-                todo.append(job)
-        if len(todo) == 1:
-            job = todo[0]
-            try:
-                job.future.set_result(self.cache.get_or_compute(job.key, lambda: self._compute(todo)[0], device))
-            except Exception as exc:  # noqa: BLE001
-                self._fail([job], exc)
-        elif todo:
-            try:
-                computed = self._compute(todo)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(todo, exc)
-                return
-            for job, feats in zip(todo, computed):
-                try:
-                    job.future.set_result(self.cache.get_or_compute(job.key, lambda f=feats: f, device))
-                except Exception as exc:  # noqa: BLE001
-                    self._fail([job], exc)
-
-    def _compute(self, jobs: list[Job]) -> list[ImageFeatures]:
-        start = time.perf_counter()
-        result = encode_slices(self.model, self._encode, self.precision, jobs)
-        with self._cond:
-            self._encode_seconds += time.perf_counter() - start
-            self._counters["encoded"] += len(jobs)
-            self._counters["batches"] += 1
-        return result
+            tasks = list(self._urgent) + list(self._others)
+            self._urgent.clear()
+            self._others.clear()
+        for _, future in tasks:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(SchedulerClosedError("the encoding scheduler was closed"))

@@ -75,6 +75,7 @@ def load_sam_checkpoint(model: DeSAM, path: str | os.PathLike, *, expected_sha25
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: {part} does not fit: {exc}") from exc
     model.encoder_weights_sha256 = digest
+    model.weights_changed()
 
 
 def decoder_state_dict(model: DeSAM) -> dict[str, torch.Tensor]:
@@ -165,4 +166,5 @@ def load_decoder(model: DeSAM, path: str | os.PathLike) -> dict[str, Any]:
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: {name} does not fit: {exc}") from exc
     model.decoder_metadata = meta
+    model.weights_changed()
     return meta

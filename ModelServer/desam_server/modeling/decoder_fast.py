@@ -17,7 +17,7 @@ Per head that is one product of the image tokens with T columns (8 x 7 = 56 for 
 rather than 128, with the positional halves precomputed once per model (a token's
 positional key scores are taken per head, 16 of the 128 dimensions); the dense prompt embedding,
 when it is SAM's constant "no mask" vector, never needs adding to 4,096 rows. Given a
-per-slice ``state`` dict, the first block's image-side keys, values and queries (three
+slice's ``TransformerSliceCache``, the first block's image-side keys, values and queries (three
 4,096 x 256 -> 128 products, ~0.8 GFLOP) are computed once per slice, since they depend
 on the slice and the weights only; later clicks attend to the cached keys and values per
 head, as the module does, but without projecting the image tokens again. A
@@ -28,8 +28,11 @@ Only the tokens a caller reads go through the final attention (``outputs``). The
 upscaling (``decoder_upscale``) runs channels-last as two matrix products; for one prompt
 with a slice state its first layer comes from the slice's cached tokens and the blocks'
 low-rank factors, and the hypernetwork product is taken only for the masks that are
-returned. Same arithmetic up to float rounding (tests compare with
-``SamPredictor``); only for inference (no autograd), which is how callers use it.
+returned. Same arithmetic up to float rounding (tests compare with the modules and with
+``SamPredictor``); for inference only: ``DeSAM`` runs it when its caller passes a
+``FastPath``, and refuses it under autograd. Per-model constants (``TransformerConstants``,
+``UpscaleProjection``) and the per-slice cache are named objects the caller owns and passes
+in (``decoder_state``); nothing is kept on ``segment_anything``'s modules.
 """
 
 from __future__ import annotations
@@ -43,10 +46,16 @@ from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor
 
-from .decoder_upscale import Projection, projected_tokens, projection, upscaled_masks
-from .derived import still_valid, versions
+from .decoder_state import (
+    AttentionPositional,
+    FirstBlock,
+    TransformerConstants,
+    TransformerSliceCache,
+    UpscaleProjection,
+)
+from .decoder_upscale import BlockFactors, projected_tokens, upscaled_masks
 
-__all__ = ["MaskDense", "mask_decoder_forward", "two_way_forward"]
+__all__ = ["MaskDense", "transformer_constants", "mask_decoder_forward", "two_way_forward"]
 
 
 def _heads_block_diag(x: Tensor, heads: int) -> Tensor:
@@ -61,31 +70,22 @@ def _heads_block_diag(x: Tensor, heads: int) -> Tensor:
     return out.view(b, dim, t * heads)
 
 
-def _positional(transformer: TwoWayTransformer, image_pe: Tensor) -> list[tuple]:
-    """Per block (and the final attention): the positional halves of the image-side key
-    projection of its token-to-image attention (g, L x D; per head g_heads, H x d x L) and
-    of the query projection of its image-to-token attention (f, L x D), recomputed when
-    the weights or the encoding change (a decoder swap)."""
-    attns: list[tuple[Attention, Attention | None]] = [
-        (layer.cross_attn_token_to_image, layer.cross_attn_image_to_token) for layer in transformer.layers
-    ]
-    attns.append((transformer.final_attn_token_to_image, None))
-    projections = [proj for t2i, i2t in attns for proj in (t2i.k_proj, i2t.q_proj if i2t else None) if proj]
-    weights = [image_pe] + [w for proj in projections for w in (proj.weight, proj.bias)]
-    cached = getattr(transformer, "_desam_constants", None)
-    if still_valid(cached, weights):
-        return cached[2]
+@torch.no_grad()
+def transformer_constants(transformer: TwoWayTransformer, image_pe: Tensor) -> TransformerConstants:
+    """The positional halves of every block's image-side key projection (token-to-image
+    attention) and query projection (image-to-token attention), and of the final
+    attention's keys, for the dense positional encoding ``image_pe`` (1 x C x E x E)."""
     pe = image_pe[0].flatten(1).T  # L x C
-    consts = []
-    with torch.no_grad():
-        for t2i, i2t in attns:
-            g = F.linear(pe, t2i.k_proj.weight, t2i.k_proj.bias)
-            heads = t2i.num_heads
-            g_heads = g.reshape(len(g), heads, -1).permute(1, 2, 0).contiguous()   # H x d x L
-            f = F.linear(pe, i2t.q_proj.weight, i2t.q_proj.bias) if i2t is not None else None
-            consts.append((g, f, g_heads))
-    transformer._desam_constants = (weights, versions(weights), consts)
-    return consts
+
+    def part(t2i: Attention, i2t: Attention | None) -> AttentionPositional:
+        keys = F.linear(pe, t2i.k_proj.weight, t2i.k_proj.bias)
+        by_head = keys.reshape(len(keys), t2i.num_heads, -1).permute(1, 2, 0).contiguous()   # H x d x L
+        queries = None if i2t is None else F.linear(pe, i2t.q_proj.weight, i2t.q_proj.bias)
+        return AttentionPositional(keys=keys, keys_by_head=by_head, queries=queries)
+
+    blocks = tuple(part(layer.cross_attn_token_to_image, layer.cross_attn_image_to_token)
+                   for layer in transformer.layers)
+    return TransformerConstants(blocks=blocks, final=part(transformer.final_attn_token_to_image, None))
 
 
 def _spread(m: Tensor, shared: bool) -> Tensor:
@@ -105,7 +105,7 @@ class MaskDense:
     bias: Tensor
 
     @classmethod
-    def of(cls, mask_downscaling: torch.nn.Sequential, masks: Tensor) -> "MaskDense | None":
+    def of(cls, mask_downscaling: torch.nn.Sequential, masks: Tensor) -> MaskDense | None:
         """Factor ``mask_downscaling(masks)``; None when its last layer is not a 1 x 1
         convolution with a bias (another prompt encoder)."""
         last = mask_downscaling[-1]
@@ -119,49 +119,54 @@ class MaskDense:
         return F.conv2d(self.hidden, self.weight[:, :, None, None], self.bias)
 
 
-def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g_heads: Tensor, row: Tensor | None,
-                    kv: tuple[Tensor, Tensor] | None = None, low: tuple[Tensor, Tensor] | None = None) -> Tensor:
+@dataclass(frozen=True)
+class _LowRank:
+    """A low-rank term ``h @ w.T`` added to the image tokens: h 1 x L x r, w C x r."""
+
+    h: Tensor
+    w: Tensor
+
+
+def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, positional: AttentionPositional,
+                    row: Tensor | None, first: FirstBlock | None = None, low: _LowRank | None = None) -> Tensor:
     """Attention(q=tokens, k=image + pe, v=image) -> B x T x C.
 
-    x: Bx x L x C image tokens (Bx = 1: shared by the B prompts); g_heads: H x d x L, the
-    positional half of the key projection per head; row: B x C added to every image
-    token (a constant dense prompt), or None. kv: the slice's keys (H x d x L) and values
-    (H x L x d) of the bare image tokens, positional part and biases included, when
-    precomputed -- then x and g_heads are unused, the row enters through small products,
-    and so does ``low`` = (h 1 x L x r, W C x r), a low-rank term h W^T added to the image
-    tokens (a mask input's dense embedding; B = 1). Scores are laid out (head, token) x L
-    so that the softmax over the image tokens runs along contiguous rows."""
+    x: Bx x L x C image tokens (Bx = 1: shared by the B prompts); positional: the block's
+    positional halves (keys per head); row: B x C added to every image token (a constant
+    dense prompt), or None. first: the slice's cached first block (keys H x d x L and
+    values H x L x d of the bare image tokens, positional part and biases included) --
+    then x is unused, the row enters through small products, and so does ``low`` (a mask
+    input's dense embedding; B = 1). Scores are laid out (head, token) x L so that the
+    softmax over the image tokens runs along contiguous rows."""
     b, t, _ = q_tokens.shape
     heads = attn.num_heads
     d = attn.internal_dim // heads
     q = F.linear(q_tokens, attn.q_proj.weight, attn.q_proj.bias) / math.sqrt(d)
-    if kv is not None:
+    if first is not None:
         # Per head against the cached, already projected keys and values: T columns of d
         # per head (a block-diagonal product would multiply 7/8 zeros). The row's keys add
         # one constant per (head, token), which the softmax over the image tokens cancels.
-        keys_t, values = kv                                 # H x d x L, H x L x d
         qh = q.view(b, t, heads, d).permute(2, 0, 1, 3).reshape(heads, b * t, d)
-        scores = qh @ keys_t                                # H x BT x L
+        scores = qh @ first.keys                            # H x BT x L
         if low is not None:                                 # B = 1
-            h, w = low
-            wk = (attn.k_proj.weight @ w).view(heads, d, -1)
-            scores = scores.baddbmm_(qh @ wk, h.transpose(1, 2).expand(heads, -1, -1))
+            wk = (attn.k_proj.weight @ low.w).view(heads, d, -1)
+            scores = scores.baddbmm_(qh @ wk, low.h.transpose(1, 2).expand(heads, -1, -1))
         p = torch.softmax(scores, dim=-1)                   # over the image tokens, contiguous
-        out = p @ values                                    # H x BT x d
+        out = p @ first.values                              # H x BT x d
         if low is not None:
-            wv = (attn.v_proj.weight @ w).view(heads, d, -1)
-            out = out + (p @ h[0]) @ wv.transpose(1, 2)
+            wv = (attn.v_proj.weight @ low.w).view(heads, d, -1)
+            out = out + (p @ low.h[0]) @ wv.transpose(1, 2)
         out = out.view(heads, b, t, d).permute(1, 2, 0, 3).reshape(b, t, -1)
         if row is not None:
             out = out + (row @ attn.v_proj.weight.T)[:, None, :]
         return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
     # Rows (prompt, head, token): a_bht = Wk_h^T q_bht, so a . x_i is the key part of the
-    # score and q_bht . g_ih (per head, from g_heads H x d x L) the positional part.
+    # score and q_bht . g_ih (per head) the positional part.
     qh = q.view(b, t, heads, d).transpose(1, 2)             # B x H x T x d
     a = qh @ attn.k_proj.weight.view(heads, d, -1)          # B x H x T x C
     length, bx = x.shape[1], x.shape[0]
-    scores = torch.baddbmm((qh @ g_heads).reshape(bx, -1, length), a.reshape(bx, -1, a.shape[-1]),
-                           x.transpose(1, 2))               # Bx x (B)HT x L
+    scores = torch.baddbmm((qh @ positional.keys_by_head).reshape(bx, -1, length),
+                           a.reshape(bx, -1, a.shape[-1]), x.transpose(1, 2))   # Bx x (B)HT x L
     # The row's part a . row is constant along each row: the softmax cancels it.
     p = torch.softmax(scores, dim=-1)
     r = (p @ x).view(b, heads, t, -1)                       # B x H x T x C: sum_i p x_i
@@ -172,15 +177,15 @@ def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, g_heads: Tenso
     return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
 
-def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k_tokens: Tensor,
-                    v_tokens: Tensor, b: int, q_image: Tensor | None = None,
-                    low: tuple[Tensor, Tensor] | None = None, own: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _image_to_token(attn: Attention, x: Tensor, positional: AttentionPositional, row: Tensor | None,
+                    k_tokens: Tensor, v_tokens: Tensor, b: int, first: FirstBlock | None = None,
+                    low: _LowRank | None = None, own: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """x + row + Attention(q=image + row + pe, k=tokens + pe, v=tokens) -> B x L x C (before
     the layer norm), and its factors (P B x L x K, U B x K x C: the result is x + P U).
-    f: L x D positional half of the query projection; q_image: the bare image tokens'
-    queries (L x D, positional part and bias included) when precomputed -- then the row
-    and ``low`` (see ``_token_to_image``) enter through small products. own: x is a
-    temporary of the caller's, updated in place when it has the result's shape."""
+    positional: the block's (the query projection's positional half); first: the slice's
+    cached first block (its queries of the bare image tokens) -- then the row and ``low``
+    enter through small products. own: x is a temporary of the caller's, updated in place
+    when it has the result's shape."""
     heads = attn.num_heads
     d = attn.internal_dim // heads
     t = k_tokens.shape[1]
@@ -190,16 +195,15 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
     # the 8 heads innermost, ~10x faster on CPU than over a contiguous axis of 7.
     kbd = _heads_block_diag(k, heads)                       # B x D x TH
     shared = x.shape[0] == 1 and b > 1
-    if q_image is not None:
-        scores = q_image @ _spread(kbd, shared)
+    if first is not None:
+        scores = first.queries @ _spread(kbd, shared)
         if row is not None:  # the row's queries: one constant per column, which matters here
             scores = scores + _spread(row[:, None, :] @ attn.q_proj.weight.T @ kbd, shared)
         if low is not None:
-            h, w = low
-            scores = scores.baddbmm_(h, (attn.q_proj.weight @ w).T @ kbd)
+            scores = scores.baddbmm_(low.h, (attn.q_proj.weight @ low.w).T @ kbd)
     else:
         bq = attn.q_proj.weight.T @ kbd                     # B x C x TH
-        scores = torch.baddbmm(f @ _spread(kbd, shared), x, _spread(bq, shared))
+        scores = torch.baddbmm(positional.queries @ _spread(kbd, shared), x, _spread(bq, shared))
         if row is not None:
             scores = scores + _spread(row[:, None, :] @ bq, shared)
     lx = scores.shape[1]
@@ -214,28 +218,19 @@ def _image_to_token(attn: Attention, x: Tensor, f: Tensor, row: Tensor | None, k
     bias = attn.out_proj.bias if row is None else (attn.out_proj.bias + row)[:, None, :]
     u = u + bias / heads
     if low is not None:  # x + h W^T: the low-rank term joins the same product.
-        h, w = low
-        p, u = torch.cat([p, h.expand(b, -1, -1)], dim=2), torch.cat([u, w.T.expand(b, -1, -1)], dim=1)
+        p, u = torch.cat([p, low.h.expand(b, -1, -1)], dim=2), torch.cat([u, low.w.T.expand(b, -1, -1)], dim=1)
     if own and x.shape[0] == b:
         return x.baddbmm_(p, u), p, u
     return torch.baddbmm(x, p, u), p, u
 
 
-def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Tensor, positional: list,
-                            state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(bare image tokens L x C contiguous; keys H x d x L and values H x L x d per head;
-    queries L x D) of the first block's image side: what every prompt on this slice shares
-    (a prompt's constant dense row or mask input joins later through small products). Kept
-    in ``state`` (a dict owned by the slice's features) and recomputed when the image or
-    any weight it came from changes."""
+def _first_block(transformer: TwoWayTransformer, x: Tensor, positional: AttentionPositional) -> FirstBlock:
+    """The first block's image side of the bare image tokens x (1 x L x C): what every
+    prompt on a slice shares (a prompt's constant dense row or mask input joins later
+    through small products)."""
     layer = transformer.layers[0]
     t2i, i2t = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
-    g, f, _ = positional[0]
-    sources = [image, g, f, t2i.k_proj.weight, t2i.v_proj.weight, t2i.v_proj.bias, i2t.q_proj.weight]
-    key = ("two_way_first_block", id(transformer))
-    entry = state.get(key)
-    if still_valid(entry, sources):
-        return entry[2]
+    g, f = positional.keys, positional.queries
     x0 = x[0].contiguous()                                  # L x C
     weight = torch.cat([t2i.k_proj.weight, t2i.v_proj.weight, i2t.q_proj.weight])  # 3D x C
     base = torch.cat([g, t2i.v_proj.bias.expand_as(g), f], dim=1)
@@ -243,42 +238,41 @@ def _first_block_image_side(transformer: TwoWayTransformer, image: Tensor, x: Te
     dim, heads = g.shape[1], t2i.num_heads
     keys = projected[:, :dim].reshape(-1, heads, dim // heads).permute(1, 2, 0).contiguous()   # H x d x L
     values = projected[:, dim : 2 * dim].reshape(-1, heads, dim // heads).transpose(0, 1).contiguous()  # H x L x d
-    out = (x0, keys, values, projected[:, 2 * dim :])
-    state[key] = (sources, versions(sources), out)
-    return out
+    return FirstBlock(tokens=x0, keys=keys, values=values, queries=projected[:, 2 * dim :])
 
 
-def two_way_forward(transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor, tokens: Tensor,
-                    dense: "Tensor | MaskDense", state: dict | None = None,
+def two_way_forward(transformer: TwoWayTransformer, constants: TransformerConstants, image: Tensor, tokens: Tensor,
+                    dense: Tensor | MaskDense, *, cache: TransformerSliceCache | None = None,
                     outputs: list[int] | None = None) -> tuple[Tensor, Tensor]:
     """``transformer(image + dense, image_pe, tokens)`` for inference.
 
-    image: Bx x C x E x E (Bx = 1: one image shared by the B prompts); image_pe:
-    1 x C x E x E; tokens: B x T x C; dense: B x C x E x E dense prompt embeddings
-    (SAM's "no mask" embedding is a broadcast vector and stays one), or a ``MaskDense``;
-    state: a dict kept with the slice's features: with one image, the first block's
-    image-side projections are computed once per slice and reused by later prompts with
-    the constant dense embedding, and by single prompts with a mask input (``MaskDense``:
-    its rank-16 term through small products). Returns (queries B x T x C, keys B x L x C)
-    as the module does; with ``outputs`` (token indices), queries B x len(outputs) x C:
-    only those tokens go through the final attention (each token attends to the image on
-    its own, so the others are not needed by a caller that reads only these)."""
-    queries, keys, _ = _two_way(transformer, image, image_pe, tokens, dense, state, outputs)
+    constants: ``transformer_constants(transformer, image_pe)``; image: Bx x C x E x E
+    (Bx = 1: one image shared by the B prompts); tokens: B x T x C; dense: B x C x E x E
+    dense prompt embeddings (SAM's "no mask" embedding is a broadcast vector and stays
+    one), or a ``MaskDense``; cache: the slice's (this image's) cache for this
+    transformer: with one image, the first block's image-side projections are computed
+    once per slice and reused by later prompts with a constant dense embedding, and by
+    single prompts with a mask input (``MaskDense``: its rank-16 term through small
+    products). Returns (queries B x T x C, keys B x L x C) as the module does; with
+    ``outputs`` (token indices), queries B x len(outputs) x C: only those tokens go through
+    the final attention (each token attends to the image on its own, so the others are
+    not needed by a caller that reads only these)."""
+    queries, keys, _ = _two_way(transformer, constants, image, tokens, dense, cache, outputs)
     return queries, keys
 
 
-def _two_way(transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor, tokens: Tensor,
-             dense: "Tensor | MaskDense", state: dict | None, outputs: list[int] | None,
-             proj: Projection | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``two_way_forward``, and with ``proj`` the keys' projection by its first layer
-    (1 x L x N, ``decoder_upscale.projected_tokens``) when the slice's first block is
-    cached and there is one prompt, else None."""
+def _two_way(transformer: TwoWayTransformer, constants: TransformerConstants, image: Tensor, tokens: Tensor,
+             dense: Tensor | MaskDense, cache: TransformerSliceCache | None, outputs: list[int] | None,
+             projection: UpscaleProjection | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``two_way_forward``, and with ``projection`` the keys' projection by the first
+    upscaling layer (1 x L x N, ``decoder_upscale.projected_tokens``) when the slice's
+    first block is cached and there is one prompt, else None."""
     b = tokens.shape[0]
     x = image.flatten(2).transpose(1, 2)                    # Bx x L x C, a view
     low = None
     if isinstance(dense, MaskDense):
-        if state is not None and x.shape[0] == 1 and b == 1 and dense.hidden.shape[0] == 1:
-            row, low = dense.bias[None], (dense.hidden.flatten(2).transpose(1, 2), dense.weight)
+        if cache is not None and x.shape[0] == 1 and b == 1 and dense.hidden.shape[0] == 1:
+            row, low = dense.bias[None], _LowRank(h=dense.hidden.flatten(2).transpose(1, 2), w=dense.weight)
         else:
             dense = dense.full()
     if low is None:
@@ -286,61 +280,67 @@ def _two_way(transformer: TwoWayTransformer, image: Tensor, image_pe: Tensor, to
             row = dense[:, :, 0, 0].expand(b, -1)
         else:
             x, row = x + dense.flatten(2).transpose(1, 2), None
-    positional = _positional(transformer, image_pe)
     first = None
-    if state is not None and row is not None and x.shape[0] == 1:
-        first = _first_block_image_side(transformer, image, x, positional, state)
-        x = first[0][None]
+    if cache is not None and row is not None and x.shape[0] == 1:
+        if cache.first_block is None:
+            cache.first_block = _first_block(transformer, x, constants.blocks[0])
+        first = cache.first_block
+        x = first.tokens[None]
     # Each block's image-side factors and layer-norm statistics, for the projection.
-    blocks = [] if proj is not None and proj.usable and first is not None and b == 1 else None
+    unroll = projection is not None and projection.blocks is not None and first is not None and b == 1
+    blocks: list[BlockFactors] = []
     queries, query_pe = tokens, tokens
-    for i, (layer, (_, f, g_heads)) in enumerate(zip(transformer.layers, positional)):
-        cached = i == 0 and first is not None
+    for i, (layer, positional) in enumerate(zip(transformer.layers, constants.blocks, strict=True)):
+        cached = first if i == 0 else None
         if layer.skip_first_layer_pe:
             queries = layer.self_attn(q=queries, k=queries, v=queries)
         else:
             q = queries + query_pe
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
-        attn = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, x, g_heads, row,
-                               first[1:3] if cached else None, low if cached else None)
+        attn = _token_to_image(layer.cross_attn_token_to_image, queries + query_pe, x, positional, row, cached,
+                               low if cached else None)
         queries = layer.norm2(queries + attn)
         queries = layer.norm3(queries + layer.mlp(queries))
-        pre, p, u = _image_to_token(layer.cross_attn_image_to_token, x, f, row, queries + query_pe, queries, b,
-                                    first[3] if cached else None, low if cached else None, own=i > 0)
+        pre, p, u = _image_to_token(layer.cross_attn_image_to_token, x, positional, row, queries + query_pe, queries,
+                                    b, cached, low if cached else None, own=i > 0)
         row, norm = None, layer.norm4
-        if blocks is None:
+        if not unroll:
             x = norm(pre)
         else:
             x, mean, rstd = torch.native_layer_norm(pre, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-            blocks.append((p[0], u[0], mean[0], rstd[0]))
-    g_heads = positional[-1][2]
+            blocks.append(BlockFactors(p=p[0], u=u[0], mean=mean[0], rstd=rstd[0]))
     if outputs is not None:
         queries, query_pe = queries[:, outputs], query_pe[:, outputs]
-    queries = queries + _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, x, g_heads, row)
-    projected = None
-    if blocks is not None:
-        key = ("projected_first_block", id(transformer))
-        projected = projected_tokens(first[0], proj, blocks, state, key)[None]
+    queries = queries + _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, x,
+                                        constants.final, row)
+    projected = projected_tokens(first.tokens, projection, blocks, cache)[None] if unroll else None
     return transformer.norm_final_attn(queries), x.expand(b, -1, -1), projected
 
 
-def mask_decoder_forward(decoder: MaskDecoder, image: Tensor, image_pe: Tensor, sparse: Tensor,
-                         dense: "Tensor | MaskDense", multimask_output: bool,
-                         state: dict | None = None) -> tuple[Tensor, Tensor]:
+def mask_decoder_forward(decoder: MaskDecoder, constants: TransformerConstants, projection: UpscaleProjection,
+                         image: Tensor, sparse: Tensor, dense: Tensor | MaskDense, multimask_output: bool, *,
+                         cache: TransformerSliceCache | None = None, read_tokens_only: bool = True,
+                         unrolled_first_layer: bool = True) -> tuple[Tensor, Tensor]:
     """``decoder(image, image_pe, sparse, dense, multimask_output)`` for inference:
     (low-res logits B x C x 4E x 4E, iou B x C), C = 3 with multimask_output else 1.
-    state: see ``two_way_forward``; with it, one prompt's first upscaling layer also
-    comes through the slice's cached tokens (``decoder_upscale``)."""
+    constants / projection: ``transformer_constants(decoder.transformer, image_pe)`` and
+    ``upscale_projection(decoder)``; cache: see ``two_way_forward``; with it (and
+    ``unrolled_first_layer``) one prompt's first upscaling layer also comes through the
+    slice's cached tokens (``decoder_upscale``). read_tokens_only: the final attention for
+    the IoU token and the returned masks' tokens only."""
     b = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
     chosen = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
-    # Only the IoU token and the returned masks' tokens are read after the final attention.
-    queries, keys, projected = _two_way(decoder.transformer, image, image_pe, tokens, dense, state,
-                                        [0] + [1 + i for i in chosen], projection(decoder))
+    read = [0] + [1 + i for i in chosen]
+    queries, keys, projected = _two_way(decoder.transformer, constants, image, tokens, dense, cache,
+                                        read if read_tokens_only else None,
+                                        projection if unrolled_first_layer else None)
+    if not read_tokens_only:
+        queries = queries[:, read]
     hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + j]) for j, i in enumerate(chosen)],
                         dim=1)
-    masks = upscaled_masks(decoder, keys, hyper, image.shape[-1], projected=projected)
+    masks = upscaled_masks(decoder, projection, keys, hyper, image.shape[-1], projected=projected)
     iou = decoder.iou_prediction_head(queries[:, 0])
     return masks, iou[:, chosen.start : chosen.stop]

@@ -22,15 +22,16 @@ norms' statistics come from ``torch.native_layer_norm``, which the transformer r
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 from torch import Tensor
 
-from .derived import still_valid, versions
+from .decoder_state import BlockProjection, TransformerSliceCache, UpscaleProjection
 
-__all__ = ["Projection", "projection", "projected_tokens", "upscaled_masks"]
+__all__ = ["BlockFactors", "upscale_projection", "projected_tokens", "upscaled_masks"]
 
 
 def _conv_weights(conv: torch.nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
@@ -39,82 +40,70 @@ def _conv_weights(conv: torch.nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
     return conv.weight.permute(0, 2, 3, 1).reshape(conv.in_channels, -1), conv.bias.repeat(4)
 
 
-class Projection:
-    """The first upscaling layer as a matrix (``weight`` C x N, ``bias`` N) and, per block
-    k of the transformer, M_k = diag(g_k ... g_N) W, the column sums of M_k and
-    beta_k M_{k+1} (M_{N+1} = W, plus the bias for the last block)."""
-
-    def __init__(self, decoder: MaskDecoder):
-        self.weight, self.bias = _conv_weights(decoder.output_upscaling[0])
-        norms = [layer.norm4 for layer in decoder.transformer.layers]
-        self.usable = all(isinstance(n, torch.nn.LayerNorm) and n.weight is not None and n.bias is not None
-                          for n in norms)
-        self.m, self.sums, self.offsets = [], [], []
-        if not self.usable:
-            return
-        after = self.weight
-        for k in reversed(range(len(norms))):
-            m = norms[k].weight[:, None] * after
-            offset = norms[k].bias @ after
-            self.m.insert(0, m)
-            self.sums.insert(0, m.sum(0))
-            self.offsets.insert(0, offset + self.bias if k == len(norms) - 1 else offset)
-            after = m
-
-
-def _sources(decoder: MaskDecoder) -> list[Tensor]:
-    conv = decoder.output_upscaling[0]
+@torch.no_grad()
+def upscale_projection(decoder: MaskDecoder) -> UpscaleProjection:
+    """The decoder's first upscaling layer as a matrix and, per transformer block k,
+    M_k = diag(g_k ... g_N) W, its column sums and beta_k M_{k+1} (M_{N+1} = W, plus the
+    bias for the last block)."""
+    weight, bias = _conv_weights(decoder.output_upscaling[0])
     norms = [layer.norm4 for layer in decoder.transformer.layers]
-    return [conv.weight, conv.bias] + [w for n in norms for w in (n.weight, n.bias) if w is not None]
+    if not all(isinstance(n, torch.nn.LayerNorm) and n.weight is not None and n.bias is not None for n in norms):
+        return UpscaleProjection(weight=weight, bias=bias, blocks=None)
+    blocks: list[BlockProjection] = []
+    after = weight
+    for k in reversed(range(len(norms))):
+        m = norms[k].weight[:, None] * after
+        offset = norms[k].bias @ after
+        blocks.insert(0, BlockProjection(m=m, column_sums=m.sum(0),
+                                         offset=offset + bias if k == len(norms) - 1 else offset))
+        after = m
+    return UpscaleProjection(weight=weight, bias=bias, blocks=tuple(blocks))
 
 
-def projection(decoder: MaskDecoder) -> Projection:
-    """The decoder's ``Projection``, recomputed when a weight it comes from changes."""
-    sources = _sources(decoder)
-    cached = getattr(decoder, "_desam_projection", None)
-    if still_valid(cached, sources):
-        return cached[2]
-    with torch.no_grad():
-        value = Projection(decoder)
-    decoder._desam_projection = (sources, versions(sources), value)
-    return value
+@dataclass(frozen=True)
+class BlockFactors:
+    """One block's image side for one prompt: ``pre = x + p @ u`` (p L x K, u K x C) and
+    the statistics of its layer norm over ``pre`` (mean, rstd: L x 1)."""
+
+    p: Tensor
+    u: Tensor
+    mean: Tensor
+    rstd: Tensor
 
 
-def projected_tokens(bare: Tensor, proj: Projection, blocks: list[tuple[Tensor, Tensor, Tensor, Tensor]],
-                     state: dict, key: object) -> Tensor:
+def projected_tokens(bare: Tensor, projection: UpscaleProjection, blocks: list[BlockFactors],
+                     cache: TransformerSliceCache) -> Tensor:
     """``LN_N(pre_N) W + b`` (L x N) for one prompt from the slice's bare image tokens
-    ``bare`` (L x C) and each block's (P L x K, U K x C, mean L x 1, rstd L x 1); x_1 M_1
-    is kept in ``state`` under ``key``."""
-    sources = [bare, proj.m[0]]
-    entry = state.get(key)
-    if not still_valid(entry, sources):
-        entry = (sources, versions(sources), bare @ proj.m[0])
-        state[key] = entry
+    ``bare`` (L x C) and each block's factors; x_1 M_1 is kept in ``cache.first_layer``."""
+    assert projection.blocks is not None
+    if cache.first_layer is None:
+        cache.first_layer = bare @ projection.blocks[0].m
     cols, rows, scale = [], [], None
-    for k, (p, u, mean, rstd) in enumerate(blocks):
+    for block, factors in zip(projection.blocks, blocks, strict=True):
+        p, mean, rstd = factors.p, factors.mean, factors.rstd
         cols += [p if scale is None else p / scale, -mean if scale is None else -mean / scale]
-        rows += [u @ proj.m[k], proj.sums[k][None]]
+        rows += [factors.u @ block.m, block.column_sums[None]]
         scale = rstd if scale is None else scale * rstd
         cols.append(1 / scale)
-        rows.append(proj.offsets[k][None])
-    return torch.addmm(entry[2], torch.cat(cols, dim=1), torch.cat(rows)).mul_(scale)
+        rows.append(block.offset[None])
+    return torch.addmm(cache.first_layer, torch.cat(cols, dim=1), torch.cat(rows)).mul_(scale)
 
 
-def upscaled_masks(decoder: MaskDecoder, keys: Tensor, hyper: Tensor, side: int, rows: int = 1024,
-                   projected: Tensor | None = None) -> Tensor:
+def upscaled_masks(decoder: MaskDecoder, projection: UpscaleProjection, keys: Tensor, hyper: Tensor, side: int,
+                   rows: int = 1024, projected: Tensor | None = None) -> Tensor:
     """``hyper @ output_upscaling(keys as B x C x E x E)`` -> B x M x 4E x 4E.
 
     A 2 x 2 stride-2 transposed convolution maps each input pixel to its own 2 x 2 output
     block, so channels-last it is one matrix product per layer, and ``rows`` input pixels
     at a time keep the intermediates (16x the input) in the CPU's cache (~10% faster than
     whole). The hypernetwork product is taken in that scrambled pixel order and the
-    (small) masks are reordered once. projected: the first layer's output (B x L x N,
-    ``projected_tokens``) when already known."""
-    conv1, norm, act1, conv2, act2 = decoder.output_upscaling
-    b, length, c = keys.shape
-    proj = projection(decoder)  # the first layer as a matrix, kept per weight version
-    (w1, bias1), (w2, bias2) = (proj.weight, proj.bias), _conv_weights(conv2)
-    o1, m = conv1.out_channels, hyper.shape[1]
+    (small) masks are reordered once. projection: ``upscale_projection(decoder)``;
+    projected: the first layer's output (B x L x N, ``projected_tokens``) when known."""
+    _, norm, act1, conv2, act2 = decoder.output_upscaling
+    b, length, _ = keys.shape
+    w1, bias1 = projection.weight, projection.bias
+    w2, bias2 = _conv_weights(conv2)
+    o1, m = conv2.in_channels, hyper.shape[1]
     masks = keys.new_empty(b, m, 16 * length)
     for i in range(b):
         for start in range(0, length, rows):

@@ -1,14 +1,15 @@
 """SAM ViT image encoder that also returns DeSAM's intermediate feature taps.
 
 DeSAM's PDMM reads the raw residual-stream outputs of the first three global-attention
-blocks of SAM's ViT (ViT-H: blocks 7, 15, 23). They are captured with forward hooks on
-`segment_anything`'s own blocks, so the encoder's code and checkpoint layout are unchanged:
-the state dict of :class:`TappedImageEncoderViT` is exactly that of ``ImageEncoderViT``.
+blocks of SAM's ViT (ViT-H: blocks 7, 15, 23). ``TappedImageEncoderViT.forward`` runs
+``segment_anything``'s own modules in the order ``ImageEncoderViT.forward`` does and keeps
+those blocks' outputs on the way; the checkpoint layout is unchanged: its state dict is
+exactly that of ``ImageEncoderViT``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from segment_anything.modeling import ImageEncoderViT
@@ -20,7 +21,9 @@ class TappedImageEncoderViT(ImageEncoderViT):
     Arguments are those of ``ImageEncoderViT`` (keyword-only) plus ``tap_blocks``: the
     0-based indices of the blocks whose outputs are tapped, shallow to deep.
 
-    forward(x: B x 3 x img_size x img_size, normalised and padded) returns
+    forward(x: B x 3 x img_size x img_size, normalised and padded; between_steps: called
+    before each block, a caller's chance to run other work or stop the pass by raising)
+    returns
       embedding: B x out_chans x E x E (the neck output, E = img_size / patch_size)
       taps: list of B x embed_dim x E x E, channels-first, in ``tap_blocks`` order.
     """
@@ -39,22 +42,17 @@ class TappedImageEncoderViT(ImageEncoderViT):
         self.tap_channels = tuple(embed_dim for _ in tap_blocks)
         self.tap_sizes = tuple(grid for _ in tap_blocks)
         self.embedding_size = grid
-        self._captured: list[torch.Tensor] | None = None
-        for index in tap_blocks:
-            self.blocks[index].register_forward_hook(self._capture)
 
-    def _capture(self, _module, _inputs, output: torch.Tensor) -> None:
-        if self._captured is not None:
-            # Blocks work channels-last (B x H x W x C); taps are channels-first.
-            self._captured.append(output.permute(0, 3, 1, 2))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:  # type: ignore[override]
-        self._captured = []
-        try:
-            embedding = super().forward(x)
-            taps = self._captured
-        finally:
-            self._captured = None
-        if len(taps) != len(self.tap_blocks):
-            raise RuntimeError(f"expected {len(self.tap_blocks)} taps, captured {len(taps)}")
-        return embedding, taps
+    def forward(self, x: torch.Tensor, between_steps: Callable[[], None] | None = None,  # type: ignore[override]
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        taps = []
+        for index, block in enumerate(self.blocks):
+            if between_steps is not None:
+                between_steps()
+            x = block(x)
+            if index in self.tap_blocks:
+                taps.append(x.permute(0, 3, 1, 2))  # blocks work channels-last (B x H x W x C)
+        return self.neck(x.permute(0, 3, 1, 2)), taps

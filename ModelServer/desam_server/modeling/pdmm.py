@@ -10,7 +10,7 @@ and reused for every prompt.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -148,25 +148,42 @@ class PDMM(nn.Module):
         self.up2 = UpBlock(widths[1], widths[2])
         self.head = nn.Conv2d(widths[2], out_channels, kernel_size=1, bias=False)
 
-    def encode_image(self, taps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The prompt-independent part: taps (shallow to deep) -> skips [E, 2E, 4E]."""
+    def encode_image(self, taps: Sequence[torch.Tensor], *,
+                     between_steps: Callable[[], None] | None = None) -> list[torch.Tensor]:
+        """The prompt-independent part: taps (shallow to deep) -> skips [E, 2E, 4E].
+        between_steps: called before each stage (a caller's chance to run other work)."""
         if len(taps) != 3:
             raise ValueError(f"PDMM expects 3 taps, got {len(taps)}")
-        for tap, side in zip(taps, self.tap_sizes):
+        for tap, side in zip(taps, self.tap_sizes, strict=True):
             if tap.shape[-1] != side or tap.shape[-2] != side:
                 raise ValueError(f"tap of shape {tuple(tap.shape)} does not have side {side}")
-        return [stage(taps[len(taps) - 1 - depth]) for depth, stage in enumerate(self.stages)]
+        skips = []
+        for depth, stage in enumerate(self.stages):
+            if between_steps is not None:
+                between_steps()
+            skips.append(stage(taps[len(taps) - 1 - depth]))
+        return skips
 
-    def decode(self, mask_embedding: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+    def decode(self, mask_embedding: torch.Tensor, skips: Sequence[torch.Tensor], *,
+               between_steps: Callable[[], None] | None = None) -> torch.Tensor:
         """The prompt-dependent part.
 
         mask_embedding: B x embed_dim x E x E from PRIM; skips: from ``encode_image`` with
         batch 1 (shared by all prompts, broadcast here) or batch B. Returns B x out x 4E x 4E.
+        between_steps: called before the fusion and each up-block (a caller's chance to run
+        other work; the service serves clicks there during a batch job).
         """
+        def step() -> None:
+            if between_steps is not None:
+                between_steps()
+
         batch = mask_embedding.shape[0]
         skips = [s.expand(batch, -1, -1, -1) if s.shape[0] == 1 else s for s in skips]
+        step()
         x = self.fusion(torch.cat([mask_embedding, skips[0]], dim=1))
+        step()
         x = self.up1(x, skips[1])
+        step()
         x = self.up2(x, skips[2])
         return self.head(x)
 

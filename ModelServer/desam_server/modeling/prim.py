@@ -13,6 +13,7 @@ from segment_anything.modeling.mask_decoder import MLP, MaskDecoder
 from torch import nn
 
 from .decoder_fast import two_way_forward
+from .decoder_state import TransformerConstants, TransformerSliceCache
 
 
 class PRIM(nn.Module):
@@ -25,10 +26,6 @@ class PRIM(nn.Module):
       transformer_depth, transformer_mlp_dim, transformer_heads: the two-way transformer.
       iou_head_depth, iou_head_hidden_dim: the IoU MLP.
     """
-
-    #: Without autograd, run the transformer through ``decoder_fast.two_way_forward``
-    #: (same results to float rounding, fewer products over the image tokens).
-    reassociated: bool = True
 
     def __init__(
         self,
@@ -62,41 +59,33 @@ class PRIM(nn.Module):
             source = getattr(mask_decoder, name).state_dict()
             getattr(self, name).load_state_dict(source, strict=True)
 
+    def _tokens(self, sparse_prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        batch = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        return torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings), dim=1)
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
-        *,
-        state: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score prompts and produce mask embeddings.
+        """Score prompts and produce mask embeddings: the modules as written (training,
+        and the reference of ``infer``).
 
         Arguments:
           image_embeddings: 1 x C x E x E (one image shared by all prompts) or B x C x E x E.
           image_pe: 1 x C x E x E, the prompt encoder's dense positional encoding.
           sparse_prompt_embeddings: B x N x C (points and/or box corners).
           dense_prompt_embeddings: B x C x E x E (mask prompt, or SAM's "no mask" embedding).
-          state: the slice's ``ImageFeatures.decoder_state`` (inference only; see
-            ``decoder_fast.two_way_forward``).
 
         Returns:
           iou: B, the predicted IoU (first output of the IoU head).
           mask_embedding: B x C x E x E, the transformer's updated image tokens.
         """
         batch = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(batch, -1, -1)
-        tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)
-
-        if self.reassociated and not torch.is_grad_enabled():
-            # Only the IoU token is read after the final attention.
-            hs, image_tokens = two_way_forward(self.transformer, image_embeddings, image_pe, tokens,
-                                               dense_prompt_embeddings, state, outputs=[0])
-            iou = self.iou_prediction_head(hs[:, 0, :])[:, 0]
-            e = image_embeddings.shape[-1]
-            return iou, image_tokens.transpose(1, 2).reshape(batch, -1, e, e)
+        tokens = self._tokens(sparse_prompt_embeddings)
         if image_embeddings.shape[0] == 1 and batch != 1:
             image_embeddings = image_embeddings.expand(batch, -1, -1, -1)
         src = image_embeddings + dense_prompt_embeddings
@@ -107,3 +96,27 @@ class PRIM(nn.Module):
         iou = self.iou_prediction_head(hs[:, 0, :])[:, 0]
         mask_embedding = image_tokens.transpose(1, 2).reshape(b, c, h, w)
         return iou, mask_embedding
+
+    def infer(
+        self,
+        image_embeddings: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        *,
+        constants: TransformerConstants,
+        cache: TransformerSliceCache | None = None,
+        read_tokens_only: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s results through the reassociated transformer
+        (``decoder_fast.two_way_forward``), for inference only (``DeSAM`` calls it when
+        given a ``FastPath``). constants: ``transformer_constants(self.transformer,
+        image_pe)``; cache: the slice's ``SliceDecoderState.prim`` (the first block's image
+        side once per slice); read_tokens_only: only the IoU token passes the final
+        attention (the only token read)."""
+        batch = sparse_prompt_embeddings.shape[0]
+        hs, image_tokens = two_way_forward(self.transformer, constants, image_embeddings,
+                                           self._tokens(sparse_prompt_embeddings), dense_prompt_embeddings,
+                                           cache=cache, outputs=[0] if read_tokens_only else None)
+        iou = self.iou_prediction_head(hs[:, 0, :])[:, 0]
+        e = image_embeddings.shape[-1]
+        return iou, image_tokens.transpose(1, 2).reshape(batch, -1, e, e)

@@ -14,13 +14,13 @@ LiteMedSAM takes 256 px with a pointwise stride-1 stem, giving the same grid siz
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from .tiny_vit_blocks import AttentionStage, ConvStage, PatchEmbed, PatchMerging
+from .tiny_vit_blocks import AttentionStage, ConvStage, PatchEmbed, PatchMerging, step
 
 
 def _conv_out(size: int, stride: int) -> int:
@@ -51,7 +51,10 @@ class TinyViT(nn.Module):
     Attributes: img_size; tap_channels / tap_sizes: width and spatial side of the three
     taps, shallow to deep; embedding_size: side of the neck output.
 
-    forward(x: B x in_chans x img_size x img_size) -> (embedding, taps):
+    forward(x: B x in_chans x img_size x img_size, between_steps=None) -> (embedding, taps);
+      between_steps is called between the encoder's steps (every block, and the attention,
+      local convolution and MLP within attention blocks): a caller's chance to run other
+      work or to stop the pass by raising.
       embedding: B x out_chans x E x E (E = embedding_size);
       taps: [B x tap_channels[i] x tap_sizes[i] x tap_sizes[i] for i in 0, 1, 2], the
         outputs of stages 0, 1, 2 after their patch merging, channels-first.
@@ -130,16 +133,18 @@ class TinyViT(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, between_steps: Callable[[], None] | None = None,
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x: B x in_chans x img_size x img_size -> (B x out_chans x E x E, three taps)."""
         if x.dim() != 4 or x.shape[-2:] != (self.img_size, self.img_size):
             raise ValueError(f"expected B x C x {self.img_size} x {self.img_size} input, got {tuple(x.shape)}")
         x = self.patch_embed(x)
         taps = []
         for i, stage in enumerate(self.layers):
-            x = stage(x)
+            x = stage(x, between_steps)
             if i < 3:
                 taps.append(x)
+        step(between_steps)
         return self.neck(x), taps
 
 

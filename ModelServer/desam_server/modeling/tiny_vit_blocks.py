@@ -10,9 +10,17 @@ attention and MLP parts work on token sequences (B x L x C, L = H * W, row-major
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def step(between_steps: Callable[[], None] | None) -> None:
+    """Call the encoder caller's ``between_steps``, if any (see ``TinyViT.forward``)."""
+    if between_steps is not None:
+        between_steps()
 
 
 class Conv2dBN(nn.Module):
@@ -127,12 +135,9 @@ class WindowAttention(nn.Module):
     forward(x: N x T x C, T = window_size ** 2 tokens in row-major order) -> N x T x C.
 
     ``qkv`` produces, for each head in turn, that head's query, key and value
-    (each ``key_dim = C // num_heads`` wide) -- the checkpoints' layout.
-
-    In eval mode without autograd the gathered (heads x T x T) bias is cached; the cache
-    is keyed on the storage and version of the table and of the index buffer (so
-    ``load_state_dict``, ``.to()`` and in-place edits invalidate it) and dropped by
-    ``train()``.
+    (each ``key_dim = C // num_heads`` wide) -- the checkpoints' layout. The (heads x T x T)
+    bias is gathered from the table on every call (at most 5 x 196 x 196 values), so nothing
+    derived from the weights is kept.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int) -> None:
@@ -148,29 +153,10 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
         self.register_buffer("attention_bias_idxs", relative_offset_index(window_size), persistent=False)
-        self._bias_cache: torch.Tensor | None = None
-        self._bias_cache_key: tuple | None = None
-
-    def train(self, mode: bool = True) -> "WindowAttention":
-        super().train(mode)
-        if mode:
-            self._bias_cache = None
-            self._bias_cache_key = None
-        return self
 
     def attention_bias(self) -> torch.Tensor:
         """The gathered bias, heads x T x T."""
-        table = self.attention_biases
-        if self.training or (torch.is_grad_enabled() and table.requires_grad):
-            return table[:, self.attention_bias_idxs]
-        idxs = self.attention_bias_idxs
-        key = (table.device, table.dtype, table.data_ptr(), table._version, idxs.data_ptr(), idxs._version)
-        if self._bias_cache is None or self._bias_cache_key != key:
-            # A normal (not inference-mode) tensor, so it stays usable outside inference_mode.
-            with torch.inference_mode(False), torch.no_grad():
-                self._bias_cache = table[:, self.attention_bias_idxs]
-            self._bias_cache_key = key
-        return self._bias_cache
+        return self.attention_biases[:, self.attention_bias_idxs]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, c = x.shape
@@ -244,13 +230,17 @@ class TinyViTBlock(nn.Module):
         out = window_unpartition(self.attn(window_partition(grid, ws)), ws, b, hp, wp)
         return out[:, :h, :w, :].reshape(b, h * w, c)
 
-    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: tuple[int, int],
+                between_steps: Callable[[], None] | None = None) -> torch.Tensor:
         h, w = hw
-        b, l, c = x.shape
-        if l != h * w:
-            raise ValueError(f"{l} tokens do not form a {h} x {w} grid")
+        b, length, c = x.shape
+        if length != h * w:
+            raise ValueError(f"{length} tokens do not form a {h} x {w} grid")
+        step(between_steps)
         x = x + self._windowed_attention(x, h, w)
+        step(between_steps)
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+        step(between_steps)
         return x + self.mlp(x)
 
 
@@ -263,9 +253,11 @@ class ConvStage(nn.Module):
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio) for _ in range(depth))
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, between_steps: Callable[[], None] | None = None) -> torch.Tensor:
         for block in self.blocks:
+            step(between_steps)
             x = block(x)
+        step(between_steps)
         return x if self.downsample is None else self.downsample(x)
 
 
@@ -281,10 +273,11 @@ class AttentionStage(nn.Module):
         )
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, between_steps: Callable[[], None] | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)
         for block in self.blocks:
-            tokens = block(tokens, (h, w))
+            tokens = block(tokens, (h, w), between_steps)
         x = tokens.transpose(1, 2).reshape(b, c, h, w)
+        step(between_steps)
         return x if self.downsample is None else self.downsample(x)

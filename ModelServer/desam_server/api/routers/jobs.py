@@ -35,5 +35,5 @@ def job_result(job_id: str, service=Depends(get_service)) -> Response:
     """The segmentation of the job's slice range; 409 until the job has succeeded."""
     job = service.jobs.get(job_id)
     if job.result is None:
-        raise Conflict(f"job {job.id} is {job.state}: no result" + (f" ({job.error})" if job.error else ""))
+        raise Conflict(f"job {job.id} is {job.state.value}: no result" + (f" ({job.error})" if job.error else ""))
     return Response(content=job.result, media_type="application/octet-stream")
