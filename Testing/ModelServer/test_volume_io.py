@@ -13,10 +13,10 @@ import nrrd
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import slicerio
 from PIL import Image
 
 from desam_server.atomic import atomic_output_path, atomic_write, atomic_write_bytes
-from desam_server.io.overlay import choose_slices, write_overlay_montage
 from desam_server.io import (
     LPS_TO_RAS,
     Geometry,
@@ -28,6 +28,7 @@ from desam_server.io import (
     write_segmentation,
     write_volume,
 )
+from desam_server.io.overlay import choose_slices, write_overlay_montage
 
 SHAPE = (6, 9, 11)  # K x J x I, all different so that any axis mix-up shows
 
@@ -230,12 +231,16 @@ def test_seg_nrrd_round_trip(tmp_path, geometry):
     assert [s.name for s in segments_back] == ["Rückenmark", "Lesion \\ 2"]
     assert [s.label_value for s in segments_back] == [1, 3]
     assert [s.segment_id for s in segments_back] == ["Segment_1", "lesion-id"]
-    for want, got in zip(segments, segments_back):
+    for want, got in zip(segments, segments_back, strict=True):
         np.testing.assert_allclose(got.color, want.color, atol=1e-12)
     # also an ordinary volume to any ITK reader
     plain = read_volume(path)
     np.testing.assert_array_equal(plain.array, lab)
     assert no_temp_files(tmp_path)
+
+
+# The spellings of NRRD's unsigned 8-bit type (teem, and so Slicer, reads all of them).
+NRRD_UINT8 = {"uchar", "unsigned char", "uint8", "uint8_t"}
 
 
 def test_seg_nrrd_has_slicer_fields(tmp_path, geometry):
@@ -244,8 +249,8 @@ def test_seg_nrrd_has_slicer_fields(tmp_path, geometry):
                               [SegmentInfo("Liver", (0.8, 0.4, 0.3), 1), SegmentInfo("Tumor", (1, 1, 0), 3)])
     data, h = nrrd.read(str(path), index_order="C")
     np.testing.assert_array_equal(data, lab)
-    assert h["type"] == "unsigned char" and h["encoding"] == "gzip"
-    assert h["space"] == "left-posterior-superior"
+    assert h["type"] in NRRD_UINT8 and h["encoding"] == "gzip"
+    assert h["dimension"] == 3 and h["space"] == "left-posterior-superior"
     assert list(h["kinds"]) == ["domain"] * 3
     np.testing.assert_allclose(h["space directions"], (geometry.direction * geometry.spacing).T, atol=1e-14)
     np.testing.assert_allclose(h["space origin"], geometry.origin, atol=1e-12)
@@ -259,10 +264,10 @@ def test_seg_nrrd_has_slicer_fields(tmp_path, geometry):
     assert numbers[16:] == [0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1]
     # union bounding box of the shared layer, as "i0 i1 j0 j1 k0 k1"
     expected_extent = "3 9 2 7 1 4"
-    for n, (seg_name, color, label) in enumerate([("Liver", "0.8 0.4 0.3", "1"), ("Tumor", "1 1 0", "3")]):
+    for n, (seg_name, color, label) in enumerate([("Liver", [0.8, 0.4, 0.3], "1"), ("Tumor", [1, 1, 0], "3")]):
         assert h[f"Segment{n}_Name"] == seg_name
         assert h[f"Segment{n}_ID"] == f"Segment_{label}"
-        assert h[f"Segment{n}_Color"] == color
+        assert [float(c) for c in h[f"Segment{n}_Color"].split()] == color
         assert h[f"Segment{n}_LabelValue"] == label
         assert h[f"Segment{n}_Layer"] == "0"
         assert h[f"Segment{n}_Extent"] == expected_extent
@@ -283,7 +288,8 @@ def test_seg_nrrd_empty_and_invalid(tmp_path):
     with pytest.raises(ValueError, match="no segment declares"):
         write_segmentation(tmp_path / "x.seg.nrrd", lab, g, [SegmentInfo("A", (1, 0, 0), 1)])
     with pytest.raises(ValueError, match="unique"):
-        write_segmentation(tmp_path / "x.seg.nrrd", lab, g, [SegmentInfo("A", (1, 0, 0), 1), SegmentInfo("B", (1, 0, 0), 1)])
+        write_segmentation(tmp_path / "x.seg.nrrd", lab, g,
+                           [SegmentInfo("A", (1, 0, 0), 1), SegmentInfo("B", (1, 0, 0), 1)])
     with pytest.raises(ValueError, match="1..255"):
         write_segmentation(tmp_path / "x.seg.nrrd", empty, g, [SegmentInfo("A", (1, 0, 0), 0)])
     with pytest.raises(ValueError):
@@ -303,6 +309,71 @@ def test_read_segmentation_of_plain_labelmap_and_multilayer(tmp_path):
         read_segmentation(tmp_path / "layers.seg.nrrd")
     with pytest.raises(FileNotFoundError):
         read_segmentation(tmp_path / "missing.seg.nrrd")
+    # a NIfTI labelmap (no segment fields outside NRRD) reads as any volume does
+    write_labelmap_nifti(tmp_path / "labels.nii.gz", lab, Geometry.identity())
+    labelmap, _, segments = read_segmentation(tmp_path / "labels.nii.gz")
+    np.testing.assert_array_equal(labelmap, lab)
+    assert [(s.name, s.label_value) for s in segments] == [("Segment_1", 1), ("Segment_3", 3)]
+    # a NRRD without a space field has no patient coordinates: refused, not read as identity
+    (tmp_path / "nospace.nrrd").write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\n"
+                                            b"spacings: 2 3 4\nencoding: raw\n\n" + bytes(8))
+    with pytest.raises(ValueError, match="space"):
+        read_segmentation(tmp_path / "nospace.nrrd")
+
+
+def test_slicerio_reads_our_seg_nrrd(tmp_path, geometry):
+    """slicerio (Slicer's own Python reader) sees our file as Slicer would: voxels in NRRD
+    axis order (I x J x K), the IJK -> LPS matrix, the Slicer segment and segmentation fields."""
+    lab = labelmap_with_two_segments()
+    path = write_segmentation(tmp_path / "out.seg.nrrd", lab, geometry,
+                              [SegmentInfo("Liver", (0.8, 0.4, 0.3), 1), SegmentInfo("Tumor", (1, 1, 0), 3, "tumor")])
+    seg = slicerio.read_segmentation(str(path))
+    assert seg["voxels"].shape == SHAPE[::-1]
+    np.testing.assert_array_equal(seg["voxels"], lab.T)
+    np.testing.assert_allclose(seg["ijkToLPS"], geometry.ijk_to_lps(), atol=1e-12)
+    assert seg["masterRepresentation"] == "Binary labelmap"
+    assert seg["containedRepresentationNames"] == ["Binary labelmap"]
+    assert seg["referenceImageExtentOffset"] == [0, 0, 0]
+    (parameter,) = seg["conversionParameters"]
+    assert parameter["name"] == "Reference image geometry"
+    numbers = [float(v) for v in parameter["value"].rstrip(";").split(";")]
+    np.testing.assert_allclose(np.reshape(numbers[:16], (4, 4)), geometry.ijk_to_ras(), atol=1e-12)
+    assert numbers[16:] == [0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1]
+    assert [(s["id"], s["name"], s["labelValue"], s["layer"]) for s in seg["segments"]] == [
+        ("Segment_1", "Liver", 1, 0), ("tumor", "Tumor", 3, 0)]
+    assert [s["color"] for s in seg["segments"]] == [[0.8, 0.4, 0.3], [1, 1, 0]]
+    assert all(s["extent"] == [3, 9, 2, 7, 1, 4] for s in seg["segments"])
+    assert not any(s["colorAutoGenerated"] or s["nameAutoGenerated"] for s in seg["segments"])
+    np.testing.assert_array_equal(slicerio.segment_mask(seg, "Tumor"), (lab == 3).T)
+
+
+def test_we_read_seg_nrrd_written_by_slicerio(tmp_path, geometry):
+    """A file slicerio writes (its own defaults: I x J x K voxels, compression level 9,
+    terminology tags) reads back here as K x J x I with its geometry and segments; once a
+    segment overlaps another, slicerio adds a layer and the file is refused."""
+    liver = np.zeros(SHAPE[::-1], bool)  # I x J x K, slicerio's order
+    liver[2:7, 1:5, 0:3] = True
+    tumor = np.zeros_like(liver)
+    tumor[9, 8, 5] = True
+    seg = slicerio.create_segmentation(SHAPE[::-1], geometry.ijk_to_lps())
+    slicerio.add_segment(seg, liver, {"id": "liver", "name": "Liver", "color": [0.8, 0.4, 0.3], "terminology": {
+        "category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "10200004", "Liver"]}})
+    slicerio.add_segment(seg, tumor, {"id": "tumor", "name": "Tumor", "color": [1.0, 1.0, 0.0]})
+    slicerio.write_segmentation(str(tmp_path / "slicerio.seg.nrrd"), seg)
+    labelmap, geometry_back, segments = read_segmentation(tmp_path / "slicerio.seg.nrrd")
+    assert labelmap.shape == SHAPE and labelmap.dtype == np.uint8
+    np.testing.assert_array_equal(labelmap, (liver * 1 + tumor * 2).T)
+    assert max_matrix_error(geometry_back, geometry) < 1e-12
+    assert [(s.segment_id, s.name, s.label_value) for s in segments] == [("liver", "Liver", 1), ("tumor", "Tumor", 2)]
+    assert [s.color for s in segments] == [(0.8, 0.4, 0.3), (1.0, 1.0, 0.0)]
+    labelmap[0, 0, 0] = 5  # an ordinary, writable array
+    overlapping = liver.copy()
+    overlapping[2, 1, 0] = False
+    slicerio.add_segment(seg, overlapping, {"id": "lobe", "name": "Lobe"})
+    assert seg["voxels"].ndim == 4
+    slicerio.write_segmentation(str(tmp_path / "layers.seg.nrrd"), seg)
+    with pytest.raises(ValueError, match="2 layers"):
+        read_segmentation(tmp_path / "layers.seg.nrrd")
 
 
 def test_labelmap_nifti_keeps_geometry(tmp_path, geometry):

@@ -15,12 +15,10 @@ Conventions (the same as 3D Slicer's, ITK's and DICOM's):
   costs at most a few ulps, ~1e-15).
 
 Reading goes through SimpleITK (the ITK readers 3D Slicer itself uses), so a file means
-here what it means in Slicer. NRRD files, including Slicer ``.seg.nrrd``, are written by
-this module: a plain NRRD header (``space: left-posterior-superior``, ``space directions``,
-``space origin``, ``kinds``) with gzip-compressed data, plus the ``Segmentation_*`` /
-``SegmentN_*`` key-value fields of Slicer's ``vtkMRMLSegmentationStorageNode`` for
-segmentations (``segmentation.py``). Key-value text is written as UTF-8 with NRRD's backslash escaping, as
-Slicer's writer does (pynrrd can neither write nor read back non-ASCII segment names).
+here what it means in Slicer. Scalar NRRD volumes are written by this module: a plain NRRD
+header (``space: left-posterior-superior``, ``space directions``, ``space origin``,
+``kinds``) with gzip data compressed in chunks, without a copy of the voxels. Slicer
+``.seg.nrrd`` segmentations are read and written with slicerio (``segmentation.py``).
 
 Every write is atomic (temporary file in the target directory, fsync, rename). Nothing
 here logs voxel values or DICOM attributes.
@@ -32,8 +30,8 @@ import gzip
 import logging
 import os
 import zlib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -281,14 +279,7 @@ def _vec(values: Iterable[float]) -> str:
     return "(" + ",".join(_num(v) for v in values) + ")"
 
 
-def _escape_nrrd_value(text: str) -> str:
-    # As teem's writer (used by Slicer) does: escape backslash and newline, other
-    # whitespace becomes a space.
-    text = text.replace("\\", "\\\\").replace("\n", "\\n")
-    return text.translate({ord(c): " " for c in "\r\t\v\f"})
-
-
-def _nrrd_header(array: np.ndarray, geometry: Geometry, keyvalues: Sequence[tuple[str, str]] = ()) -> bytes:
+def _nrrd_header(array: np.ndarray, geometry: Geometry) -> bytes:
     k, j, i = array.shape
     columns = geometry.direction * np.asarray(geometry.spacing)
     lines = [
@@ -305,20 +296,15 @@ def _nrrd_header(array: np.ndarray, geometry: Geometry, keyvalues: Sequence[tupl
     if array.dtype.itemsize > 1:
         lines.append("endian: little")
     lines += ["encoding: gzip", "space origin: " + _vec(geometry.origin)]
-    for key, value in keyvalues:
-        if not key or any(ch in key for ch in ":\n\r") or not key.isascii():
-            raise ValueError(f"invalid NRRD key {key!r}")
-        lines.append(f"{key}:={_escape_nrrd_value(value)}")
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
-def _write_nrrd(path: Path, array: np.ndarray, geometry: Geometry,
-                keyvalues: Sequence[tuple[str, str]] = ()) -> None:
+def _write_nrrd(path: Path, array: np.ndarray, geometry: Geometry) -> None:
     a = _check_array_for(array, geometry)
     if a.dtype.name not in _NRRD_TYPES:
         raise ValueError(f"cannot write voxel type {a.dtype} to NRRD")
     a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-    header = _nrrd_header(a, geometry, keyvalues)
+    header = _nrrd_header(a, geometry)
     raw = memoryview(a.reshape(-1).view(np.uint8))
     compressor = zlib.compressobj(_NRRD_COMPRESSION_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     with atomic_write(path, "wb") as handle:
