@@ -3,6 +3,8 @@
 Flags override DESAM_* environment variables, which override the config file
 (``--config`` or DESAM_CONFIG). The API token is never a flag (flags show in process
 lists): set DESAM_TOKEN, DESAM_TOKEN_FILE or ``token_file`` in the config file.
+Beyond loopback the service also needs TLS (``--tls-certfile`` and ``--tls-keyfile``)
+unless ``--allow-insecure-http`` says plain HTTP is meant.
 """
 
 from __future__ import annotations
@@ -18,8 +20,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     from .modeling import ENCODERS
 
     p.add_argument("--config", type=Path, default=None, help="TOML config file (default: $DESAM_CONFIG)")
-    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1; others need a token)")
+    p.add_argument("--host", default=None,
+                   help="address to bind (default 127.0.0.1; others need a token and TLS)")
     p.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    p.add_argument("--tls-certfile", type=Path, default=None, metavar="PEM",
+                   help="serve https with this certificate (PEM, chain included); needs --tls-keyfile")
+    p.add_argument("--tls-keyfile", type=Path, default=None, metavar="KEY",
+                   help="the certificate's private key (PEM, unencrypted)")
+    p.add_argument("--allow-insecure-http", action="store_true", default=None,
+                   help="allow a non-loopback host without TLS (the token and images travel in clear)")
     p.add_argument("--encoder", default=None, choices=sorted(ENCODERS),
                    help="image encoder (default: MobileSAM, the embedded default)")
     p.add_argument("--sam-checkpoint", type=Path, default=None, help="SAM-family checkpoint (e.g. ViT-H)")
@@ -38,15 +47,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api import ServiceSettings, create_app
 
     settings = ServiceSettings.load(
-        args.config, host=args.host, port=args.port, encoder=args.encoder, sam_checkpoint=args.sam_checkpoint,
+        args.config, host=args.host, port=args.port, tls_certfile=args.tls_certfile, tls_keyfile=args.tls_keyfile,
+        allow_insecure_http=args.allow_insecure_http, encoder=args.encoder, sam_checkpoint=args.sam_checkpoint,
         decoders=args.decoder, decoder_dir=args.decoder_dir, device=args.device, precision=args.precision,
         volume_dir=args.volume_dir, log_level=args.log_level)
     settings.check_bind()
     logging.getLogger().setLevel(settings.log_level.upper())
-    log.info("starting the DeSAM service on http://%s:%d (auth %s)", settings.host, settings.port,
-             "on" if settings.token else "off")
+    log.info("starting the DeSAM service on %s://%s:%d (auth %s)", "https" if settings.tls else "http",
+             settings.host, settings.port, "on" if settings.token else "off")
+    tls = {"ssl_certfile": settings.tls_certfile, "ssl_keyfile": settings.tls_keyfile} if settings.tls else {}
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30, access_log=settings.log_level == "debug")
+                timeout_graceful_shutdown=30, access_log=settings.log_level == "debug", **tls)
     return 0
 
 

@@ -7,7 +7,9 @@ status code, the service's message and ``Retry-After``. ``upload_volume`` comput
 volume's id locally and skips the upload when the service already holds the volume.
 
 Connections are kept alive, one per thread (``http.client``), so a click costs one
-request on an open socket. Frames and coordinates: see the service's API page
+request on an open socket. ``https://`` URLs verify the service's certificate and host
+name, against the system's trust store or the CA file given as ``ca_file``; verification
+is never turned off. Frames and coordinates: see the service's API page
 (docs/API.md); payloads: docs/WIRE_FORMAT.md.
 """
 
@@ -16,11 +18,14 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
+import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +34,7 @@ from . import wire
 __all__ = ["ServerClient", "ServerError", "PromptResult"]
 
 DEFAULT_URL = "http://127.0.0.1:8765"
+_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH = 62, 64    # OpenSSL's X509_V_ERR_* verify codes
 
 
 class ServerError(Exception):
@@ -73,13 +79,27 @@ def _window(window) -> dict | None:
 class ServerClient:
     """``url``: the service (default http://127.0.0.1:8765); ``token``: its API token, if
     it has one; ``timeout``: seconds per request (uploads and results get
-    ``upload_timeout``)."""
+    ``upload_timeout``); ``ca_file``: for an ``https://`` URL, a PEM file of the CA
+    certificate(s) to trust instead of the system's store (e.g. the service's own
+    self-signed certificate, or the small CA that signed it)."""
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0,
-                 upload_timeout: float = 600.0) -> None:
+                 upload_timeout: float = 600.0, ca_file: str | os.PathLike | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"service URL must be http(s)://host[:port], got {url!r}")
+        if ca_file is not None and parts.scheme != "https":
+            raise ValueError(f"ca_file is for https:// URLs; {url!r} is plain http")
+        self._ssl_context: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            # Certificate and host name checked (CERT_REQUIRED, check_hostname): the default context.
+            try:
+                self._ssl_context = ssl.create_default_context(
+                    cafile=None if ca_file is None else os.fspath(ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                what = "the system's trust store" if ca_file is None else f"ca_file {os.fspath(ca_file)!r}"
+                raise ValueError(f"{what}: cannot load it as PEM CA certificates ({exc})") from None
+        self.ca_file = ca_file
         self.url = url.rstrip("/")
         self._scheme, self._host = parts.scheme, parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -93,8 +113,10 @@ class ServerClient:
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-            conn = cls(self._host, self._port, timeout=timeout)
+            if self._ssl_context is not None:
+                conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl_context)
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
             self._local.conn = conn
         conn.timeout = timeout
         if conn.sock is not None:
@@ -126,14 +148,24 @@ class ServerClient:
                 conn.request(method, self._base + path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+            except ssl.SSLCertVerificationError as exc:
+                self.close()
+                raise ServerError(0, self._certificate_message(exc), method=method, path=path) from None
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError,
+                    ssl.SSLZeroReturnError) as exc:
                 self.close()
                 if reused and attempt == 0:
                     continue          # the kept-alive socket had been closed by the service: retry once
-                raise ServerError(0, f"connection lost: {exc}", method=method, path=path) from None
+                hint = (" (if the service uses TLS, its URL starts with https://)"
+                        if self._scheme == "http" and not reused else "")
+                raise ServerError(0, f"connection lost: {exc}{hint}", method=method, path=path) from None
             except TimeoutError:
                 self.close()
                 raise ServerError(0, f"no answer within {timeout:g} s", method=method, path=path) from None
+            except ssl.SSLError as exc:
+                self.close()
+                raise ServerError(0, f"TLS handshake with {self.url} failed: {exc} (does the service speak https "
+                                  "on this port?)", method=method, path=path) from None
             except OSError as exc:
                 self.close()
                 raise ServerError(0, f"cannot reach the service at {self.url}: {exc}", method=method,
@@ -144,6 +176,17 @@ class ServerClient:
                 raise self._error(response, data, method, path)
             return response.status, dict(response.getheaders()), data
         raise AssertionError("unreachable")
+
+    def _certificate_message(self, exc: ssl.SSLCertVerificationError) -> str:
+        reason = exc.verify_message or str(exc)
+        if exc.verify_code in (_HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH):
+            return (f"the service's TLS certificate could not be verified ({reason}): the URL's host "
+                    f"{self._host!r} must be one of the names or addresses in the certificate's subjectAltName")
+        trusted = (f"the CA file {os.fspath(self.ca_file)!r}" if self.ca_file is not None
+                   else "the system's trust store")
+        return (f"the service's TLS certificate could not be verified ({reason}) against {trusted}: pass the "
+                "CA certificate that signed it (or the service's self-signed certificate) as "
+                "ServerClient(url, ca_file=...)")
 
     @staticmethod
     def _error(response, data: bytes, method: str, path: str) -> ServerError:

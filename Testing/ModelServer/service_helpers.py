@@ -65,9 +65,11 @@ def id_of(vol: np.ndarray) -> str:
 
 @contextlib.contextmanager
 def live_server(settings: ServiceSettings, factory=tiny_factory):
-    """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (url, app)."""
+    """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (url, app).
+    With ``settings.tls`` it serves https with the settings' certificate and key."""
     app = create_app(replace(settings, host="127.0.0.1", port=0), factory)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    tls = {"ssl_certfile": settings.tls_certfile, "ssl_keyfile": settings.tls_keyfile} if settings.tls else {}
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **tls)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -78,7 +80,7 @@ def live_server(settings: ServiceSettings, factory=tiny_factory):
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}", app
+        yield f"{'https' if settings.tls else 'http'}://127.0.0.1:{port}", app
     finally:
         server.should_exit = True
         thread.join(30)

@@ -12,10 +12,10 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
 
 from desam_server.api import ServiceSettings, SettingsError, create_app
 from SlicerDeSAMLib.ServerClient import ServerClient
-from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
 
 
 def click(c, vid, index=2, **extra):
@@ -121,7 +121,7 @@ def test_settings_precedence_and_errors(tmp_path):
         ServiceSettings.load(config, environ={})
     with pytest.raises(SettingsError, match="refusing to listen"):
         ServiceSettings(host="0.0.0.0").check_bind()
-    ServiceSettings(host="0.0.0.0", token="t" * 16).check_bind()
+    ServiceSettings(host="0.0.0.0", token="t" * 16, allow_insecure_http=True).check_bind()
     ServiceSettings(host="::1").check_bind()
     assert "token" not in ServiceSettings(token="t" * 16).public()
 

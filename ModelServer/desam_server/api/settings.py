@@ -5,22 +5,31 @@ uses the field names below as keys (a ``[cache]`` table for the feature cache); 
 environment variable is ``DESAM_`` + the field name in capitals (``DESAM_PORT``,
 ``DESAM_VOLUME_DISK_BYTES``, ...), and the feature cache keeps its own ``DESAM_CACHE_*``
 variables (``FeatureCacheSettings.from_env``). Byte sizes accept ``4GiB`` and the like.
+
+Beyond loopback the service needs a token and TLS (``tls_certfile`` + ``tls_keyfile``);
+``allow_insecure_http`` waives TLS there, and the token then travels in clear.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
+import ssl
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..engine.feature_config import FeatureCacheSettings, GiB, parse_bytes
 from ..modeling.fast_path import FastPath
 
 __all__ = ["ServiceSettings", "SettingsError", "default_volume_dir", "is_loopback"]
+
+log = logging.getLogger(__name__)
+
 
 class SettingsError(ValueError):
     """A setting has an invalid value (the message names the setting)."""
@@ -44,12 +53,15 @@ def is_loopback(host: str) -> bool:
 class ServiceSettings:
     """host / port: where ``serve`` listens (loopback by default); token: the API token
     (required when host is not loopback; then every request must carry it);
+    tls_certfile / tls_keyfile: the server certificate (PEM, chain included) and its
+    unencrypted private key; both or neither; with them ``serve`` speaks https (required
+    when host is not loopback, unless allow_insecure_http: then the token travels in clear);
     cors_origins: origins allowed by CORS (empty: CORS off).
 
     encoder: registry name (None: the catalog default, MobileSAM); sam_checkpoint: a
     SAM-family checkpoint (None: the catalog's cached weights for MobileSAM/LiteMedSAM;
-    SAM ViTs need a file, or an official one already in the weights cache); decoders: DeSAM decoder files to load at start;
-    decoder_dir: every ``*.safetensors`` decoder in this folder is loaded too;
+    SAM ViTs need a file, or an official one already in the weights cache); decoders:
+    DeSAM decoder files to load at start; decoder_dir: every ``*.safetensors`` decoder in this folder is loaded too;
     device: auto/cpu/cuda/cuda:N; precision: the encoder's autocast.
 
     volume_dir / volume_disk_bytes: where uploaded volumes persist and their budget
@@ -68,6 +80,9 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     port: int = 8765
     token: str | None = field(default=None, repr=False)
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    allow_insecure_http: bool = False
     cors_origins: tuple[str, ...] = ()
     encoder: str | None = None
     sam_checkpoint: Path | None = None
@@ -113,6 +128,20 @@ class ServiceSettings:
             raise SettingsError(f"fast_path: {exc}") from None
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+        if not isinstance(self.allow_insecure_http, bool):
+            raise SettingsError(f"allow_insecure_http must be true or false, got {self.allow_insecure_http!r}")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            given, missing = (("tls_certfile", "tls_keyfile") if self.tls_keyfile is None
+                              else ("tls_keyfile", "tls_certfile"))
+            raise SettingsError(f"{given} is set but {missing} is not: TLS needs both the certificate "
+                                "(tls_certfile) and its private key (tls_keyfile), or neither")
+        if self.tls_certfile is not None:
+            _check_tls_files(self.tls_certfile, self.tls_keyfile)
+
+    @property
+    def tls(self) -> bool:
+        """Whether ``serve`` speaks https (a certificate and key are set)."""
+        return self.tls_certfile is not None
 
     def decoder_fast_path(self) -> FastPath | None:
         """``fast_path`` as the ``FastPath`` the predictors get (None: the modules)."""
@@ -126,16 +155,29 @@ class ServiceSettings:
         raise ValueError(f"{text!r} is not 'all', 'none' or 'without:PART,...'")
 
     def check_bind(self) -> None:
-        """Refuse to listen beyond loopback without a token."""
-        if not is_loopback(self.host) and not self.token:
+        """Refuse to listen beyond loopback without a token, or without TLS unless
+        ``allow_insecure_http`` (then warn: the token travels in clear). Loopback needs neither."""
+        if is_loopback(self.host):
+            return
+        needs = []
+        if not self.token:
+            needs.append("an API token (DESAM_TOKEN, DESAM_TOKEN_FILE or token_file in the config file)")
+        if not self.tls and not self.allow_insecure_http:
+            needs.append("TLS (tls_certfile and tls_keyfile: --tls-certfile/--tls-keyfile, "
+                         "DESAM_TLS_CERTFILE/DESAM_TLS_KEYFILE or the config file)")
+        if needs:
+            plain = "" if self.tls or self.allow_insecure_http else (
+                "; or set allow_insecure_http to accept plain HTTP, where the token travels in clear")
             raise SettingsError(
                 f"refusing to listen on {self.host}: the service is reachable from other machines there, "
-                "so it needs an API token (DESAM_TOKEN, DESAM_TOKEN_FILE or token in the config file); "
-                "or bind 127.0.0.1")
+                f"so it needs {' and '.join(needs)}; or bind 127.0.0.1{plain}")
+        if not self.tls:
+            log.warning("listening on %s over plain HTTP (allow_insecure_http): the API token and the images "
+                        "travel in clear; anyone on the network path can read them and use the token", self.host)
 
     def public(self) -> dict[str, Any]:
         """What ``info`` may show: no token, no paths."""
-        return {"host": self.host, "port": self.port, "auth": self.token is not None,
+        return {"host": self.host, "port": self.port, "auth": self.token is not None, "tls": self.tls,
                 "cors": bool(self.cors_origins), "device": self.device, "precision": self.precision,
                 "volume_store": self.volume_dir is not None, "volume_disk_bytes": self.volume_disk_bytes,
                 "volume_memory_bytes": self.volume_memory_bytes, "max_upload_bytes": self.max_upload_bytes,
@@ -148,7 +190,7 @@ class ServiceSettings:
     # ---- loading ------------------------------------------------------------------------
     @classmethod
     def load(cls, config_file: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None,
-             **overrides: Any) -> "ServiceSettings":
+             **overrides: Any) -> ServiceSettings:
         """Defaults, then the config file (``DESAM_CONFIG`` when ``config_file`` is None),
         then the environment, then ``overrides`` whose value is not None."""
         env = dict(os.environ if environ is None else environ)
@@ -187,7 +229,9 @@ class ServiceSettings:
 _INTS = {"port", "max_points", "max_pending_prompts", "max_jobs", "finished_jobs_kept", "encode_batch", "neighbours",
          "max_voxels"}
 _BYTES = {"volume_disk_bytes", "volume_memory_bytes", "max_upload_bytes"}
-_PATHS = {"sam_checkpoint", "decoder_dir", "volume_dir"}
+_PATHS = {"sam_checkpoint", "decoder_dir", "volume_dir", "tls_certfile", "tls_keyfile"}
+_BOOLS = {"allow_insecure_http"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _STRINGS = {"host", "token", "encoder", "device", "precision", "log_level", "fast_path"}
 
 
@@ -202,6 +246,13 @@ def _convert(name: str, value: Any) -> Any:
             return value if isinstance(value, int) and not isinstance(value, bool) else parse_bytes(str(value), name)
         if name == "click_timeout_s":
             return float(value)
+        if name in _BOOLS:
+            if isinstance(value, bool):
+                return value
+            text = value.strip().lower() if isinstance(value, str) else None   # TOML: true/false, not 1/0
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ValueError
         if name in _PATHS:
             text = str(value).strip()
             return "off" if name == "volume_dir" and text.lower() in ("off", "none") else Path(text).expanduser()
@@ -214,6 +265,33 @@ def _convert(name: str, value: Any) -> Any:
     except (TypeError, ValueError):
         raise SettingsError(f"{name}: {value!r} is not a valid value") from None
     raise SettingsError(f"unknown setting {name!r}")
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    raise _EncryptedKey  # never prompt on the terminal for a key password
+
+
+def _check_tls_files(certfile: Path, keyfile: Path) -> None:
+    """Both files readable, and a PEM certificate with its matching unencrypted key:
+    SettingsError naming the setting otherwise (before uvicorn fails with a traceback)."""
+    for name, path in (("tls_certfile", certfile), ("tls_keyfile", keyfile)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise SettingsError(f"{name}: cannot read {path} ({exc.strerror})") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile, password=_no_password)
+    except _EncryptedKey:
+        raise SettingsError(f"tls_keyfile: {keyfile} is encrypted; give an unencrypted key (e.g. "
+                            "`openssl pkey -in KEY -out KEY.plain`) readable only by the service's user") from None
+    except ssl.SSLError as exc:
+        raise SettingsError(f"tls_certfile / tls_keyfile: {certfile} and {keyfile} are not a PEM certificate and "
+                            f"its matching private key ({exc})") from None
 
 
 def _read_config(path: Path) -> tuple[dict, dict]:
