@@ -1,10 +1,10 @@
 """Mask post-processing for DeSAM's automatic modes: grid prompts, removal of small holes
-and islands, largest component."""
+and islands, largest component (connected components by SimpleITK, imported when first
+needed, so that the prompted path runs where it is not installed)."""
 
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 
 
 def grid_points(grid_size: int, height: int, width: int) -> np.ndarray:
@@ -18,6 +18,8 @@ def grid_points(grid_size: int, height: int, width: int) -> np.ndarray:
 
 
 def _drop_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
+    import SimpleITK as sitk
+
     image = sitk.GetImageFromArray(mask.astype(np.uint8))
     labels = sitk.ConnectedComponent(image, True)  # 8-connectivity
     kept = sitk.RelabelComponent(labels, minimumObjectSize=int(min_area))
@@ -26,6 +28,8 @@ def _drop_small_components(mask: np.ndarray, min_area: int) -> np.ndarray:
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 8-connected foreground component of an H x W mask (empty stays empty)."""
+    import SimpleITK as sitk
+
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return mask
