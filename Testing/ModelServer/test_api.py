@@ -183,6 +183,52 @@ def test_view_precompute_progress(client, volume):
     assert client.put(f"/volumes/{vid}/view", json={"axis": "k", "index": 6}).status_code == 422
 
 
+CORS_ORIGIN = "http://viewer.example"
+
+
+@pytest.fixture()
+def guarded(tmp_path, tiny_sam_checkpoint):
+    """A service with a token and CORS for one origin."""
+    token = "s3cret-token-for-tests-0123456789"
+    settings = tiny_settings(tmp_path, checkpoint=tiny_sam_checkpoint[0], decoder=False, token=token,
+                             cors_origins=(CORS_ORIGIN,))
+    with TestClient(create_app(settings, tiny_factory), raise_server_exceptions=False) as c:
+        yield c, {"Authorization": f"Bearer {token}"}
+
+
+def test_cors_preflight_needs_no_token(guarded):
+    client, _ = guarded
+    preflight = {"Origin": CORS_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    r = client.options("/segment/prompt", headers=preflight)
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+
+
+def test_everything_but_a_cors_preflight_needs_the_token(guarded):
+    client, auth = guarded
+    # Not preflights: a plain OPTIONS, requests from the allowed origin and from others.
+    for method, path, headers in (("OPTIONS", "/health", {}), ("OPTIONS", "/health", {"Origin": CORS_ORIGIN}),
+                                  ("GET", "/health", {"Origin": CORS_ORIGIN}),
+                                  ("GET", "/health", {"Origin": "http://elsewhere.example"}),
+                                  ("GET", "/volumes", {})):
+        r = client.request(method, path, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path, headers)
+    # The allowed origin's browser may read the 401 (and ask for the token); another origin's may not.
+    assert client.get("/health", headers={"Origin": CORS_ORIGIN}).headers["access-control-allow-origin"] == CORS_ORIGIN
+    assert "access-control-allow-origin" not in client.get("/health", headers={"Origin": "http://elsewhere.example"}
+                                                           ).headers
+    # A preflight from another origin gets no CORS grant and reaches nothing behind it.
+    r = client.options("/health", headers={"Origin": "http://elsewhere.example",
+                                           "Access-Control-Request-Method": "GET"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    # With the token, the same requests pass.
+    assert client.get("/health", headers={"Origin": CORS_ORIGIN, **auth}).status_code == 200
+    assert client.get("/health", headers={"Origin": "http://elsewhere.example", **auth}).status_code == 200
+
+
 def test_auto_job_runs_and_returns_the_slab(client, volume, tiny_model):
     _, vid = volume
     r = client.post("/segment/auto", json={"volume_id": vid, "axis": "k", "start": 1, "stop": 4, "mode": "box"})

@@ -95,11 +95,14 @@ def create_app(settings: ServiceSettings | None = None,
     for router in ROUTERS:
         app.include_router(router)
     _add_handlers(app)
+    # The last added middleware runs first: CORS before the token check, so that a browser's
+    # preflight (an OPTIONS that carries no token) from an allowed origin gets its CORS answer,
+    # and a 401 to an allowed origin carries the CORS headers the browser needs to show it.
+    if settings.token:
+        app.add_middleware(TokenMiddleware, token=settings.token)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
-    if settings.token:
-        app.add_middleware(TokenMiddleware, token=settings.token)
     return app
 
 
