@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import anyio
 from fastapi import FastAPI, Request
@@ -27,6 +27,7 @@ from starlette.routing import Match
 from .. import __version__
 from .errors import ServiceError
 from .routers import ROUTERS
+from .schemas import complete_openapi
 from .security import TokenMiddleware
 from .service import Service
 from .settings import ServiceSettings
@@ -89,7 +90,7 @@ def create_app(settings: ServiceSettings | None = None,
         finally:
             await anyio.to_thread.run_sync(service.close)
 
-    app = FastAPI(title="SlicerDeSAM service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = ServiceApp(title="SlicerDeSAM service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = None
     app.state.settings = settings
     for router in ROUTERS:
@@ -104,6 +105,16 @@ def create_app(settings: ServiceSettings | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
     return app
+
+
+class ServiceApp(FastAPI):
+    """FastAPI whose OpenAPI schema also has the links between operations and the limits of
+    the app's settings (``schemas.complete_openapi``)."""
+
+    def openapi(self) -> dict:
+        if self.openapi_schema is None:
+            complete_openapi(super().openapi(), max_points=self.state.settings.max_points)
+        return self.openapi_schema
 
 
 def _allowed_methods(request: Request) -> str:
