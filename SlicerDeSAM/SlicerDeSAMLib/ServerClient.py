@@ -272,9 +272,12 @@ class ServerClient:
                           {"axis": axis, "window": _window(window), "cancel": bool(cancel)})
 
     def progress(self, volume_id: str, axis: str = "k", window=None) -> dict:
-        query = {"axis": axis}
+        """Slices of the axis cached, queued and running for ``window`` (center, width;
+        default: the volume's default window)."""
+        query = [("axis", axis)]
         if window is not None:
-            query.update(_window(window))
+            w = _window(window)
+            query += [("window", w["center"]), ("window", w["width"])]  # window=<center>&window=<width>
         return self._json("GET", f"/volumes/{volume_id}/progress?" + urllib.parse.urlencode(query))
 
     # ---- segmentation ---------------------------------------------------------------------------

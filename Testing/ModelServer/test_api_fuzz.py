@@ -2,16 +2,23 @@
 
 Every operation gets a few dozen generated requests, valid and invalid (schemathesis's
 examples, coverage and fuzzing phases, positive and negative data), and every answer must
-be a documented status code with a body matching its declared schema, never a 5xx. A real
-volume is uploaded first and the generated volume ids are sometimes swapped for its id, so
-the prompts, views, precomputes and jobs reach the model instead of stopping at 404.
+be a documented status code with a body matching its declared schema, never a 5xx; a
+request the schema accepts is refused only for a reason the schema cannot state
+(``STATE_DEPENDENT``). A real volume is uploaded first and the generated volume ids are
+sometimes swapped for its id, so the prompts, views, precomputes and jobs reach the model
+instead of stopping at 404. Then schemathesis's stateful phase chains requests along the
+schema's links (an uploaded volume's id, a job's id), and every linked operation must
+answer a 2xx at least once.
 
-Bounded for the default run: few examples per operation, derandomized (the same requests
-in every run), no deadline.
+Bounded for the default run: few examples per operation, few short scenarios,
+derandomized (the same requests in every run), no deadline, every wait with a timeout.
 """
 
 from __future__ import annotations
 
+import collections
+import math
+import re
 import time
 
 import hypothesis.strategies as st
@@ -51,20 +58,41 @@ class _Served:
 
 SERVED = _Served()
 
-# The schema cannot say which values fit the stored volume or the wire format, so for the
-# operations whose documented 422 means exactly that ("slice index 40 is outside 0..5",
-# "start >= stop", "not a volume payload", "labels do not match points"), a 422 answer to
-# schema-valid data is a correct answer; everything else keeps schemathesis's defaults.
-STATE_DEPENDENT = ["POST /volumes", "PUT /volumes/{volume_id}/view", "POST /volumes/{volume_id}/precompute",
-                   "GET /volumes/{volume_id}/progress", "POST /segment/prompt", "POST /segment/auto"]
+# Where a schema-valid request may still get 422: values that must fit the stored volume or the
+# service's state, or the wire formats' contents, none of which the schema can state. For these
+# operations schemathesis accepts a 422 to valid data, and ``state_dependent_422`` then checks
+# that the answer gives one of these reasons; every other operation keeps schemathesis's defaults
+# (a valid request is accepted or answered 401/403/404/409/429).
+SLICE = "slice index [0-9]+ is outside"  # the volume's extent along the axis
+STATE_DEPENDENT = {
+    "POST /volumes": ["volume payload rejected: "],  # the payload's bytes (docs/WIRE_FORMAT.md)
+    "PUT /volumes/{volume_id}/view": [SLICE],
+    "POST /segment/prompt": [
+        SLICE, "points must lie inside the", "box must lie inside the",  # the slice's size
+        "box must have x1 > x0 and y1 > y0",    # JSON Schema cannot compare two items
+        "points and labels must come together and have the same length",  # nor two lengths
+        "mask_input.mask", "logits_id belongs to another slice"],  # a wire mask's contents, an earlier answer
+    "POST /segment/auto": [r"slice range \[[0-9]+, [0-9]+\) is not within"],  # start < stop <= the extent
+}
 DEFAULT_ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]  # schemathesis's default
-ACCEPTED = {name: [*DEFAULT_ACCEPTED, "422"] for name in STATE_DEPENDENT}
-# GET /volumes/{volume_id}/progress also answers 400 to a window given by one of center
-# and width only: OpenAPI cannot state that two query parameters go together.
-ACCEPTED["GET /volumes/{volume_id}/progress"].append("400")
-CONFIG = SchemathesisConfig.from_dict({"operations": [
-    {"include-name": name, "checks": {"positive_data_acceptance": {"expected-statuses": statuses}}}
-    for name, statuses in ACCEPTED.items()]})
+CONFIG = SchemathesisConfig.from_dict({
+    "operations": [{"include-name": name, "checks": {"positive_data_acceptance": {
+        "expected-statuses": [*DEFAULT_ACCEPTED, "422"]}}} for name in STATE_DEPENDENT],
+    # The stateful phase follows the schema's own links only, so that it fails if they break.
+    "phases": {"stateful": {"inference": {"algorithms": []}}}})
+
+
+def state_dependent_422(ctx, response, case) -> None:
+    """A schema-valid request answered 422 names one of its operation's ``STATE_DEPENDENT`` reasons."""
+    if response.status_code != 422 or case.meta is None or not case.meta.generation.mode.is_positive:
+        return
+    detail = response.json()["detail"]
+    # A list is the request models' own validation (a message from the service is a string).
+    messages = [p["msg"] for p in detail] if isinstance(detail, list) else [detail]
+    reasons = STATE_DEPENDENT.get(case.operation.label, [])
+    unexplained = [m for m in messages if not any(re.search(reason, m) for reason in reasons)]
+    assert not unexplained, f"{case.operation.label}: valid data refused with {unexplained}"
+
 
 # Read at import (collection) from an app that is never started: settings do not change
 # the routes, and no model is needed to describe them.
@@ -80,24 +108,40 @@ def _is_int(value) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
 
 
-def _aimed(body: dict) -> dict:
-    """``body`` made to reach the model: the uploaded volume, slice numbers in range, SAM's
-    decoder for a prompt (the only loaded one for a job), a label per point; a job becomes
-    one slice in box mode (a 32 x 32 grid costs seconds a slice on a CPU); a prompt with
-    neither points nor a box gets a box."""
-    body = {**body, "volume_id": VOLUME_ID} if "volume_id" in body else dict(body)
+def _is_number(value) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _fold(value):
+    """A coordinate folded into [0, 5): inside a slice along every axis."""
+    return value % 5 if _is_number(value) else value
+
+
+def _aimed(label: str, body: dict) -> dict:
+    """The body of a ``label`` request made to reach the model, its volume id left as it is:
+    slice numbers in range; a job becomes one slice in box mode with the only loaded decoder
+    (a 32 x 32 grid costs seconds a slice on a CPU); a prompt goes to SAM's decoder with a
+    label per point, its coordinates folded into the slice, a box with x1 > x0 and y1 > y0
+    (or [1, 1, 5, 5] when it has neither points nor a box) and no mask_input (a generated
+    logits id or mask is never a real one; the requests not aimed try those)."""
+    body = dict(body)
     if _is_int(body.get("index")):
         body["index"] = int(body["index"]) % SLICES
-    if "start" in body or "stop" in body or "mode" in body or "grid_size" in body:
+    if label == "POST /segment/auto":
         start = int(body["start"]) % SLICES if _is_int(body.get("start")) else 0
         body.update(start=start, stop=start + 1, mode="box", decoder=None)
-    elif "index" in body and "volume_id" in body:
-        body["decoder"] = "sam"
-        if not body.get("points") and not body.get("box"):
-            body["box"] = [1.0, 1.0, 5.0, 5.0]  # inside a slice along every axis
-    if "points" in body or "labels" in body:
-        points = body.get("points")
-        body["labels"] = [1] * len(points) if isinstance(points, list) else None
+    elif label == "POST /segment/prompt":
+        body.update(decoder="sam", mask_input=None)
+        points, box = body.get("points"), body.get("box")
+        if isinstance(points, list):
+            body["points"] = [[_fold(c) for c in p] if isinstance(p, list) else p for p in points]
+        if isinstance(box, list) and len(box) == 4 and all(map(_is_number, box)):
+            (x0, x1), (y0, y1) = sorted(map(_fold, box[::2])), sorted(map(_fold, box[1::2]))
+            body["box"] = [x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)]
+        if not points and not box:
+            body["box"] = [1.0, 1.0, 5.0, 5.0]
+        if "points" in body or "labels" in body:
+            body["labels"] = [1] * len(points) if isinstance(points, list) else None
     return body
 
 
@@ -122,11 +166,9 @@ def _aim(case, how: int) -> None:
     edited in place, so schemathesis re-judges whether the request is still invalid."""
     if how and "volume_id" in case.path_parameters:
         case.path_parameters = {**case.path_parameters, "volume_id": VOLUME_ID}
-    if isinstance(case.body, dict) and {"volume_id", "index", "axis"} & case.body.keys():
-        if how == 1 and "volume_id" in case.body:
-            case.body = {**case.body, "volume_id": VOLUME_ID}
-        elif how == 2:
-            case.body = _aimed(case.body)
+    if how and isinstance(case.body, dict) and {"volume_id", "index", "axis"} & case.body.keys():
+        body = {**case.body, "volume_id": VOLUME_ID} if "volume_id" in case.body else case.body
+        case.body = _aimed(case.operation.label, body) if how == 2 else body
 
 
 FUZZ = dict(deadline=None, derandomize=True, database=None,
@@ -143,7 +185,7 @@ def _restore_volume(case, client) -> None:
 @settings(max_examples=20, **FUZZ)
 def test_api_conforms_to_its_schema(case, service):
     """Schemathesis's own requests (examples, coverage and fuzzing phases) as generated."""
-    case.call_and_validate()
+    case.call_and_validate(additional_checks=[state_dependent_422])
     _restore_volume(case, service)
 
 
@@ -154,7 +196,7 @@ def test_api_aimed_at_the_volume(case, data, service):
     """Fuzzing-phase requests, two thirds of them aimed at the uploaded volume (schemathesis
     runs only that phase for a test with its own strategies)."""
     _aim(case, data.draw(st.sampled_from([0, 1, 2]), label="aim"))
-    case.call_and_validate()
+    case.call_and_validate(additional_checks=[state_dependent_422])
     _restore_volume(case, service)
 
 
@@ -163,7 +205,7 @@ def test_valid_requests_conform_to_the_schema(service):
     written out and checked like a generated one."""
 
     def call(method, path, **kwargs):
-        return schema[path][method].Case(**kwargs).call_and_validate().json()
+        return schema[path][method].Case(**kwargs).call_and_validate(additional_checks=[state_dependent_422]).json()
 
     def wait_for_jobs():
         for _ in range(600):
@@ -178,7 +220,7 @@ def test_valid_requests_conform_to_the_schema(service):
     call("PUT", "/volumes/{volume_id}/view", path_parameters=vid, body={"axis": "k", "index": 2})
     call("POST", "/volumes/{volume_id}/precompute", path_parameters=vid,
          body={"axis": "j", "window": {"center": 40, "width": 400}})
-    call("GET", "/volumes/{volume_id}/progress", path_parameters=vid, query={"axis": "j", "center": 40, "width": 400})
+    call("GET", "/volumes/{volume_id}/progress", path_parameters=vid, query={"axis": "j", "window": [40, 400]})
     prompt = {**vid, "axis": "k", "index": 2}
     first = call("POST", "/segment/prompt", body={**prompt, "points": [[30.5, 24.5], [5, 5]], "labels": [1, 0]})
     assert len(first["masks"]) == 3
@@ -194,6 +236,57 @@ def test_valid_requests_conform_to_the_schema(service):
     assert result.headers.get("content-type") == ["application/octet-stream"] and result.content
     call("POST", "/jobs/{job_id}/cancel", path_parameters={"job_id": job["id"]})
     assert call("GET", "/jobs")["jobs"]
+
+
+# Operations that only an id from another answer (an OpenAPI link) gets past 404.
+LINKED = ["GET /volumes/{volume_id}", "DELETE /volumes/{volume_id}", "PUT /volumes/{volume_id}/view",
+          "POST /volumes/{volume_id}/precompute", "GET /volumes/{volume_id}/progress", "POST /segment/prompt",
+          "POST /segment/auto", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel", "GET /jobs/{job_id}/result"]
+LINKED_VOLUME = phantom_volume(seed=7)  # not the module's volume, which the other tests need
+JOB_WAIT_S = 60
+
+
+def test_stateful_phase_follows_the_links(service):
+    """Schemathesis's state machine over the schema's links: chains of requests that carry
+    an uploaded volume's id, and an automatic job's id, to the operations that take them.
+    The uploads send a real payload and the bodies' slice numbers are aimed at it as in
+    ``_aimed``, but the ids come only through the links (the schema's own; none inferred):
+    every linked operation must have answered a 2xx, so the test fails when links break.
+
+    Every scenario starts without the volume, and each job has ended before the next step,
+    so that a scenario's answers do not depend on the ones before it or on timing (which
+    Hypothesis would report as inconsistent data generation)."""
+    statuses: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    payload, volume_path = payload_of(LINKED_VOLUME), f"/volumes/{id_of(LINKED_VOLUME)}"
+    jobs = service.app.state.service.jobs
+    for job in jobs.list():  # the earlier tests' jobs (max_jobs active ones would answer 429)
+        jobs.wait(job.id, timeout=JOB_WAIT_S)
+
+    class Workflow(schema.as_state_machine()):
+        def setup(self):
+            assert service.delete(volume_path).status_code in (204, 404)
+
+        def before_call(self, case):
+            if case.operation.label == "POST /volumes":
+                case.body = payload
+            elif isinstance(case.body, dict):
+                case.body = _aimed(case.operation.label, case.body)
+
+        def after_call(self, response, case):
+            super().after_call(response, case)
+            statuses[case.operation.label][response.status_code] += 1
+            if case.operation.label == "POST /segment/auto" and response.status_code == 202:
+                jobs.wait(response.json()["id"], timeout=JOB_WAIT_S)
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            super().validate_response(response, case, [*(additional_checks or ()), state_dependent_422], **kwargs)
+
+    try:
+        Workflow.run(settings=settings(max_examples=25, stateful_step_count=10, **FUZZ))
+    finally:
+        service.delete(volume_path)
+    unreached = [label for label in LINKED if not any(200 <= status < 300 for status in statuses[label])]
+    assert not unreached, {label: dict(counts) for label, counts in statuses.items()}
 
 
 def test_service_still_answers_after_the_fuzz(service):

@@ -75,7 +75,11 @@ def test_round_trip_through_the_client(server):
     slab = c.job_result(job["id"])
     assert slab.mask.shape == (3, 48, 64) and slab.offset == 0
     assert any(j["id"] == job["id"] for j in c.jobs())
-    assert c.progress(vid, "k")["total"] == 6 and c.precompute(vid, "i", cancel=True)["total"] == 64
+    assert c.progress(vid, "k")["total"] == 6 and c.precompute(vid, "i", window=(40, 400))["total"] == 64
+    busy, unused = c.progress(vid, "i", window=(40, 400)), c.progress(vid, "i", window=(1000, 10))
+    assert busy["cached"] + busy["queued"] + busy["running"] > 0      # the precompute's window
+    assert (unused["total"], unused["cached"], unused["queued"], unused["running"]) == (64, 0, 0, 0)
+    assert c.precompute(vid, "i", window=(40, 400), cancel=True)["total"] == 64
     c.delete_volume(vid)
     assert not c.has_volume(vid)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import anyio
 from fastapi import FastAPI, Request
@@ -27,6 +27,7 @@ from starlette.routing import Match
 from .. import __version__
 from .errors import ServiceError
 from .routers import ROUTERS
+from .schemas import complete_openapi
 from .security import TokenMiddleware
 from .service import Service
 from .settings import ServiceSettings
@@ -89,18 +90,31 @@ def create_app(settings: ServiceSettings | None = None,
         finally:
             await anyio.to_thread.run_sync(service.close)
 
-    app = FastAPI(title="SlicerDeSAM service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app = ServiceApp(title="SlicerDeSAM service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = None
     app.state.settings = settings
     for router in ROUTERS:
         app.include_router(router)
     _add_handlers(app)
+    # The last added middleware runs first: CORS before the token check, so that a browser's
+    # preflight (an OPTIONS that carries no token) from an allowed origin gets its CORS answer,
+    # and a 401 to an allowed origin carries the CORS headers the browser needs to show it.
+    if settings.token:
+        app.add_middleware(TokenMiddleware, token=settings.token)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
-    if settings.token:
-        app.add_middleware(TokenMiddleware, token=settings.token)
     return app
+
+
+class ServiceApp(FastAPI):
+    """FastAPI whose OpenAPI schema also has the links between operations and the limits of
+    the app's settings (``schemas.complete_openapi``)."""
+
+    def openapi(self) -> dict:
+        if self.openapi_schema is None:
+            complete_openapi(super().openapi(), max_points=self.state.settings.max_points)
+        return self.openapi_schema
 
 
 def _allowed_methods(request: Request) -> str:

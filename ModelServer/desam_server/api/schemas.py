@@ -7,13 +7,23 @@ x = column, y = row, pixel centres at integer + 0.5 as in SAM (x in [0, W], y in
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 VolumeId = str
 Axis = Literal["k", "j", "i"]
 ID_PATTERN = r"^[0-9a-f]{64}$"
+
+# The smallest valid wire volume payload (docs/WIRE_FORMAT.md), the upload body's minLength.
+# The 12-byte prefix; the header with every required field at its shortest (compact JSON
+# without padding, which receivers must not rely on; dtype "int8"; shape, spacing, origin,
+# the identity direction, raw_length and encoded_length as one-digit integers) is 301 bytes
+# plus the digits of crc32; the body holds the N voxels of an uncompressed 1 x 1 x N int8
+# volume (a zlib stream is longer). The smallest CRC-32 of N bytes has 7 digits for N = 1, 5
+# for N = 2, 2 for N = 3 (92: voxels 126, 217, 209) and 1 for N = 4 (0), so N plus its digits
+# is least, 5, at N = 3 or 4: 12 + 301 + 5 bytes. (Test: test_api.py uploads that payload.)
+MIN_VOLUME_PAYLOAD_BYTES = 318
 
 
 class Strict(BaseModel):
@@ -26,6 +36,11 @@ class Window(Strict):
 
     center: float
     width: float = Field(gt=0)
+
+
+# The window of a query string: ``window=<center>&window=<width>`` (OpenAPI's default form
+# style for an array), one parameter so that it cannot come half given.
+WindowQuery = tuple[Annotated[float, Field(allow_inf_nan=False)], Annotated[float, Field(gt=0, allow_inf_nan=False)]]
 
 
 class ViewRequest(Strict):
@@ -63,23 +78,73 @@ class VolumeList(BaseModel):
 
 class MaskInput(Strict):
     """A previous answer's mask to refine: its ``logits_id``, or the slice's current binary
-    mask as a base64 wire mask payload (one slice, offset = index)."""
+    mask as a base64 wire mask payload (one slice, offset = index); at least one of them
+    (``logits_id`` wins when both come)."""
 
-    logits_id: str | None = Field(None, max_length=64)
-    mask: str | None = Field(None, max_length=64 << 20)
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["logits_id"], "properties": {"logits_id": {"type": "string"}}},
+        {"required": ["mask"], "properties": {"mask": {"type": "string"}}}]})
+
+    logits_id: str | None = Field(None, min_length=1, max_length=64)
+    mask: str | None = Field(None, min_length=1, max_length=64 << 20)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> MaskInput:
+        if self.logits_id is None and self.mask is None:
+            raise ValueError("mask_input needs logits_id or mask")
+        return self
+
+
+Coordinate = Annotated[float, Field(ge=0)]
+Edge = Annotated[float, Field(gt=0)]
 
 
 class PromptRequest(Strict):
+    """At least one prompt: points (each with its label), a box, or a mask to refine.
+    The schema states every rule but one: ``labels`` has as many items as ``points``
+    (JSON Schema cannot compare two lengths; 422 otherwise). Values that depend on the
+    volume (index, points and box inside the slice) or on the service (``max_points``
+    is the schema's maxItems, taken from the settings) are checked by the service."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"description": "points and labels come together: both lists, or both absent (or null)",
+         "anyOf": [{"required": ["points", "labels"],
+                    "properties": {"points": {"type": "array"}, "labels": {"type": "array"}}},
+                   {"properties": {"points": {"type": "null"}, "labels": {"type": "null"}}}]},
+        {"description": "at least one prompt: points, a box or mask_input",
+         "anyOf": [{"required": ["points"], "properties": {"points": {"type": "array"}}},
+                   {"required": ["box"], "properties": {"box": {"type": "array"}}},
+                   {"required": ["mask_input"], "properties": {"mask_input": {"type": "object"}}}]},
+        {"description": "mask_input only with SAM's decoder",
+         "anyOf": [{"properties": {"mask_input": {"type": "null"}}},
+                   {"properties": {"decoder": {"const": "sam"}}}]}]})
+
     volume_id: str = Field(pattern=ID_PATTERN)
     axis: Axis
     index: int = Field(ge=0, le=2**31 - 1)
-    points: list[tuple[float, float]] | None = Field(None, description="(x, y) pixel coordinates in the slice")
-    labels: list[Literal[0, 1]] | None = Field(None, description="1 foreground, 0 background, one per point")
-    box: tuple[float, float, float, float] | None = Field(None, description="x0, y0, x1, y1 in slice pixels")
+    points: Annotated[list[tuple[Coordinate, Coordinate]], Field(min_length=1)] | None = Field(
+        None, description="(x, y) pixel coordinates in the slice, at most max_points")
+    labels: Annotated[list[Literal[0, 1]], Field(min_length=1)] | None = Field(
+        None, description="1 foreground, 0 background, one per point")
+    box: tuple[Coordinate, Coordinate, Edge, Edge] | None = Field(
+        None, description="x0, y0, x1, y1 in slice pixels (x1 > x0, y1 > y0)")
     mask_input: MaskInput | None = None
     multimask: bool = Field(True, description="three masks with IoU scores (SAM's decoder), else one")
     decoder: str = Field("sam", max_length=64, description="'sam' (SAM's prompted decoder) or a DeSAM decoder name")
     window: Window | None = None
+
+    @model_validator(mode="after")
+    def _prompt_rules(self) -> PromptRequest:
+        """The rules of ``model_config``'s schema, and the one it cannot state."""
+        if (self.points is None) != (self.labels is None) or (
+                self.points is not None and len(self.points) != len(self.labels)):
+            raise ValueError("give one label (1 foreground, 0 background) per point: points and labels must come "
+                             "together and have the same length")
+        if self.points is None and self.box is None and self.mask_input is None:
+            raise ValueError("give at least one prompt: points, a box or mask_input")
+        if self.mask_input is not None and self.decoder != "sam":
+            raise ValueError("mask_input works with SAM's decoder (decoder 'sam') only")
+        return self
 
 
 class MaskAnswer(BaseModel):
@@ -177,3 +242,45 @@ ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
 def errors(*codes: int) -> dict:
     """The ``responses=`` entry of a route for these status codes."""
     return {code: ERRORS[code] for code in codes}
+
+
+# OpenAPI links: which operations take the id an answer carries (schemathesis's stateful phase
+# and client generators follow them). Source operation -> link name -> target operation and
+# where the id goes; added to every 2xx answer of the source that has a body.
+_VOLUME_ID = "$response.body#/volume_id"
+_JOB_ID = "$response.body#/id"
+LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
+    ("post", "/volumes"): {
+        "GetVolume": ("get", "/volumes/{volume_id}", {"parameters": {"volume_id": _VOLUME_ID}}),
+        "DeleteVolume": ("delete", "/volumes/{volume_id}", {"parameters": {"volume_id": _VOLUME_ID}}),
+        "SetView": ("put", "/volumes/{volume_id}/view", {"parameters": {"volume_id": _VOLUME_ID}}),
+        "Precompute": ("post", "/volumes/{volume_id}/precompute", {"parameters": {"volume_id": _VOLUME_ID}}),
+        "Progress": ("get", "/volumes/{volume_id}/progress", {"parameters": {"volume_id": _VOLUME_ID}}),
+        "SegmentPrompt": ("post", "/segment/prompt", {"requestBody": {"volume_id": _VOLUME_ID}}),
+        "SegmentAuto": ("post", "/segment/auto", {"requestBody": {"volume_id": _VOLUME_ID}}),
+    },
+    ("post", "/segment/auto"): {
+        "GetJob": ("get", "/jobs/{job_id}", {"parameters": {"job_id": _JOB_ID}}),
+        "CancelJob": ("post", "/jobs/{job_id}/cancel", {"parameters": {"job_id": _JOB_ID}}),
+        "GetJobResult": ("get", "/jobs/{job_id}/result", {"parameters": {"job_id": _JOB_ID}}),
+    },
+}
+
+
+def complete_openapi(schema: dict, *, max_points: int) -> dict:
+    """Add to FastAPI's schema, in place, what the models cannot state: the ``LINKS`` (by
+    the targets' operationIds) and the limit the settings set (``max_points``)."""
+    paths = schema["paths"]
+    for (method, path), links in LINKS.items():
+        answers = {status: answer for status, answer in paths[path][method]["responses"].items()
+                   if status.startswith("2") and "content" in answer}
+        assert answers, f"{method.upper()} {path} has no 2xx answer with a body to link from"
+        for answer in answers.values():
+            answer["links"] = {name: {"operationId": paths[target][target_method]["operationId"], **how}
+                               for name, (target_method, target, how) in links.items()}
+    prompt = schema["components"]["schemas"]["PromptRequest"]["properties"]
+    for name in ("points", "labels"):
+        lists = [branch for branch in prompt[name]["anyOf"] if branch.get("type") == "array"]
+        assert len(lists) == 1, f"PromptRequest.{name} is not one list or null"
+        lists[0]["maxItems"] = max_points
+    return schema

@@ -7,14 +7,25 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from ..errors import BadRequest, PayloadTooLarge
-from ..schemas import Axis, PrecomputeRequest, Progress, ViewRequest, VolumeInfo, VolumeList, errors
+from ..schemas import (
+    MIN_VOLUME_PAYLOAD_BYTES,
+    Axis,
+    PrecomputeRequest,
+    Progress,
+    ViewRequest,
+    VolumeInfo,
+    VolumeList,
+    WindowQuery,
+    errors,
+)
 from .deps import get_service
 
 router = APIRouter(prefix="/volumes", tags=["volumes"])
 
-VOLUME_BODY = {"requestBody": {"required": True, "description": "a wire volume payload (docs/WIRE_FORMAT.md)",
-                               "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary",
-                                                                                    "minLength": 1}}}}}
+VOLUME_BODY = {"requestBody": {
+    "required": True, "description": "a wire volume payload (docs/WIRE_FORMAT.md)",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                        "minLength": MIN_VOLUME_PAYLOAD_BYTES}}}}}
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -87,11 +98,21 @@ def precompute(volume_id: str, body: PrecomputeRequest, service=Depends(get_serv
 
 
 @router.get("/{volume_id}/progress", response_model=Progress, responses=errors(400, 401, 404, 422, 503))
-def progress(volume_id: str, axis: Axis = "k", center: float | None = Query(None, allow_inf_nan=False),
-             width: float | None = Query(None, gt=0, allow_inf_nan=False), service=Depends(get_service)) -> Progress:
-    """How many slices of the axis are cached, queued and running (for a window given by
-    center and width, default the volume's default window)."""
-    if (center is None) != (width is None):
-        raise BadRequest("give both center and width, or neither")
-    window = None if center is None else {"center": center, "width": width}
-    return Progress(**service.progress(volume_id, axis, window))
+def progress(volume_id: str, axis: Axis = "k",
+             window: WindowQuery | None = Query(None, description="the intensity window as center, then width: "
+                                                "window=40&window=400 (default: the volume's default window)"),
+             center: float | None = Query(None, allow_inf_nan=False, include_in_schema=False),
+             width: float | None = Query(None, gt=0, allow_inf_nan=False, include_in_schema=False),
+             service=Depends(get_service)) -> Progress:
+    """How many slices of the axis are cached, queued and running for a window.
+
+    ``center`` and ``width`` as two parameters are the deprecated form of ``window`` (kept for
+    clients of earlier versions; not in the schema, which cannot say that they go together)."""
+    if center is not None or width is not None:
+        if window is not None:
+            raise BadRequest("give window, or the deprecated center and width, not both")
+        if center is None or width is None:
+            raise BadRequest("give both center and width, or neither (better: window=<center>&window=<width>)")
+        window = (center, width)
+    return Progress(**service.progress(volume_id, axis, None if window is None else
+                                       {"center": window[0], "width": window[1]}))
