@@ -45,8 +45,8 @@ def test_client_imports_only_stdlib_numpy_and_wire():
             else:
                 continue
             assert roots <= allowed | {"__future__", "."}, (name, roots)
-    # The Slicer side's codec is the service's file itself.
-    assert os.path.samefile(LIB / "wire.py", REPO / "ModelServer" / "desam_server" / "wire.py")
+    # The Slicer side's codec is a copy of the service's file (test_repository.py checks
+    # that the bytes are the same).
     assert client_module.wire.FORMAT_VERSION == wire.FORMAT_VERSION
 
 
