@@ -41,7 +41,7 @@ def _report(rtt, results) -> dict:
            "masks": len(results[-1].masks), "slice_shape": list(results[-1].masks.shape[1:]),
            # In click order: this machine's speed drifts within seconds, which the
            # percentiles hide and the series shows (round trip, server decode).
-           "series_ms": [[round(a, 1), round(ms(t["decode_s"]), 1)] for a, t in zip(rtt, timing)]}
+           "series_ms": [[round(a, 1), round(ms(t["decode_s"]), 1)] for a, t in zip(rtt, timing, strict=True)]}
     p50, p95 = out["round_trip_ms"]["p50"], out["round_trip_ms"]["p95"]
     out["target"] = {"p50_ms": TARGETS["click_p50_ms"], "p95_ms": TARGETS["click_p95_ms"],
                      "p50_met": p50 <= TARGETS["click_p50_ms"], "p95_met": p95 <= TARGETS["click_p95_ms"]}

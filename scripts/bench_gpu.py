@@ -88,7 +88,7 @@ def encoder_throughput(names, device, batch: int, repeats: int) -> dict:
             for b in (1, batch):
                 x = torch.randn(b, 3, side, side, device=device)
 
-                def run():
+                def run(model=model, x=x, p=p):
                     with torch.inference_mode(), p.autocast():
                         model.encode(x)
 

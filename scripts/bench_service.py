@@ -42,9 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
+from SlicerDeSAMLib import wire
+
 import bench_service_lib as lib
 from bench_clicks import TARGETS, clicks_during_job, cold_click, ms, prompt_kwargs, refine_clicks, timed_clicks
-from SlicerDeSAMLib import wire
 
 OTHER_WINDOW = (40.0, 400.0)   # warm-up window: its features never serve the session's clicks
 
@@ -349,7 +350,7 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print("interrupted: the service was stopped; writing the partial results", file=sys.stderr)
             report["interrupted"], rc = True, 130
-        except Exception:  # a bench bug or a service failure: keep what was measured
+        except Exception:  # noqa: BLE001 - a bench bug or a service failure: keep what was measured
             traceback.print_exc()
             print("failed: writing the partial results", file=sys.stderr)
             report["error"], rc = traceback.format_exc(limit=-3), 1

@@ -28,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "SlicerDeSAM"))
-from SlicerDeSAMLib.ServerClient import ServerClient  # noqa: E402
+from SlicerDeSAMLib.ServerClient import ServerClient, ServerError  # noqa: E402 - after the path above
 
 CATALOG_WEIGHTS = ("mobile_sam", "lite_medsam")
 #: Environment of the bench that must not reach the child (it sets its own or needs none).
@@ -82,7 +82,7 @@ class ServiceProcess:
             cmd += ["--decoder", str(self.decoder)]
         return cmd
 
-    def __enter__(self) -> "ServiceProcess":
+    def __enter__(self) -> ServiceProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in DROPPED_ENV}
         env.update({"DESAM_CACHE_DIR": str(self.workdir / "features"), **self.extra_env})
@@ -102,7 +102,7 @@ class ServiceProcess:
                 try:
                     self.client.wait_until_ready(timeout=1.0, poll=0.1)
                     break
-                except Exception:
+                except (ServerError, TimeoutError, OSError):
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"the service was not ready in {self.ready_timeout:g} s:\n"
                                            f"{self.log_tail()}") from None

@@ -82,8 +82,8 @@ def bench_volume(volume: np.ndarray, names, repeat: int) -> list[dict]:
     rows = []
     for name in names:
         kwargs = SETTINGS[name]
-        enc_s, payload = timed(lambda: wire.encode_volume(volume, **GEOMETRY, **kwargs), repeat)
-        dec_s, decoded = timed(lambda: wire.decode_volume(payload), repeat)
+        enc_s, payload = timed(lambda kwargs=kwargs: wire.encode_volume(volume, **GEOMETRY, **kwargs), repeat)
+        dec_s, decoded = timed(lambda payload=payload: wire.decode_volume(payload), repeat)
         assert np.array_equal(decoded.array, volume)
         header = decoded.header
         rows.append(dict(setting=name, kwargs={k: v for k, v in kwargs.items()},

@@ -65,7 +65,7 @@ def best_mask(pred, kwargs) -> np.ndarray:
 def feature_error(ref, other) -> dict:
     out = {}
     for name, a, b in zip(("embedding", "tap0", "tap1", "tap2"), [ref.embedding, *ref.taps],
-                          [other.embedding, *other.taps]):
+                          [other.embedding, *other.taps], strict=True):
         diff = (a - b).abs()
         out[name] = {"max_abs": float(diff.max()), "rel_rms": float((diff.pow(2).mean() / a.pow(2).mean()).sqrt())}
     return out
@@ -78,7 +78,7 @@ def bytes_table() -> dict:
     table = {}
     for name, spec in (("mobile_sam", get_spec("mobile_sam")), ("vit_h", get_spec("vit_h"))):
         e = spec.embedding_size
-        shapes = [(1, 256, e, e)] + [(1, c, s, s) for c, s in zip(spec.tap_channels, spec.tap_sizes)]
+        shapes = [(1, 256, e, e)] + [(1, c, s, s) for c, s in zip(spec.tap_channels, spec.tap_sizes, strict=True)]
         table[name] = {"channels_total": 256 + sum(spec.tap_channels),
                        **{d: packed_nbytes_for_shapes(shapes, d) for d in DTYPES}}
     return table
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in per_slice[0]}
     print("\nFeature round-trip error (max |x - x16| over slices; mean relative RMS)")
     for dtype, table in feature_summary.items():
-        print(f"  {dtype:9} " + "  ".join(f"{n}: {v['max_abs']:.2e} / {v['mean_rel_rms']:.2e}" for n, v in table.items()))
+        print(f"  {dtype:9} " + "  ".join(f"{n}: {v['max_abs']:.2e} / {v['mean_rel_rms']:.2e}"
+                                          for n, v in table.items()))
     print(f"  largest |feature| over slices: {max(ranges):.1f} (float16 max 65504)")
 
     sizes = bytes_table()

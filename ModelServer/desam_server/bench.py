@@ -178,7 +178,7 @@ def _print_table(report: dict) -> None:
             "malloc on", "malloc off"]
     print(" | ".join(cols))
     for r in report["models"]:
-        def ms(key):
+        def ms(key, r=r):
             return f"{r[key]['median_ms']:.0f} ms" if key in r else "-"
         row = [r["encoder"] + ("" if r["pretrained"] else " (random)"), ms("encode_fp32"), ms("encode_bf16"),
                f"{r['click_decode']['median_ms']:.1f} ms" if "click_decode" in r else "-",

@@ -249,10 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="CENTER,WIDTH", help="intensity window (default: CT soft tissue, or MR percentiles)")
     seg.add_argument("--modality", choices=["auto", "CT", "MR"], default="auto")
     seg.add_argument("--grid-size", type=int, default=9)
-    seg.add_argument("--min-region-area", type=int, default=64, help="holes/islands smaller than this are removed (pixels)")
-    seg.add_argument("--reference", type=Path, default=None, help="reference mask on the same grid (for Dice, and --prompt-from-mask)")
+    seg.add_argument("--min-region-area", type=int, default=64,
+                     help="holes/islands smaller than this are removed (pixels)")
+    seg.add_argument("--reference", type=Path, default=None,
+                     help="reference mask on the same grid (for Dice, and --prompt-from-mask)")
     seg.add_argument("--prompt-from-mask", action="store_true",
-                     help="prompted mode: box = bounding box of --reference on each slice (stands in for the user's box)")
+                     help="prompted mode: box = bounding box of --reference on each slice "
+                          "(stands in for the user's box)")
     seg.add_argument("--margin", type=int, default=0, help="pixels added around --prompt-from-mask boxes")
     seg.add_argument("--prompt-box", type=lambda s: _floats(s, 4, "--prompt-box"), default=None, metavar="X0,Y0,X1,Y1")
     seg.add_argument("--prompt-point", type=lambda s: _floats(s, 2, "--prompt-point"), default=None, metavar="X,Y")

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -78,7 +78,7 @@ class FeatureCache:
         with self._lock:
             self._disk.close()
 
-    def __enter__(self) -> "FeatureCache":
+    def __enter__(self) -> FeatureCache:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,9 +17,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -154,7 +154,7 @@ class FeatureCacheSettings:
         return 2 * GiB if torch.device(self.device).type == "cuda" else 0
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, *, device: str = "cpu") -> "FeatureCacheSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, device: str = "cpu") -> FeatureCacheSettings:
         """DESAM_CACHE_DIR (default ~/.cache/slicer-desam/features; 'off' or 'none': no
         disk tier), DESAM_CACHE_DEVICE_BYTES, DESAM_CACHE_HOST_BYTES,
         DESAM_CACHE_DISK_BYTES (bytes or e.g. '4GiB'), DESAM_CACHE_DTYPE ('float16',

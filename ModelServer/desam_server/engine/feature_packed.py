@@ -79,7 +79,7 @@ class PackedFeatures:
             return 0
         return sum(t.dtype == torch.float32 for t in self.tensors)
 
-    def to(self, device: str | torch.device) -> "PackedFeatures":
+    def to(self, device: str | torch.device) -> PackedFeatures:
         """The same entry on ``device`` (self when it is already there)."""
         device = torch.device(device)
         if _same_device(self.device, device):
@@ -120,7 +120,7 @@ def _validate(features: ImageFeatures) -> list[torch.Tensor]:
         raise ValueError(f"ImageFeatures must have exactly three taps, got {len(taps)}")
     tensors = [features.embedding, *taps]
     device = tensors[0].device
-    for name, t in zip(TENSOR_NAMES, tensors):
+    for name, t in zip(TENSOR_NAMES, tensors, strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor")
         if t.ndim != 4 or t.shape[0] != 1:
@@ -146,7 +146,7 @@ def pack_features(features: ImageFeatures, storage: str = "float16") -> PackedFe
         stats.append((float(lo), float(hi)))
     finite = all(abs(lo) < float("inf") and abs(hi) < float("inf") for lo, hi in stats)
     out = []
-    for t, (lo, hi) in zip(tensors, stats):
+    for t, (lo, hi) in zip(tensors, stats, strict=True):
         t = t.detach()
         dtype = target if finite and max(-lo, hi) <= limit else torch.float32
         out.append(t.to(dtype=dtype, copy=True).contiguous())

@@ -36,12 +36,12 @@ class IntensityWindow:
         return self.center - self.width / 2
 
     @classmethod
-    def ct_soft_tissue(cls) -> "IntensityWindow":
+    def ct_soft_tissue(cls) -> IntensityWindow:
         """The CT default: W400 / L40 Hounsfield units."""
         return cls(center=40.0, width=400.0)
 
     @classmethod
-    def from_percentiles(cls, volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> "IntensityWindow":
+    def from_percentiles(cls, volume: np.ndarray, low: float = 0.5, high: float = 99.5) -> IntensityWindow:
         """MR default: clip to the volume's percentiles (computed over the whole volume
         so every slice uses the same mapping)."""
         data = np.asarray(volume)
@@ -56,7 +56,7 @@ class IntensityWindow:
         return cls(center=float(lo + hi) / 2, width=float(hi - lo))
 
     @classmethod
-    def default_for(cls, volume: np.ndarray, modality: str = "auto") -> "IntensityWindow":
+    def default_for(cls, volume: np.ndarray, modality: str = "auto") -> IntensityWindow:
         """CT soft tissue for CT (``modality='CT'``, or 'auto' when the range looks like
         Hounsfield units); otherwise percentiles."""
         modality = modality.upper()

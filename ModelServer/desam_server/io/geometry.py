@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -44,11 +44,11 @@ class Geometry:
     # construction -------------------------------------------------------------------
     @classmethod
     def identity(cls, spacing: Iterable[float] = (1.0, 1.0, 1.0),
-                 origin: Iterable[float] = (0.0, 0.0, 0.0)) -> "Geometry":
+                 origin: Iterable[float] = (0.0, 0.0, 0.0)) -> Geometry:
         return cls(spacing=tuple(spacing), origin=tuple(origin), direction=np.eye(3))
 
     @classmethod
-    def from_ijk_to_lps(cls, matrix: np.ndarray) -> "Geometry":
+    def from_ijk_to_lps(cls, matrix: np.ndarray) -> Geometry:
         """Split a 4x4 (or 3x4) IJK -> LPS matrix into spacing, direction and origin."""
         m = np.asarray(matrix, dtype=np.float64)
         linear = m[:3, :3]
@@ -58,7 +58,7 @@ class Geometry:
         return cls(spacing=tuple(spacing), origin=tuple(m[:3, 3]), direction=linear / spacing)
 
     @classmethod
-    def from_ijk_to_ras(cls, matrix: np.ndarray) -> "Geometry":
+    def from_ijk_to_ras(cls, matrix: np.ndarray) -> Geometry:
         return cls.from_ijk_to_lps(LPS_TO_RAS @ _as_4x4(matrix))
 
     # matrices ---------------------------------------------------------------------------
@@ -76,7 +76,7 @@ class Geometry:
         return LPS_TO_RAS @ self.ijk_to_lps()
 
     # comparison -------------------------------------------------------------------------
-    def is_close(self, other: "Geometry", tol: float = 1e-6) -> bool:
+    def is_close(self, other: Geometry, tol: float = 1e-6) -> bool:
         """True when every spacing, origin and direction element agrees within ``tol``
         (absolute for values up to 1, relative above: ``|a - b| <= tol * max(1, |b|)``)."""
         if not isinstance(other, Geometry):

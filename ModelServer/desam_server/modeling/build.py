@@ -3,10 +3,10 @@ optional local checkpoint paths and otherwise returns randomly initialised weigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from os import PathLike
-from typing import Callable
 
 import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer

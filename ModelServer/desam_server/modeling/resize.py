@@ -64,7 +64,7 @@ class Band:
     out: int
 
     @classmethod
-    def of(cls, matrix: Tensor) -> "Band":
+    def of(cls, matrix: Tensor) -> Band:
         out, low = matrix.shape
         nonzero = matrix != 0
         best = None
@@ -87,7 +87,7 @@ class Band:
         index = (torch.tensor(starts)[:, None] + torch.arange(width)).flatten()
         return cls(index, blocks.contiguous(), out)
 
-    def to(self, device: torch.device) -> "Band":
+    def to(self, device: torch.device) -> Band:
         if self.blocks.device == device:
             return self
         return Band(self.index.to(device), self.blocks.to(device), self.out)
