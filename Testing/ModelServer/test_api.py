@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from desam_server import wire
 from desam_server.api import create_app
 from desam_server.engine import IntensityWindow, SlicePredictor
+
 from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
 
 
@@ -73,7 +74,7 @@ def test_prompt_matches_the_predictor_and_returns_one_slice(client, volume, tiny
     predictor.set_image(vol[2], IntensityWindow.ct_soft_tissue())
     ref_masks, ref_iou, _ = predictor.predict(np.array([[30.5, 24.5], [5, 5]]), np.array([1, 0]))
     np.testing.assert_allclose([m["iou"] for m in body["masks"]], ref_iou, atol=2e-2)
-    for got, ref in zip(masks, ref_masks):
+    for got, ref in zip(masks, ref_masks, strict=True):
         assert np.mean(got.mask != ref) < 0.01
     single = click(client, vid, box=[10, 8, 50, 40], multimask=False).json()
     assert len(single["masks"]) == 1 and single["best"] == 0
@@ -233,15 +234,42 @@ def test_conflicting_job_cancel_and_queue_limit(tmp_path, tiny_sam_checkpoint):
         assert c.post(f"/jobs/{first['id']}/cancel").status_code == 200     # idempotent
 
 
-def test_deleting_a_volume_cancels_its_job(client, volume):
-    _, vid = volume
-    service = client.app.state.service
-    service.scheduler.pause()
-    job = client.post("/segment/auto", json={"volume_id": vid}).json()
-    assert client.delete(f"/volumes/{vid}").status_code == 204
-    service.scheduler.resume()
-    assert service.jobs.wait(job["id"], timeout=60).state in ("cancelled", "failed")
-    assert client.get("/health").status_code == 200
+def finished_job(client, job_id: str, timeout: float = 60.0) -> dict:
+    """GET /jobs/{id} until the job has finished; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (job := client.get(f"/jobs/{job_id}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, f"job still {job['state']} after {timeout} s"
+        time.sleep(0.02)
+    return job
+
+
+def test_deleting_a_volume_cancels_its_jobs(tmp_path, tiny_sam_checkpoint):
+    """A running job (held waiting for its first slice's features) and a queued one: both
+    end cancelled, saying that their volume was deleted."""
+    app = create_app(tiny_settings(tmp_path, checkpoint=tiny_sam_checkpoint[0], max_jobs=3), tiny_factory)
+    with TestClient(app) as c:
+        vids = [c.post("/volumes", content=payload_of(phantom_volume(seed=s))).json()["volume_id"] for s in (1, 2)]
+        service = c.app.state.service
+        service.scheduler.pause()
+        running = c.post("/segment/auto", json={"volume_id": vids[0]}).json()["id"]
+        deadline = time.monotonic() + 20
+        while c.get(f"/jobs/{running}").json()["state"] != "running":
+            assert time.monotonic() < deadline, "the first job did not start"
+            time.sleep(0.01)
+        queued = c.post("/segment/auto", json={"volume_id": vids[1]}).json()["id"]
+        assert c.get(f"/jobs/{queued}").json()["state"] == "queued"       # one job runs at a time
+        assert c.delete(f"/volumes/{vids[1]}").status_code == 204
+        job = c.get(f"/jobs/{queued}").json()
+        assert (job["state"], job["error"]) == ("cancelled", "its volume was deleted")
+        assert c.delete(f"/volumes/{vids[0]}").status_code == 204
+        service.scheduler.resume()
+        job = finished_job(c, running)
+        assert (job["state"], job["error"]) == ("cancelled", "its volume was deleted")
+        assert job["progress"]["done"] == 0 and not job["result_available"]
+        result = c.get(f"/jobs/{running}/result")
+        assert result.status_code == 409 and "its volume was deleted" in result.json()["detail"]
+        assert c.get("/info").json()["jobs"]["finished_total"]["cancelled"] == 2
+        assert c.get("/health").status_code == 200
 
 
 def test_documented_openapi_schema_is_current():
