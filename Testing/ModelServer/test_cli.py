@@ -9,7 +9,10 @@ import pytest
 import SimpleITK as sitk
 
 from desam_server.cli import build_parser, main
+from desam_server.engine import IntensityWindow, SlicePredictor
 from desam_server.io import read_segmentation, read_volume
+from desam_server.io.slices import slice_view
+from desam_server.modeling import build_desam
 from desam_server.segment import PromptRule, parse_slice_range
 
 
@@ -20,7 +23,8 @@ def oblique_volume(path, shape=(6, 40, 50)):
     inside = ((j - 20) / 10.0) ** 2 + ((i - 28) / 14.0) ** 2 <= 1
     arr = np.where(inside, 60, -1000).astype(np.int16)
     c, s = np.cos(0.3), np.sin(0.3)
-    direction = (c, -s, 0.0, s * np.cos(0.2), c * np.cos(0.2), -np.sin(0.2), s * np.sin(0.2), c * np.sin(0.2), np.cos(0.2))
+    direction = (c, -s, 0.0, s * np.cos(0.2), c * np.cos(0.2), -np.sin(0.2),
+                 s * np.sin(0.2), c * np.sin(0.2), np.cos(0.2))
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((0.7, 0.8, 2.5))
     img.SetOrigin((-12.5, 30.25, 101.0))
@@ -33,6 +37,15 @@ def oblique_volume(path, shape=(6, 40, 50)):
     return img, ref_path
 
 
+def sam_answer(checkpoint, image: np.ndarray, window: dict, box) -> np.ndarray:
+    """SAM's single-mask answer for ``box`` on one slice, in-process: what the command
+    must have written there (the same weights file, fp32, the report's window)."""
+    predictor = SlicePredictor(build_desam("tiny", sam_checkpoint=checkpoint), precision="fp32")
+    predictor.set_image(image, IntensityWindow(**window))
+    masks, _, _ = predictor.predict(box=np.asarray(box, float), multimask_output=False)
+    return masks[0]
+
+
 def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
@@ -42,42 +55,63 @@ def test_help_lists_the_subcommands(capsys):
         assert command in out
 
 
-def test_segment_prompted_keeps_geometry_and_writes_all_outputs(tmp_path, capsys):
+def test_segment_prompted_keeps_geometry_and_writes_all_outputs(tmp_path, capsys, tiny_sam_checkpoint):
     src = tmp_path / "vol.nrrd"
     img, ref = oblique_volume(src)
     out = tmp_path / "result.seg.nrrd"
+    checkpoint = tiny_sam_checkpoint[0]
     rc = main(["segment", str(src), str(out), "--structure", "Organ", "--mode", "prompt",
-               "--encoder", "tiny", "--reference", str(ref), "--prompt-from-mask", "--margin", "2",
+               "--encoder", "tiny", "--sam-checkpoint", str(checkpoint), "--precision", "fp32",
+               "--reference", str(ref), "--prompt-from-mask", "--margin", "2",
                "--nifti", str(tmp_path / "result.nii.gz"), "--device", "cpu", "-q"])
     assert rc == 0
     labelmap, geometry, segments = read_segmentation(out)
     source = read_volume(src)
     assert labelmap.shape == source.array.shape
     assert geometry.is_close(source.geometry, 1e-6)
-    assert [s.name for s in segments] == ["Organ"]
-    nifti = read_volume(tmp_path / "result.nii.gz")
-    assert nifti.geometry.is_close(source.geometry, 1e-5)
-    np.testing.assert_array_equal(nifti.array > 0, labelmap > 0)
+    assert [(s.name, s.label_value) for s in segments] == [("Organ", 1)]
     report = json.loads((tmp_path / "result_report.json").read_text())
     assert report["slices"] == 6 and report["encode"]["count"] == 6
-    assert report["encoder"] == "tiny" and "dice_vs_reference" in report
+    assert report["encoder"] == "tiny" and report["window"] == {"center": 40.0, "width": 400.0}
+    # Its content: on every slice, SAM's answer to the reference's bounding box grown by 2.
+    reference = read_volume(ref).array > 0
+    assert set(np.unique(labelmap)) == {0, 1}
+    for k in range(6):
+        rows, cols = np.nonzero(reference[k])
+        box = [cols.min() - 2, rows.min() - 2, cols.max() + 3, rows.max() + 3]
+        expected = sam_answer(checkpoint, source.array[k], report["window"], box)
+        np.testing.assert_array_equal(labelmap[k], expected.astype(np.uint8), err_msg=f"slice {k}")
+    assert 0 < labelmap.mean() < 1
+    nifti = read_volume(tmp_path / "result.nii.gz")
+    assert nifti.geometry.is_close(source.geometry, 1e-5)
+    np.testing.assert_array_equal(nifti.array, labelmap)
+    both = np.logical_and(labelmap > 0, reference).sum()
+    assert report["dice_vs_reference"] == pytest.approx(2 * both / ((labelmap > 0).sum() + reference.sum()))
     assert (tmp_path / "result_overlay.png").stat().st_size > 1000
     assert "Dice vs reference" in capsys.readouterr().out
 
 
-def test_segment_axis_and_slice_range(tmp_path):
+def test_segment_axis_and_slice_range(tmp_path, tiny_sam_checkpoint):
     src = tmp_path / "vol.nrrd"
     oblique_volume(src)
     out = tmp_path / "j.seg.nrrd"
+    checkpoint = tiny_sam_checkpoint[0]
     rc = main(["segment", str(src), str(out), "--structure", "S", "--mode", "prompt", "--encoder", "tiny",
+               "--sam-checkpoint", str(checkpoint), "--precision", "fp32", "--window", "40,400",
                "--axis", "j", "--slices", "10:13", "--prompt-box", "5,0,45,5", "--device", "cpu", "-q"])
     assert rc == 0
     labelmap, _, _ = read_segmentation(out)
     assert labelmap.shape == (6, 40, 50)
-    touched = np.nonzero(labelmap.any(axis=(0, 2)))[0]
-    assert set(touched) <= {10, 11, 12}
     report = json.loads((tmp_path / "j_report.json").read_text())
     assert report["axis"] == "j" and report["slices"] == 3
+    # Slices 10..12 along j (6 x 50 each: rows k, columns i) hold SAM's answer to the box;
+    # every other voxel is 0.
+    volume = read_volume(src).array
+    expected = np.zeros(volume.shape, np.uint8)
+    for j in (10, 11, 12):
+        expected[:, j, :] = sam_answer(checkpoint, slice_view(volume, "j", j), report["window"], [5, 0, 45, 5])
+    np.testing.assert_array_equal(labelmap, expected)
+    assert all(0 < expected[:, j, :].mean() < 1 for j in (10, 11, 12))
 
 
 def test_segment_errors_are_one_line_and_exit_2(tmp_path, capsys):
