@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import time
 import zlib
 
 import numpy as np
@@ -15,6 +14,7 @@ from desam_server import wire
 from desam_server.api import create_app
 from desam_server.engine import IntensityWindow, SlicePredictor
 
+from scheduler_helpers import wait_until
 from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
 
 
@@ -202,10 +202,7 @@ def test_view_precompute_progress(client, volume):
     _, vid = volume
     p = client.put(f"/volumes/{vid}/view", json={"axis": "k", "index": 3}).json()
     assert p["total"] == 6
-    deadline = time.monotonic() + 60
-    while client.get(f"/volumes/{vid}/progress", params={"axis": "k"}).json()["cached"] < 6:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: client.get(f"/volumes/{vid}/progress", params={"axis": "k"}).json()["cached"] == 6, 60)
     assert client.post(f"/volumes/{vid}/precompute", json={"axis": "j"}).status_code == 202
     q = client.get(f"/volumes/{vid}/progress", params={"axis": "j", "center": 40, "width": 400}).json()
     assert q["total"] == 48
@@ -266,11 +263,8 @@ def test_conflicting_job_cancel_and_queue_limit(tmp_path, tiny_sam_checkpoint):
 
 def finished_job(client, job_id: str, timeout: float = 60.0) -> dict:
     """GET /jobs/{id} until the job has finished; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while (job := client.get(f"/jobs/{job_id}").json())["state"] in ("queued", "running"):
-        assert time.monotonic() < deadline, f"job still {job['state']} after {timeout} s"
-        time.sleep(0.02)
-    return job
+    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["state"] not in ("queued", "running"), timeout)
+    return client.get(f"/jobs/{job_id}").json()
 
 
 def test_deleting_a_volume_cancels_its_jobs(tmp_path, tiny_sam_checkpoint):
@@ -282,10 +276,7 @@ def test_deleting_a_volume_cancels_its_jobs(tmp_path, tiny_sam_checkpoint):
         service = c.app.state.service
         service.scheduler.pause()
         running = c.post("/segment/auto", json={"volume_id": vids[0]}).json()["id"]
-        deadline = time.monotonic() + 20
-        while c.get(f"/jobs/{running}").json()["state"] != "running":
-            assert time.monotonic() < deadline, "the first job did not start"
-            time.sleep(0.01)
+        wait_until(lambda: c.get(f"/jobs/{running}").json()["state"] == "running")
         queued = c.post("/segment/auto", json={"volume_id": vids[1]}).json()["id"]
         assert c.get(f"/jobs/{queued}").json()["state"] == "queued"       # one job runs at a time
         assert c.delete(f"/volumes/{vids[1]}").status_code == 204

@@ -17,7 +17,6 @@ in-process answers for the prompt at the transposed or mirrored place being diff
 from __future__ import annotations
 
 import base64
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -33,6 +32,7 @@ from desam_server.io.slices import slice_view
 from desam_server.modeling import build_desam
 from desam_server.modeling.checkpoint import save_decoder
 
+from scheduler_helpers import wait_until
 from service_helpers import payload_of, phantom_volume, tiny_factory, tiny_settings
 
 #: The window of the prompted requests below (not the volume's default, so that it
@@ -124,13 +124,8 @@ def differs(a: np.ndarray, b: np.ndarray) -> bool:
 
 def finished(client, job_id: str, timeout: float = 120.0) -> dict:
     """GET /jobs/{id} until the job has finished; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        assert time.monotonic() < deadline, f"job still {job['state']} after {timeout} s"
-        time.sleep(0.02)
+    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["state"] not in ("queued", "running"), timeout)
+    return client.get(f"/jobs/{job_id}").json()
 
 
 # ---- automatic jobs ----------------------------------------------------------------------------
