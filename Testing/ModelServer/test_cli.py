@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+import desam_server
 from desam_server.cli import build_parser, main
 from desam_server.engine import IntensityWindow, SlicePredictor
 from desam_server.io import read_segmentation, read_volume
@@ -135,6 +139,60 @@ def test_segment_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["segment", str(src), str(tmp_path / "o.seg.nrrd"), "--structure", "S", "--encoder", "tiny",
                  "--mode", "prompt", "--prompt-point", "500,3", "--device", "cpu", "-q"]) == 2
     assert "inside" in capsys.readouterr().err
+
+
+PACKAGE = Path(desam_server.__file__).parent
+#: Options of other programs that the package's messages quote (``dpkg-deb --fsys-tarfile``).
+OTHER_PROGRAMS_OPTIONS = {"--fsys-tarfile"}
+
+
+def _strings(node: ast.AST) -> list[str]:
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def package_strings() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(every string constant of the package, the strings of its raise statements with
+    the module-level constants they name), each as (file, text)."""
+    everything, raised = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        where = str(path.relative_to(PACKAGE))
+        constants = {target.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+                     for target in node.targets if isinstance(target, ast.Name)}
+        everything += [(where, text) for text in _strings(tree)]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                raised += [(where, text) for text in _strings(node.exc)]
+                raised += [(where, text) for name in ast.walk(node.exc) if isinstance(name, ast.Name)
+                           and name.id in constants for text in _strings(constants[name.id])]
+    return everything, raised
+
+
+def help_of(argv: list[str], capsys) -> str | None:
+    """``desam-server ARGV --help``'s text, or None when the parser refuses ARGV."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([*argv, "--help"])
+    out = capsys.readouterr().out
+    return out if exit_.value.code == 0 else None
+
+
+def test_messages_name_only_commands_and_options_that_exist(capsys):
+    """Every ``desam-server <command>`` in the package's strings (messages, help, docs) is
+    a subcommand of the parser, and every --option an error message names is an option
+    of one of them."""
+    commands = re.findall(r"^    ([a-z][a-z-]*)(?:\s|$)", help_of([], capsys), re.M)
+    assert {"serve", "segment", "fetch-weights", "openapi"} <= set(commands)
+    helps = {command: help_of([command], capsys) for command in commands}
+    assert all(helps.values())
+    everything, raised = package_strings()
+    named = {(where, command) for where, text in everything
+             for command in re.findall(r"desam-server\s+([a-z][a-z-]*)", text)}
+    assert {command for _, command in named} >= {"segment", "serve", "fetch-weights"}
+    assert not [(where, command) for where, command in named if help_of([command], capsys) is None]
+    options = set(re.findall(r"--[a-z][a-z0-9-]*", " ".join(helps.values())))
+    quoted = {(where, option) for where, text in raised for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text)}
+    assert {option for _, option in quoted} >= {"--decoder", "--sam-checkpoint", "--prompt-from-mask"}
+    assert not [(where, option) for where, option in quoted if option not in options | OTHER_PROGRAMS_OPTIONS]
 
 
 def test_bad_flag_values_are_rejected_by_the_parser():
