@@ -41,10 +41,9 @@ def oblique_volume(path, shape=(6, 40, 50)):
     return img, ref_path
 
 
-def sam_answer(checkpoint, image: np.ndarray, window: dict, box) -> np.ndarray:
+def sam_answer(predictor: SlicePredictor, image: np.ndarray, window: dict, box) -> np.ndarray:
     """SAM's single-mask answer for ``box`` on one slice, in-process: what the command
     must have written there (the same weights file, fp32, the report's window)."""
-    predictor = SlicePredictor(build_desam("tiny", sam_checkpoint=checkpoint), precision="fp32")
     predictor.set_image(image, IntensityWindow(**window))
     masks, _, _ = predictor.predict(box=np.asarray(box, float), multimask_output=False)
     return masks[0]
@@ -80,10 +79,11 @@ def test_segment_prompted_keeps_geometry_and_writes_all_outputs(tmp_path, capsys
     # Its content: on every slice, SAM's answer to the reference's bounding box grown by 2.
     reference = read_volume(ref).array > 0
     assert set(np.unique(labelmap)) == {0, 1}
+    predictor = SlicePredictor(build_desam("tiny", sam_checkpoint=checkpoint), precision="fp32")
     for k in range(6):
         rows, cols = np.nonzero(reference[k])
         box = [cols.min() - 2, rows.min() - 2, cols.max() + 3, rows.max() + 3]
-        expected = sam_answer(checkpoint, source.array[k], report["window"], box)
+        expected = sam_answer(predictor, source.array[k], report["window"], box)
         np.testing.assert_array_equal(labelmap[k], expected.astype(np.uint8), err_msg=f"slice {k}")
     assert 0 < labelmap.mean() < 1
     nifti = read_volume(tmp_path / "result.nii.gz")
@@ -112,8 +112,9 @@ def test_segment_axis_and_slice_range(tmp_path, tiny_sam_checkpoint):
     # every other voxel is 0.
     volume = read_volume(src).array
     expected = np.zeros(volume.shape, np.uint8)
+    predictor = SlicePredictor(build_desam("tiny", sam_checkpoint=checkpoint), precision="fp32")
     for j in (10, 11, 12):
-        expected[:, j, :] = sam_answer(checkpoint, slice_view(volume, "j", j), report["window"], [5, 0, 45, 5])
+        expected[:, j, :] = sam_answer(predictor, slice_view(volume, "j", j), report["window"], [5, 0, 45, 5])
     np.testing.assert_array_equal(labelmap, expected)
     assert all(0 < expected[:, j, :].mean() < 1 for j in (10, 11, 12))
 
