@@ -202,7 +202,7 @@ def test_view_precompute_progress(client, volume):
     _, vid = volume
     p = client.put(f"/volumes/{vid}/view", json={"axis": "k", "index": 3}).json()
     assert p["total"] == 6
-    wait_until(lambda: client.get(f"/volumes/{vid}/progress", params={"axis": "k"}).json()["cached"] == 6, 60)
+    wait_until(lambda: client.get(f"/volumes/{vid}/progress", params={"axis": "k"}).json()["cached"] == 6, 60, 0.05)
     assert client.post(f"/volumes/{vid}/precompute", json={"axis": "j"}).status_code == 202
     q = client.get(f"/volumes/{vid}/progress", params={"axis": "j", "center": 40, "width": 400}).json()
     assert q["total"] == 48
@@ -263,7 +263,7 @@ def test_conflicting_job_cancel_and_queue_limit(tmp_path, tiny_sam_checkpoint):
 
 def finished_job(client, job_id: str, timeout: float = 60.0) -> dict:
     """GET /jobs/{id} until the job has finished; fail after ``timeout`` seconds."""
-    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["state"] not in ("queued", "running"), timeout)
+    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["state"] not in ("queued", "running"), timeout, 0.05)
     return client.get(f"/jobs/{job_id}").json()
 
 
@@ -276,7 +276,7 @@ def test_deleting_a_volume_cancels_its_jobs(tmp_path, tiny_sam_checkpoint):
         service = c.app.state.service
         service.scheduler.pause()
         running = c.post("/segment/auto", json={"volume_id": vids[0]}).json()["id"]
-        wait_until(lambda: c.get(f"/jobs/{running}").json()["state"] == "running")
+        wait_until(lambda: c.get(f"/jobs/{running}").json()["state"] == "running", interval=0.02)
         queued = c.post("/segment/auto", json={"volume_id": vids[1]}).json()["id"]
         assert c.get(f"/jobs/{queued}").json()["state"] == "queued"       # one job runs at a time
         assert c.delete(f"/volumes/{vids[1]}").status_code == 204

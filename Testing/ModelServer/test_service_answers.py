@@ -124,7 +124,7 @@ def differs(a: np.ndarray, b: np.ndarray) -> bool:
 
 def finished(client, job_id: str, timeout: float = 120.0) -> dict:
     """GET /jobs/{id} until the job has finished; fail after ``timeout`` seconds."""
-    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["state"] not in ("queued", "running"), timeout)
+    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["state"] not in ("queued", "running"), timeout, 0.05)
     return client.get(f"/jobs/{job_id}").json()
 
 
