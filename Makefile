@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve demo test test-slow bench lock clean
+.PHONY: setup serve demo test bench lock clean
 
 $(STAMP): ModelServer/pyproject.toml ModelServer/requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,9 @@ demo: $(STAMP)
 	$(VENV)/bin/desam-server fetch-weights
 	$(PY) scripts/demo.py --out $(OUT)
 
-# The default test run (what CI runs); slow tests are excluded.
+# The whole test suite (what CI runs): no test is excluded from it.
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow" -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
 	$(VENV)/bin/desam-server bench --json $(OUT)/bench_engine.json

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -66,9 +66,10 @@ def check_invariants(cache: FeatureCache) -> None:
     json.dumps(stats)
 
 
-def run_threads(worker: Callable[[int], None], count: int) -> list[BaseException]:
-    """Run ``worker(index)`` on ``count`` threads at once; join them all and return the
-    exceptions they raised (an assertion failing in a thread would otherwise be lost)."""
+def run_threads(worker: Callable[[int], None], count: int, timeout: float = 120.0) -> list[BaseException]:
+    """Run ``worker(index)`` on ``count`` threads at once; join them all (failing after
+    ``timeout`` seconds) and return the exceptions they raised (an assertion failing in a
+    thread would otherwise be lost)."""
     errors: list[BaseException] = []
 
     def guarded(index: int) -> None:
@@ -81,5 +82,6 @@ def run_threads(worker: Callable[[int], None], count: int) -> list[BaseException
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), f"threads still running after {timeout} s"
     return errors

@@ -35,12 +35,13 @@ class Encoder:
         return self.model.encode(x, between_steps=between_steps)
 
 
-def wait_until(predicate, timeout: float = 20.0) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` seconds."""
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.005) -> None:
+    """Poll ``predicate`` every ``interval`` seconds until it holds; fail after ``timeout``
+    seconds. (Polls over HTTP take a longer interval, leaving the service its CPU.)"""
     end = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.005)
+        time.sleep(interval)
 
 
 def close_while_held(sched, gate, *threads, timeout: float = 30.0) -> None:

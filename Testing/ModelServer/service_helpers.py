@@ -63,13 +63,46 @@ def id_of(vol: np.ndarray) -> str:
     return wire.volume_id(vol, spacing=SPACING, origin=ORIGIN, direction=DIRECTION)
 
 
+class FinishedRequests:
+    """Wraps an ASGI app and records each HTTP request (method, path) once the app is done
+    with it, answered or not: a test can wait until the service has handled a request
+    whose client went away."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._seen: list[tuple[str, str]] = []
+
+    def wrap(self, app):
+        async def recorded(scope, receive, send):
+            try:
+                await app(scope, receive, send)
+            finally:
+                if scope["type"] == "http":
+                    with self._cond:
+                        self._seen.append((scope["method"], scope["path"]))
+                        self._cond.notify_all()
+        return recorded
+
+    def count(self, method: str, path: str) -> int:
+        with self._cond:
+            return self._seen.count((method, path))
+
+    def wait_for(self, method: str, path: str, count: int, timeout: float = 30.0) -> None:
+        """Until ``count`` requests ``method path`` have finished; fail after ``timeout`` s."""
+        with self._cond:
+            reached = self._cond.wait_for(lambda: self._seen.count((method, path)) >= count, timeout)
+        assert reached, f"{method} {path} not finished {count} times within {timeout} s"
+
+
 @contextlib.contextmanager
-def live_server(settings: ServiceSettings, factory=tiny_factory):
+def live_server(settings: ServiceSettings, factory=tiny_factory, *, finished: FinishedRequests | None = None):
     """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (url, app).
-    With ``settings.tls`` it serves https with the settings' certificate and key."""
+    With ``settings.tls`` it serves https with the settings' certificate and key; with
+    ``finished``, that records the requests the app has handled."""
     app = create_app(replace(settings, host="127.0.0.1", port=0), factory)
     tls = {"ssl_certfile": settings.tls_certfile, "ssl_keyfile": settings.tls_keyfile} if settings.tls else {}
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **tls)
+    asgi = app if finished is None else finished.wrap(app)
+    config = uvicorn.Config(asgi, host="127.0.0.1", port=0, log_level="warning", lifespan="on", **tls)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import time
+import logging
 import zlib
 
 import numpy as np
@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 from desam_server import wire
 from desam_server.api import create_app
 from desam_server.engine import IntensityWindow, SlicePredictor
+
+from scheduler_helpers import wait_until
 from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
 
 
@@ -41,9 +43,38 @@ def test_health_info_and_decoders(client):
     assert info["model"]["encoder"] == "tiny" and info["model"]["device"] == "cpu"
     assert info["model"]["bf16"] is False and info["queue_depth"] == 0
     assert set(info["cache"]["tiers"]) == {"device", "host", "disk"}
-    assert "token" not in str(info["settings"]).lower().replace("auth", "")
+    assert info["settings"]["auth"] is False
     decoders = client.get("/decoders").json()["decoders"]
     assert [d["name"] for d in decoders] == ["phantom"] and decoders[0]["structure"] == "phantom"
+
+
+def test_token_in_either_header_and_never_in_answers_or_logs(tmp_path, caplog):
+    token = "s3cret-token-for-tests-0123456789"
+    app = create_app(tiny_settings(tmp_path, token=token), tiny_factory)
+    with caplog.at_level(logging.DEBUG), TestClient(app) as c:
+        good = ({"X-DeSAM-Token": token}, {"Authorization": f"Bearer {token}"}, {"authorization": f"bearer {token}"})
+        bad = ({}, {"X-DeSAM-Token": token[:-1] + "x"}, {"X-DeSAM-Token": ""}, {"X-DeSAM-Token": token + "0"},
+               {"Authorization": f"Bearer {token[:-1]}x"}, {"Authorization": token},
+               {"Authorization": f"Basic {token}"})
+        for headers in good:
+            assert c.get("/health", headers=headers).status_code == 200, headers
+        for headers in bad:
+            for method, path in (("GET", "/health"), ("GET", "/info"), ("POST", "/volumes"), ("DELETE", "/volumes/x")):
+                r = c.request(method, path, headers=headers, content=b"x" if method == "POST" else None)
+                assert r.status_code == 401, (headers, method, path)
+                assert r.headers["www-authenticate"] == "Bearer" and token not in r.text
+        # Everything works with the header: upload, a click, info; the token shows nowhere.
+        header = {"X-DeSAM-Token": token}
+        vol = phantom_volume()
+        r = c.post("/volumes", content=payload_of(vol), headers=header)
+        assert r.status_code == 201 and token not in r.text
+        r = c.post("/segment/prompt", json={"volume_id": r.json()["volume_id"], "axis": "k", "index": 2,
+                                            "box": [10, 8, 50, 40]}, headers=header)
+        assert r.status_code == 200 and token not in r.text
+        info = c.get("/info", headers=header)
+        assert info.status_code == 200 and info.json()["settings"]["auth"] is True and token not in info.text
+        assert token not in c.get("/openapi.json", headers=header).text
+    assert caplog.records and token not in caplog.text
 
 
 def test_upload_is_content_addressed_and_persisted(client, volume):
@@ -180,10 +211,7 @@ def test_view_precompute_progress(client, volume):
     _, vid = volume
     p = client.put(f"/volumes/{vid}/view", json={"axis": "k", "index": 3}).json()
     assert p["total"] == 6
-    deadline = time.monotonic() + 60
-    while client.get(f"/volumes/{vid}/progress", params={"axis": "k"}).json()["cached"] < 6:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: client.get(f"/volumes/{vid}/progress", params={"axis": "k"}).json()["cached"] == 6, 60, 0.05)
     assert client.post(f"/volumes/{vid}/precompute", json={"axis": "j", "window": {"center": 40, "width": 400}}
                        ).status_code == 202
     q = client.get(f"/volumes/{vid}/progress", params={"axis": "j", "window": [40, 400]}).json()
@@ -324,15 +352,36 @@ def test_conflicting_job_cancel_and_queue_limit(tmp_path, tiny_sam_checkpoint):
         assert c.post(f"/jobs/{first['id']}/cancel").status_code == 200     # idempotent
 
 
-def test_deleting_a_volume_cancels_its_job(client, volume):
-    _, vid = volume
-    service = client.app.state.service
-    service.scheduler.pause()
-    job = client.post("/segment/auto", json={"volume_id": vid}).json()
-    assert client.delete(f"/volumes/{vid}").status_code == 204
-    service.scheduler.resume()
-    assert service.jobs.wait(job["id"], timeout=60).state in ("cancelled", "failed")
-    assert client.get("/health").status_code == 200
+def finished_job(client, job_id: str, timeout: float = 60.0) -> dict:
+    """GET /jobs/{id} until the job has finished; fail after ``timeout`` seconds."""
+    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["state"] not in ("queued", "running"), timeout, 0.05)
+    return client.get(f"/jobs/{job_id}").json()
+
+
+def test_deleting_a_volume_cancels_its_jobs(tmp_path, tiny_sam_checkpoint):
+    """A running job (held waiting for its first slice's features) and a queued one: both
+    end cancelled, saying that their volume was deleted."""
+    app = create_app(tiny_settings(tmp_path, checkpoint=tiny_sam_checkpoint[0], max_jobs=3), tiny_factory)
+    with TestClient(app) as c:
+        vids = [c.post("/volumes", content=payload_of(phantom_volume(seed=s))).json()["volume_id"] for s in (1, 2)]
+        service = c.app.state.service
+        service.scheduler.pause()
+        running = c.post("/segment/auto", json={"volume_id": vids[0]}).json()["id"]
+        wait_until(lambda: c.get(f"/jobs/{running}").json()["state"] == "running", interval=0.02)
+        queued = c.post("/segment/auto", json={"volume_id": vids[1]}).json()["id"]
+        assert c.get(f"/jobs/{queued}").json()["state"] == "queued"       # one job runs at a time
+        assert c.delete(f"/volumes/{vids[1]}").status_code == 204
+        job = c.get(f"/jobs/{queued}").json()
+        assert (job["state"], job["error"]) == ("cancelled", "its volume was deleted")
+        assert c.delete(f"/volumes/{vids[0]}").status_code == 204
+        service.scheduler.resume()
+        job = finished_job(c, running)
+        assert (job["state"], job["error"]) == ("cancelled", "its volume was deleted")
+        assert job["progress"]["done"] == 0 and not job["result_available"]
+        result = c.get(f"/jobs/{running}/result")
+        assert result.status_code == 409 and "its volume was deleted" in result.json()["detail"]
+        assert c.get("/info").json()["jobs"]["finished_total"]["cancelled"] == 2
+        assert c.get("/health").status_code == 200
 
 
 def test_documented_openapi_schema_is_current():

@@ -6,7 +6,6 @@ import ast
 import os
 import socket
 import threading
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -16,16 +15,22 @@ import pytest
 from desam_server import wire
 from SlicerDeSAMLib import ServerClient as client_module
 from SlicerDeSAMLib.ServerClient import ServerClient, ServerError
-from service_helpers import DIRECTION, ORIGIN, SPACING, live_server, phantom_volume, tiny_settings
+
+from service_helpers import DIRECTION, ORIGIN, SPACING, FinishedRequests, live_server, phantom_volume, tiny_settings
 
 REPO = Path(__file__).resolve().parents[2]
 LIB = REPO / "SlicerDeSAM" / "SlicerDeSAMLib"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_sam_checkpoint):
+def finished():
+    return FinishedRequests()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_sam_checkpoint, finished):
     tmp = tmp_path_factory.mktemp("live")
-    with live_server(tiny_settings(tmp, checkpoint=tiny_sam_checkpoint[0])) as (url, app):
+    with live_server(tiny_settings(tmp, checkpoint=tiny_sam_checkpoint[0]), finished=finished) as (url, app):
         yield url, app
 
 
@@ -130,6 +135,7 @@ def test_eight_threads_fifty_clicks_two_volumes(server):
         t.start()
     for t in threads:
         t.join(300)
+    assert not any(t.is_alive() for t in threads), "click threads still running after 300 s"
     assert not errors, errors[:5]
     assert len(answers) == 400
     expected = [c.segment_prompt(vids[v], "k", k, points=pts, labels=[1]).masks for v, k, pts in prompts]
@@ -153,15 +159,16 @@ def test_token_is_required_on_every_request(tmp_path, tiny_sam_checkpoint):
         assert good.has_volume(vid)
 
 
-def test_client_disconnect_mid_upload_stores_nothing(server):
+def test_client_disconnect_mid_upload_stores_nothing(server, finished):
     url, app = server
     c = ServerClient(url)
     before = set(c.volumes())
+    uploads = finished.count("POST", "/volumes")
     payload = wire.encode_volume(phantom_volume(seed=31), spacing=SPACING, origin=ORIGIN, direction=DIRECTION)
     with socket.create_connection(("127.0.0.1", urllib.parse.urlsplit(url).port)) as sock:
         sock.sendall(b"POST /volumes HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(payload) + payload[: len(payload) // 2])
-    time.sleep(0.5)                      # let the server see the disconnect
+    finished.wait_for("POST", "/volumes", uploads + 1)     # the service has handled the cut upload
     assert c.health()["status"] == "ok"
     assert set(c.volumes()) == before
     assert not [p for p in app.state.settings.volume_dir.iterdir() if p.name.startswith(".")]

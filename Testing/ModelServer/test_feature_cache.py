@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import phantom_slice
 from desam_server.engine import IntensityWindow, SlicePredictor
 from desam_server.engine.feature_cache import FeatureCache, FeatureCacheSettings, parse_bytes
 from desam_server.engine.feature_packed import pack_features
 from desam_server.modeling import build_desam
+
+from conftest import phantom_slice
 from feature_cache_helpers import assert_same, check_invariants, key, make_cache, make_features, run_threads
+from scheduler_helpers import wait_until
 
 
 # ---- key and settings -----------------------------------------------------------------------
@@ -104,7 +106,7 @@ def test_budgets_hold_under_a_stream_larger_than_every_budget(tmp_path):
     cache = make_cache(tmp_path, entries_device=3, entries_host=5, entries_disk=9)
     rnd = random.Random(0)
     sizes = [4, 8, 8, 16, 40, 64]  # 40 and 64 channels exceed the device and host budgets
-    for step in range(120):
+    for _ in range(120):
         i = rnd.randrange(30)
         if rnd.random() < 0.5:
             channels = sizes[i % len(sizes)]
@@ -197,11 +199,12 @@ def test_concurrent_get_or_compute_computes_each_key_once(tmp_path):
 
 def test_simultaneous_requests_for_one_key_compute_once(tmp_path):
     cache = make_cache(tmp_path, entries_host=4, entries_disk=4)
-    barrier, calls, results = threading.Barrier(8), [], []
+    barrier, calls, results = threading.Barrier(8, timeout=20), [], []
 
     def compute():
         calls.append(1)
-        time.sleep(0.05)
+        # Finish only once the seven others wait for this computation.
+        wait_until(lambda: cache.stats()["inflight_waits"] == 7)
         return make_features(5)
 
     def worker(_):
@@ -210,7 +213,7 @@ def test_simultaneous_requests_for_one_key_compute_once(tmp_path):
 
     assert not run_threads(worker, 8)
     assert len(calls) == 1 and len(results) == 8
-    assert cache.stats()["inflight_waits"] >= 1
+    assert cache.stats()["inflight_waits"] == 7
     for r in results[1:]:
         assert_same(r, results[0])
         assert r.embedding.data_ptr() != results[0].embedding.data_ptr()  # each caller gets its own copy
@@ -248,7 +251,7 @@ def test_compute_does_not_block_other_keys_and_errors_reach_waiters(tmp_path):
 
     def slow_failing():
         started.set()
-        release.wait(5)
+        assert release.wait(20)
         raise RuntimeError("encoder failed")
 
     def call(name):
@@ -262,15 +265,14 @@ def test_compute_does_not_block_other_keys_and_errors_reach_waiters(tmp_path):
     assert started.wait(5)
     waiter = threading.Thread(target=call, args=("waiter",))
     waiter.start()
-    t0 = time.perf_counter()
-    assert cache.get_or_compute(key(1), lambda: make_features(1)) is not None  # not blocked by key 0
-    assert time.perf_counter() - t0 < 2
-    deadline = time.time() + 5
-    while cache.stats()["inflight_waits"] < 1 and time.time() < deadline:
-        time.sleep(0.001)
+    # Key 1 is computed while key 0's computation is held: not blocked by it.
+    assert cache.get_or_compute(key(1), lambda: make_features(1)) is not None
+    assert owner.is_alive() and not release.is_set()
+    wait_until(lambda: cache.stats()["inflight_waits"] == 1)   # the waiter waits for key 0's owner
     release.set()
-    owner.join(5)
-    waiter.join(5)
+    owner.join(20)
+    waiter.join(20)
+    assert not owner.is_alive() and not waiter.is_alive()
     assert str(results["owner"]) == str(results["waiter"]) == "encoder failed"
     assert cache.get_or_compute(key(0), lambda: make_features(0)) is not None  # later calls retry
 
@@ -308,7 +310,7 @@ def test_predictor_with_cached_features(tmp_path, tiny_case, storage):
         with FeatureCache(settings) as cache:
             pred.reset_image()
             pred.set_features(cache.get_or_compute(k, compute, device=pred.device))
-            for p, (masks, ious, low) in zip(prompts, reference):
+            for p, (masks, ious, low) in zip(prompts, reference, strict=True):
                 m, s, lo = pred.predict(**p, multimask_output=True)
                 if storage == "float32":
                     assert np.array_equal(m, masks) and np.array_equal(s, ious) and np.array_equal(lo, low)

@@ -81,7 +81,7 @@ def test_concurrent_requests_encode_once(scheduler_model, scheduler_volume, tmp_
     sched.pause()
     sched.set_view(VOLUME, "k", 5)
     sched.precompute(VOLUME, "k")
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(8, timeout=20)
     results, errors = [], []
 
     def request():

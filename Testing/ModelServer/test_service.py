@@ -8,14 +8,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
-from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
 
 from desam_server.api import ServiceSettings, SettingsError, create_app
 from SlicerDeSAMLib.ServerClient import ServerClient
+
+from scheduler_helpers import wait_until
+from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
 
 
 def click(c, vid, index=2, **extra):
@@ -79,12 +80,11 @@ def test_overload_gives_429_and_timeout_503_with_retry_after(tmp_path):
         results = {}
         waiting = threading.Thread(target=lambda: results.setdefault("first", click(c, vid, index=1)))
         waiting.start()
-        deadline = time.monotonic() + 10
-        while service.info()["prompts_waiting"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: service.info()["prompts_waiting"] == 1, timeout=10)
         busy = click(c, vid, index=3)
         assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
-        waiting.join(10)
+        waiting.join(20)
+        assert not waiting.is_alive()
         assert results["first"].status_code == 503 and "retry-after" in results["first"].headers
         service.scheduler.resume()
         assert click(c, vid, index=1).status_code == 200
@@ -96,10 +96,9 @@ def test_shutdown_cancels_running_jobs(tmp_path):
         vid = c.post("/volumes", content=payload_of(phantom_volume(k=40))).json()["volume_id"]
         service = app.state.service
         job = c.post("/segment/auto", json={"volume_id": vid, "mode": "grid"}).json()
-        while service.jobs.get(job["id"]).done < 1:
-            time.sleep(0.01)
+        wait_until(lambda: service.jobs.get(job["id"]).done >= 1, timeout=120)
     final = service.jobs.get(job["id"])
-    assert final.state == "cancelled" and final.done < 40
+    assert final.state == "cancelled" and final.done < 40 and final.error == "the service shut down"
     assert service.closed and service.scheduler.stats()["closed"]
 
 

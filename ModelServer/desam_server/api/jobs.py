@@ -8,6 +8,11 @@ active (queued or running) job per volume and axis (a second one is a 409 naming
 first), at most ``max_jobs`` active jobs (then 429). Finished jobs, with their result
 masks, are kept until ``keep`` newer ones have finished. Jobs do not belong to a
 connection: a client that goes away leaves its job running, or cancels it.
+
+A cancelled job says why in ``error`` (``CANCELLED_ON_REQUEST``, ``VOLUME_DELETED``,
+``SHUTTING_DOWN``). A job whose cancel was asked ends cancelled however its run stops:
+the check before its next slice, or an error that the cancel's cause raised first (its
+volume gone from the store and the scheduler while the job was between two checks).
 """
 
 from __future__ import annotations
@@ -25,7 +30,13 @@ from .errors import Conflict, NotFound, TooManyRequests
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AutoJobSpec", "AutoJob", "JobState", "JobManager", "JobCancelled", "ACTIVE", "FINISHED"]
+__all__ = ["AutoJobSpec", "AutoJob", "JobState", "JobManager", "JobCancelled", "ACTIVE", "FINISHED",
+           "CANCELLED_ON_REQUEST", "VOLUME_DELETED", "SHUTTING_DOWN"]
+
+#: Why a job was cancelled (its ``error``).
+CANCELLED_ON_REQUEST = "cancelled on request"
+VOLUME_DELETED = "its volume was deleted"
+SHUTTING_DOWN = "the service shut down"
 
 
 class JobState(StrEnum):
@@ -82,6 +93,7 @@ class AutoJob:
     error: str | None = None
     result: bytes | None = field(default=None, repr=False)
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
+    cancel_reason: str | None = None
 
     @property
     def total(self) -> int:
@@ -150,23 +162,25 @@ class JobManager:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda j: j.created)
 
-    def cancel(self, job_id: str) -> AutoJob:
-        """Ask a job to stop (idempotent; a finished job is left as it is)."""
+    def cancel(self, job_id: str, reason: str = CANCELLED_ON_REQUEST) -> AutoJob:
+        """Ask a job to stop (idempotent; a finished job is left as it is, and a second
+        request keeps the first reason)."""
         job = self.get(job_id)
         with self._lock:
+            if job.state in ACTIVE and not job.cancel_requested.is_set():
+                job.cancel_reason = reason
+                job.cancel_requested.set()
             if job.state is JobState.QUEUED:
                 self._queue.remove(job)
-                job.cancel_requested.set()
-                self._finish(job, JobState.CANCELLED)
-            elif job.state is JobState.RUNNING:
-                job.cancel_requested.set()
+                self._finish(job, JobState.CANCELLED, job.cancel_reason)
         return job
 
     def cancel_volume(self, volume_id: str) -> int:
+        """Cancel the volume's active jobs because the volume is being deleted."""
         count = 0
         for job in self.list():
             if job.spec.volume_id == volume_id and job.state in ACTIVE:
-                self.cancel(job.id)
+                self.cancel(job.id, VOLUME_DELETED)
                 count += 1
         return count
 
@@ -187,10 +201,12 @@ class JobManager:
             pending = list(self._queue)
             self._queue.clear()
             for job in pending:
+                job.cancel_reason = job.cancel_reason or SHUTTING_DOWN
                 job.cancel_requested.set()
-                self._finish(job, JobState.CANCELLED)
+                self._finish(job, JobState.CANCELLED, job.cancel_reason)
             for job in self._jobs.values():
-                if job.state is JobState.RUNNING:
+                if job.state is JobState.RUNNING and not job.cancel_requested.is_set():
+                    job.cancel_reason = SHUTTING_DOWN
                     job.cancel_requested.set()
             self._lock.notify_all()
         self._thread.join(timeout)
@@ -228,11 +244,14 @@ class JobManager:
                 job.state, job.started = JobState.RUNNING, time.time()
             try:
                 result = self._run(job)
-            except JobCancelled:
-                with self._lock:
-                    self._finish(job, JobState.CANCELLED)
-                log.info("job %s cancelled after %d/%d slices", job.id[:8], job.done, job.total)
             except Exception as exc:  # noqa: BLE001 - a job's failure must not stop the worker
+                if isinstance(exc, JobCancelled) or job.cancel_requested.is_set():
+                    # An error after a cancel comes from what the cancel's cause took away
+                    # (a deleted volume): the job was cancelled, not failed.
+                    with self._lock:
+                        self._finish(job, JobState.CANCELLED, job.cancel_reason)
+                    log.info("job %s cancelled after %d/%d slices", job.id[:8], job.done, job.total)
+                    continue
                 message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
                 with self._lock:
                     self._finish(job, JobState.FAILED, message)

@@ -94,6 +94,7 @@ class Service:
         return {**stored.describe(), "on_disk": self.store.on_disk(stored.volume_id)}, created
 
     def delete_volume(self, volume_id: str) -> None:
+        """Forget the volume; its active jobs end cancelled (``jobs.VOLUME_DELETED``)."""
         self.jobs.cancel_volume(volume_id)
         if not self.store.delete(volume_id):
             raise NotFound(f"unknown volume {volume_id[:12]}")
@@ -297,6 +298,7 @@ class Service:
         return self.jobs.submit(spec)
 
     def _run_job(self, job: AutoJob) -> bytes:
+        job.check_cancelled()  # e.g. its volume deleted between the job's start and here
         spec = job.spec
         variant = self.decoders.get(spec.decoder).model
         window = {"center": spec.window[0], "width": spec.window[1]}
