@@ -10,6 +10,7 @@ Nothing here downloads when the caches are filled: the weights come from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -229,10 +230,26 @@ class Comparison:
     dice_stock: float
 
 
+def ieee_fp32(device: torch.device):
+    """A context in which float32 stays float32 on ``device``. On CUDA, cuDNN rounds
+    convolution inputs to TF32 (10 significand bits) by default: the stock mask decoder's
+    transposed convolutions would then carry TF32 rounding (~1e-3) that our fast path's
+    matrix products (cuBLAS, float32 by default) do not, and the comparison would measure
+    TF32, not our computation. torch's own scoped switch (``cudnn.flags``, the other flags
+    kept as they are) turns it off for the comparison only. On the CPU: nothing."""
+    if torch.device(device).type != "cuda":
+        return contextlib.nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
+
+
 def compare(ours: SlicePredictor, stock: SamPredictor, head: np.ndarray, prompt: dict) -> Comparison:
-    m1, s1, l1 = ours.predict(**prompt)
-    # SamPredictor's masks are its logits > model.mask_threshold; one call gives both.
-    logits2, s2, l2 = stock.predict(**prompt, return_logits=True)
+    """Both predictors on one prompt, in IEEE float32 (``ieee_fp32``)."""
+    with ieee_fp32(ours.device):
+        m1, s1, l1 = ours.predict(**prompt)
+        # SamPredictor's masks are its logits > model.mask_threshold; one call gives both.
+        logits2, s2, l2 = stock.predict(**prompt, return_logits=True)
     m2 = logits2 > stock.model.mask_threshold
     assert m1.shape == m2.shape and m1.dtype == m2.dtype == bool
     differ = m1 != m2

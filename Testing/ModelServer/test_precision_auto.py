@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from desam_server.api import ServiceSettings
 from desam_server.engine import SlicePredictor, runtime
 from desam_server.engine.runtime import Precision, choose_precision
 
@@ -34,6 +33,8 @@ def test_auto_on_cpu_is_bf16_exactly_with_native_bf16(monkeypatch, tiny_model, n
 
 
 def test_auto_is_the_service_default():
+    from desam_server.api import ServiceSettings  # here: the other tests need no web stack
+
     assert ServiceSettings.load(environ={}).precision == "auto"
 
 
