@@ -111,9 +111,9 @@ def load_model(name: str, device: torch.device | str) -> DeSAM:
 
 
 class EncodedInputs(nn.Module):
-    """The stock ``Sam``'s image encoder in these tests: it answers with the neck embedding
-    our ``SlicePredictor`` computed from the identical input tensor (``remember``), and
-    fails on any other input. So each slice is encoded once, the stock predictor's own
+    """The stock ``Sam``'s image encoder in these tests: it answers, once, with the neck
+    embedding our ``SlicePredictor`` computed from the identical input tensor
+    (``remember``), and fails on any other input. So each slice is encoded once, the stock predictor's own
     preprocessing (resize, normalisation, padding) is checked bit for bit against ours,
     and the comparison isolates what comes after the encoder: prompt encoding, SAM's mask
     decoder (our fast path against ``segment_anything``'s modules) and postprocessing."""
@@ -127,11 +127,12 @@ class EncodedInputs(nn.Module):
         self._known.append((x, embedding))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for known, embedding in self._known:
+        for i, (known, embedding) in enumerate(self._known):
             if known.shape == x.shape and torch.equal(known, x):
+                del self._known[i]
                 return embedding
-        raise AssertionError("SamPredictor's preprocessing produced an input tensor that our prepare_input "
-                             "did not (not the same pixels within float equality)")
+        raise AssertionError("SamPredictor's preprocessing produced an input tensor that is not bit for bit "
+                             "one our prepare_input produced")
 
 
 def stock_sam(name: str, model: DeSAM) -> tuple[Sam, EncodedInputs]:
@@ -160,8 +161,8 @@ def stock_sam(name: str, model: DeSAM) -> tuple[Sam, EncodedInputs]:
 
 @dataclass
 class EncodedSlice:
-    """One slice encoded once: our predictor (fp32 unless stated) and the stock one on the
-    same embedding, with the slice's reference mask and prompts."""
+    """One slice encoded once: our predictor (fp32 encoder) and the stock one on the same
+    embedding, with the slice's reference mask and prompts."""
 
     view: tuple[str, int]
     head: np.ndarray
@@ -197,7 +198,8 @@ def encode_slice(model: DeSAM, sam: Sam, encoder: EncodedInputs, view: tuple[str
 # Tolerances of the fp32 comparison with the stock predictor.
 # Both sides compute the same function in float32; they differ by rounding only: our fast
 # path reassociates the two-way transformer's attentions and products (and resizes with one
-# banded matrix per axis), so sums are taken in another order. Measured on the CPU over
+# banded matrix per axis), so sums are taken in another order; the modules as written
+# differ by the channels-last layout of SAM's output upscaling (``build_desam``). Measured on the CPU over
 # the 10 slices x (box, click) x (fast path, modules): low-res logits differ by at most
 # 2.5e-6 of the largest |logit| (9.9e-5 at 40, slice k104's click), IoU scores by at most
 # 4.8e-7, and no pixel of any mask differs. Allowed: 1e-5 of the largest |logit|; a pixel
@@ -207,6 +209,7 @@ def encode_slice(model: DeSAM, sam: Sam, encoder: EncodedInputs, view: tuple[str
 LOGIT_RTOL = 1e-5
 IOU_ATOL = 1e-4
 MAX_DIFFERING_FRACTION = 1e-4
+
 
 @dataclass(frozen=True)
 class Comparison:

@@ -48,9 +48,6 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
 
-FAST_PATHS = {"fast": FastPath(), "modules": None}
-
-
 @pytest.fixture(scope="module", params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)
@@ -78,23 +75,36 @@ def slices(mobile_sam):
     return get
 
 
-@pytest.mark.parametrize("fast", list(FAST_PATHS), ids=list(FAST_PATHS))
 @pytest.mark.parametrize("prompt", ["box", "click"])
 @pytest.mark.parametrize("view", SLICES, ids=slice_id)
-def test_mobile_sam_answers_as_the_stock_sam_predictor(slices, mobile_sam, view, prompt, fast):
-    """Box: the bounding box of the reference's largest component (``segment.PromptRule``),
-    one mask. Click: the reference's innermost pixel (distance-map maximum), three masks
-    and SAM's pick. Dice of the pick against the head mask, measured on the CPU (ours =
-    stock on every slice): box k4 0.969, k20 0.924, k38 0.954, k54 0.969, k70 0.982, k86
-    0.981, k98 0.978, k104 0.936, j120 0.994, i140 0.956; click 0.278, 0.925, 0.955,
-    0.969, 0.983, 0.691, 0.863, 0.935, 0.992, 0.747 (low where the innermost point lies
-    in the brain and SAM prefers the brain's outline: the stock predictor picks the same)."""
+def test_mobile_sam_answers_as_the_stock_sam_predictor(slices, view, prompt):
+    """Our default fast path. Box: the bounding box of the reference's largest component
+    (``segment.PromptRule``), one mask. Click: the reference's innermost pixel
+    (distance-map maximum), three masks and SAM's pick. Dice of the pick against the head
+    mask, measured on the CPU (ours = stock on every slice): box k4 0.969, k20 0.924, k38
+    0.954, k54 0.969, k70 0.982, k86 0.981, k98 0.978, k104 0.936, j120 0.994, i140 0.956;
+    click 0.278, 0.925, 0.955, 0.969, 0.983, 0.691, 0.863, 0.935, 0.992, 0.747 (low where
+    the innermost point falls in a structure of its own, the maxilla's bone on k4, the
+    skull on k98, the brain on k86 and i140, and SAM outlines that structure, inside the
+    head; the stock predictor picks the same)."""
+    s = slices(view)
+    assert s.ours.fast == FastPath()
+    c = compare(s.ours, s.stock, s.head, s.prompts[prompt])
+    assert_same_as_stock(c, f"{slice_id(view)} {prompt}")
+
+
+@pytest.mark.parametrize("prompt", ["box", "click"])
+@pytest.mark.parametrize("view", [("k", 54), ("k", 104)], ids=slice_id)
+def test_mobile_sam_modules_as_written_answer_as_the_stock_sam_predictor(slices, mobile_sam, view, prompt):
+    """``fast=None`` (SAM's modules and interpolations as written, the training path) on
+    the reference slice and the smallest one; the measurement script checks all ten
+    (the same bounds hold: logits within 3.8e-5, no pixel differs)."""
     s = slices(view)
     model, _, _ = mobile_sam
-    ours = SlicePredictor(model, precision="fp32", fast=FAST_PATHS[fast])
+    ours = SlicePredictor(model, precision="fp32", fast=None)
     ours.set_features(s.ours.features)
     c = compare(ours, s.stock, s.head, s.prompts[prompt])
-    assert_same_as_stock(c, f"{slice_id(view)} {prompt} {fast}")
+    assert_same_as_stock(c, f"{slice_id(view)} {prompt} modules")
 
 
 def test_mobile_sam_refinement_with_a_negative_click_matches_the_stock_predictor(slices):
@@ -174,7 +184,8 @@ def test_mobile_sam_bf16_encoder_agrees_with_fp32(device, mobile_sam, slices, vi
 def test_lite_medsam_box_prompt_matches_the_stock_predictor_and_is_plausible(device):
     """LiteMedSAM (TinyViT fine-tuned on medical images, 256 px input on the 0-1 scale,
     box prompts) on the reference slice: our predictor answers as ``SamPredictor`` on the
-    same checkpoint at 256 px. It outlines the intracranial region rather than the whole
+    same checkpoint at 256 px (measured on the CPU: no pixel differs, low-res logits within
+    3.1e-5 of a largest |logit| of 32, IoU within 1.2e-7). It outlines the intracranial region rather than the whole
     head with its scalp: measured Dice 0.796 against the head mask, 100 % of its mask
     inside the head, covering 66 % of the head's area. Those bounds read the model's
     behaviour (a compact mask inside the head that covers most of it; the equality with
