@@ -1,29 +1,65 @@
-"""The service with pretrained MobileSAM on the real head CT, through the client."""
+"""The service with pretrained MobileSAM on the real head CT, through the client.
+
+Its answers are checked against ``segment_anything.SamPredictor`` on the same checkpoint
+(``realweights_helpers``), fed the embedding the service decodes from: our fp32 encoder's,
+rounded through the feature cache's storage dtype (float16 by default). So the test says
+"the service, over HTTP and the wire format, answers what SAM answers on its cached
+features", with the tolerances of ``realweights_helpers`` (float rounding only)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from realweights_helpers import (
+    IOU_ATOL,
+    LOGIT_RTOL,
+    MAX_DIFFERING_FRACTION,
+    cranium,
+    encode_slice,
+    load_model,
+    stock_sam,
+)
 
-from conftest import dice
 from desam_server.api import build_service
-from desam_server.engine.postprocess import largest_component
 from desam_server.io import read_volume
 from SlicerDeSAMLib.ServerClient import ServerClient
+
+from conftest import dice
 from service_helpers import live_server, tiny_settings
 
 pytestmark = pytest.mark.realweights
 
 
-def test_mobile_sam_round_trip_on_real_ct(tmp_path):
+def assert_answer_as_stock(answer, stock, head: np.ndarray, prompt: dict) -> None:
+    """The service's masks and scores against the stock predictor's for one prompt
+    (``realweights_helpers.assert_same_as_stock``'s bounds; the service returns no
+    low-res logits, only their ids)."""
+    logits, ious, _ = stock.predict(**prompt, return_logits=True)
+    masks = logits > stock.model.mask_threshold  # what SamPredictor returns without return_logits
+    assert answer.masks.shape == masks.shape
+    np.testing.assert_allclose(answer.ious, ious, atol=IOU_ATOL)
+    assert answer.best == int(np.argmax(ious))
+    differ = answer.masks != masks
+    assert differ.mean() <= MAX_DIFFERING_FRACTION
+    if differ.any():
+        assert np.abs(logits[differ]).max() <= 2 * LOGIT_RTOL * np.abs(logits).max()
+    assert abs(dice(answer.mask, head) - dice(masks[answer.best], head)) <= 1e-3
+
+
+def test_mobile_sam_round_trip_on_real_ct_answers_as_the_stock_predictor(tmp_path):
     from desam_server.samples import fetch_cranium
 
     sample = fetch_cranium()
     volume = read_volume(sample.volume)
-    head = read_volume(sample.head_mask).array > 0
-    index = sample.reference_slice
+    ct = cranium()
+    index = ct.reference_slice
     g = volume.geometry
     settings = tiny_settings(tmp_path, decoder=False, encoder="mobile_sam")
+    assert settings.device == "cpu" and settings.precision == "fp32"
+    model = load_model("mobile_sam", settings.device)
+    sam, encoder = stock_sam("mobile_sam", model)
+    reference = encode_slice(model, sam, encoder, ("k", index), storage=settings.cache.storage_dtype)
+    head = reference.head
     with live_server(settings, factory=build_service) as (url, _):
         client = ServerClient(url, timeout=120)
         info = client.info()["model"]
@@ -33,12 +69,13 @@ def test_mobile_sam_round_trip_on_real_ct(tmp_path):
         assert sent and client.volume(vid)["shape"] == list(volume.array.shape)
         window = sample.window
         client.set_view(vid, "k", index, window=window)
-        ys, xs = np.nonzero(largest_component(head[index]))
-        box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-        answer = client.segment_prompt(vid, "k", index, box=box, multimask=False, window=window)
-        assert answer.masks.shape == (1, *head.shape[1:])
-        assert dice(answer.mask, head[index]) >= 0.95
+        box = reference.prompts["box"]["box"]
+        answer = client.segment_prompt(vid, "k", index, box=box.tolist(), multimask=False, window=window)
+        assert answer.masks.shape == (1, *head.shape)
+        assert_answer_as_stock(answer, reference.stock, head, dict(box=box, multimask_output=False))
         centre = [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]
         click = client.segment_prompt(vid, "k", index, points=[centre], labels=[1], window=window)
         assert click.timing["cached"] is True
-        assert dice(click.mask, head[index]) >= 0.9
+        assert_answer_as_stock(click, reference.stock, head,
+                               dict(point_coords=np.array([centre]), point_labels=np.array([1]),
+                                    multimask_output=True))
