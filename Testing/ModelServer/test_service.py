@@ -178,3 +178,13 @@ def test_cors_is_off_unless_origins_are_listed(tmp_path):
         assert c.get("/health", headers=headers).headers["access-control-allow-origin"] == "http://viewer.example"
         other = c.get("/health", headers={"Origin": "http://elsewhere.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("precision,bf16", [("fp32", False), ("bf16", True)])
+def test_info_reports_the_encoder_precision_in_use(tmp_path, precision, bf16):
+    service = tiny_factory(tiny_settings(tmp_path, decoder=False, precision=precision))
+    try:
+        model = service.info()["model"]
+        assert model["bf16"] is bf16 and model["precision"] == ("bfloat16" if bf16 else "fp32")
+    finally:
+        service.close()

@@ -329,7 +329,7 @@ class Service:
         return {"model": {**self.model_info, "encoder": self.model.encoder_name,
                           "encoder_weights_sha256": self.model.encoder_weights_sha256,
                           "device": str(self.model.device), "precision": self.precision.name,
-                          "bf16": self.precision.name == "bf16"},
+                          "bf16": self.precision.name == "bfloat16"},
                 "decoders": self.decoders.describe(),
                 "cache": self.cache.stats(), "scheduler": scheduler,
                 "queue_depth": scheduler["queued"] + scheduler["running"], "prompts_waiting": waiting,
