@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
 from desam_server.api import ServiceSettings, create_app
+
 from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
 
 VOLUME = phantom_volume()

@@ -75,7 +75,8 @@ def test_decoder_round_trip_and_metadata(tiny_sam_checkpoint, decoder_file):
     path, _ = tiny_sam_checkpoint
     loaded = build_desam("tiny", sam_checkpoint=path, decoder_checkpoint=out)
     for name in ("prim", "pdmm"):
-        for (k, a), (_, b) in zip(getattr(model, name).state_dict().items(), getattr(loaded, name).state_dict().items()):
+        pairs = zip(getattr(model, name).state_dict().items(), getattr(loaded, name).state_dict().items(), strict=True)
+        for (k, a), (_, b) in pairs:
             assert torch.equal(a, b), f"{name}.{k}"
     assert loaded.has_trained_decoder
     tensors, stored = read_decoder(out)

@@ -96,7 +96,9 @@ def test_vit_registry_tap_blocks_are_the_first_three_global_blocks():
 def test_prim_starts_from_sam_decoder_and_matches_its_iou(tiny_model):
     m = tiny_model
     for name in ("iou_token", "mask_tokens", "transformer", "iou_prediction_head"):
-        for (k, a), (_, b) in zip(getattr(m.prim, name).state_dict().items(), getattr(m.mask_decoder, name).state_dict().items()):
+        pairs = zip(getattr(m.prim, name).state_dict().items(), getattr(m.mask_decoder, name).state_dict().items(),
+                    strict=True)
+        for (k, a), (_, b) in pairs:
             assert torch.equal(a, b), f"{name}.{k}"
     # PRIM has no upscaling / hypernetwork layers.
     assert not any("output_upscaling" in k or "hypernetworks" in k for k in m.prim.state_dict())

@@ -23,6 +23,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from desam_server.engine import SlicePredictor, choose_precision
+from desam_server.modeling import FastPath
+
+from conftest import dice
 from realweights_helpers import (
     SLICES,
     assert_same_as_stock,
@@ -35,11 +40,6 @@ from realweights_helpers import (
     slice_image,
     stock_sam,
 )
-
-from desam_server.engine import SlicePredictor, choose_precision
-from desam_server.modeling import FastPath
-
-from conftest import dice
 
 pytestmark = pytest.mark.realweights
 

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from desam_server.api import build_service
+from desam_server.io import read_volume
+from SlicerDeSAMLib.ServerClient import ServerClient
+
+from conftest import dice
 from realweights_helpers import (
     IOU_ATOL,
     LOGIT_RTOL,
@@ -19,12 +25,6 @@ from realweights_helpers import (
     load_model,
     stock_sam,
 )
-
-from desam_server.api import build_service
-from desam_server.io import read_volume
-from SlicerDeSAMLib.ServerClient import ServerClient
-
-from conftest import dice
 from service_helpers import live_server, tiny_settings
 
 pytestmark = pytest.mark.realweights

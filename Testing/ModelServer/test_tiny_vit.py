@@ -106,7 +106,8 @@ def test_small_model_shapes_match_attributes(img_size):
         embedding, taps = model(torch.randn(2, 3, img_size, img_size))
     e = model.embedding_size
     assert embedding.shape == (2, 32, e, e)
-    assert [tuple(t.shape) for t in taps] == [(2, c, s, s) for c, s in zip(model.tap_channels, model.tap_sizes)]
+    shapes = [(2, c, s, s) for c, s in zip(model.tap_channels, model.tap_sizes, strict=True)]
+    assert [tuple(t.shape) for t in taps] == shapes
     assert model.tap_channels == (32, 40, 80)
     assert model.tap_sizes == ((img_size // 8,) + (img_size // 16,) * 2)
 
@@ -160,7 +161,7 @@ def test_eval_and_train_mode_agree_and_follow_new_weights():
             m.eval()
     out, taps = model(x)  # train mode, autograd on: bias gathered afresh
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for a, b in zip(taps, ref_taps):
+    for a, b in zip(taps, ref_taps, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
     # New bias tables take effect at once (nothing derived from them is kept).
@@ -214,5 +215,5 @@ def test_bf16_autocast_is_close_to_fp32(img_size):
             out, taps = model(x)
     assert out.dtype in (torch.bfloat16, torch.float32)
     assert rel_err(out, ref) < BF16_REL_TOL
-    for a, b in zip(taps, ref_taps):
+    for a, b in zip(taps, ref_taps, strict=True):
         assert rel_err(a, b) < BF16_REL_TOL

@@ -18,10 +18,11 @@ import threading
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
-from service_helpers import DIRECTION, ORIGIN, SPACING, id_of, live_server, phantom_volume, tiny_settings
 
 from desam_server.api import ServiceSettings, SettingsError
 from SlicerDeSAMLib.ServerClient import ServerClient, ServerError
+
+from service_helpers import DIRECTION, ORIGIN, SPACING, id_of, live_server, phantom_volume, tiny_settings
 
 TOKEN = "tls-test-token-0123456789abcdef"
 
@@ -55,7 +56,7 @@ def stdlib_server(context: ssl.SSLContext | None):
     """A minimal stdlib HTTP(S) server on 127.0.0.1 answering 200 to GET; yields its port."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the name http.server dispatches to
+        def do_GET(self):
             body = b'{"status": "ok"}'
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

@@ -8,8 +8,14 @@ import pytest
 
 from desam_server.modeling import get_spec
 from desam_server.weights import (
-    WeightsError, cached_path, catalog, default_weights_name, fetch_weights, get_entry,
-    resolve_sam_checkpoint, verify_file,
+    WeightsError,
+    cached_path,
+    catalog,
+    default_weights_name,
+    fetch_weights,
+    get_entry,
+    resolve_sam_checkpoint,
+    verify_file,
 )
 
 

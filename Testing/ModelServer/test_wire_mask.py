@@ -8,10 +8,10 @@ import zlib
 
 import numpy as np
 import pytest
+from test_wire import GEOM, GOOD, bounded, edited, join, sample, split
 
 from desam_server import wire
 from desam_server.wire import PayloadTooLargeError, WireFormatError
-from test_wire import GEOM, GOOD, bounded, edited, join, sample, split
 
 
 @pytest.mark.parametrize("compression", ["none", "zlib"])
