@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve demo test bench lock clean
+.PHONY: setup serve demo test lint bench bench-service bench-fast-path lock clean
 
 $(STAMP): ModelServer/pyproject.toml ModelServer/requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -28,9 +28,12 @@ demo: $(STAMP)
 	$(VENV)/bin/desam-server fetch-weights
 	$(PY) scripts/demo.py --out $(OUT)
 
-# The whole test suite (what CI runs): no test is excluded from it.
-test: $(STAMP)
+# What CI runs: the linter (ruff.toml), then the whole test suite (no test is excluded).
+test: lint
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(VENV)/bin/desam-server bench --json $(OUT)/bench_engine.json
@@ -39,6 +42,11 @@ bench: $(STAMP)
 # click latency, scroll-and-click first clicks, encode throughput, upload, cache bytes, grid mode.
 bench-service: $(STAMP)
 	$(PY) scripts/bench_service.py --json $(OUT)/bench_service.json
+
+# Each part of the click's fast path removed in turn, through the service, against
+# segment_anything's SamPredictor (docs/benchmarks/click_fast_path.md).
+bench-fast-path: $(STAMP)
+	$(PY) scripts/bench_fast_path.py --json $(OUT)/bench_fast_path.json
 
 lock: $(STAMP)
 	{ head -n 2 ModelServer/requirements.lock; $(PY) -m pip freeze --exclude-editable; } > ModelServer/requirements.lock.new
