@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import phantom_slice
+from feature_cache_helpers import assert_same, check_invariants, key, make_cache, make_features, run_threads
+
 from desam_server.engine import IntensityWindow, SlicePredictor
 from desam_server.engine.feature_cache import FeatureCache, FeatureCacheSettings, parse_bytes
 from desam_server.engine.feature_packed import pack_features
 from desam_server.modeling import build_desam
-from feature_cache_helpers import assert_same, check_invariants, key, make_cache, make_features, run_threads
 
 
 # ---- key and settings -----------------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_budgets_hold_under_a_stream_larger_than_every_budget(tmp_path):
     cache = make_cache(tmp_path, entries_device=3, entries_host=5, entries_disk=9)
     rnd = random.Random(0)
     sizes = [4, 8, 8, 16, 40, 64]  # 40 and 64 channels exceed the device and host budgets
-    for step in range(120):
+    for _step in range(120):
         i = rnd.randrange(30)
         if rnd.random() < 0.5:
             channels = sizes[i % len(sizes)]
@@ -308,7 +308,7 @@ def test_predictor_with_cached_features(tmp_path, tiny_case, storage):
         with FeatureCache(settings) as cache:
             pred.reset_image()
             pred.set_features(cache.get_or_compute(k, compute, device=pred.device))
-            for p, (masks, ious, low) in zip(prompts, reference):
+            for p, (masks, ious, low) in zip(prompts, reference, strict=True):
                 m, s, lo = pred.predict(**p, multimask_output=True)
                 if storage == "float32":
                     assert np.array_equal(m, masks) and np.array_equal(s, ious) and np.array_equal(lo, low)
