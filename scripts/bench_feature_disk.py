@@ -54,7 +54,7 @@ from desam_server.modeling.build import PROMPT_EMBED_DIM, get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 V1_PATH = "ModelServer/desam_server/engine/feature_disk.py"
-BASELINE_REV = "fdaf2f9"  # the last commit with format version 1
+BASELINE_REV = "fdaf2f97e770e3235d47711090a9d6aedddb9eaa"  # the last commit with format version 1
 
 
 def load_v1(rev: str):
