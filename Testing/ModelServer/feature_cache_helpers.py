@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from desam_server.engine.feature_cache import FeatureCache, FeatureCacheSettings, FeatureKey
+from desam_server.engine.feature_disk import ENTRY_SUFFIX
 from desam_server.modeling.desam import ImageFeatures
 
 SECRET_VOLUME = "PATIENT-Doe^Jane-1234"
@@ -60,8 +61,8 @@ def check_invariants(cache: FeatureCache) -> None:
         assert set(cache._device_tier.entries).isdisjoint(cache._host.entries)
     disk = cache._disk
     if disk.enabled and not cache._writing:
-        files = {p.name: p.stat().st_size for p in disk.directory.glob("*.dsfc")}
-        assert files == {f"{d}.dsfc": s for d, s in disk.index.items()}
+        files = {p.name: p.stat().st_size for p in disk.directory.glob("*" + ENTRY_SUFFIX)}
+        assert files == {d + ENTRY_SUFFIX: s for d, s in disk.index.items()}
         assert disk.used == sum(files.values())
     json.dumps(stats)
 

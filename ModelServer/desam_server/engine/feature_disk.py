@@ -1,26 +1,46 @@
-"""The feature cache's disk entry format: one file per entry, ``<key digest>.dsfc``.
+"""The feature cache's disk entry format: one safetensors file per entry,
+``<key digest>.safetensors``.
 
-Layout (little-endian)::
+A standard safetensors file (8-byte little-endian header length, JSON header, data): the
+four tensors under their names (``embedding``, ``tap0``..``tap2``; float16 / bfloat16 /
+float32 as packed), laid out as safetensors' own writer lays them out (widest dtype
+first, then by name, no gaps), and the entry's facts as strings in ``__metadata__``:
 
-    prefix   20 bytes: magic b"DSAMFC\\r\\n", format version u32, header length u32,
-             CRC-32 of the header region u32
-    header   UTF-8 JSON, zero-padded to a 64-byte boundary (the padding is inside the
-             header region and its CRC)
-    payload  the tensors, each at a 64-byte aligned offset (zero padding between them)
+    format          "desam.feature-cache"        format_version   "2"
+    key_digest      the key's sha256             storage_dtype    "float16" | "bfloat16" | "float32"
+    input_size      "[h,w]"                      original_size    "[h,w]"
+    data_crc32      CRC-32 of the data section (every byte after the header), 8 hex digits
+    header_crc32    CRC-32 of the canonical header facts (every metadata field but this one,
+                    each tensor's name, dtype and shape), 8 hex digits
 
-The JSON header holds the key digest, the storage dtype, input/original sizes, per tensor
-name/dtype/shape/offset/nbytes, the payload length and the payload's CRC-32. Every byte of
-a file is covered: prefix fields are checked, the header and the payload by their CRCs,
-and the file length must equal header end + payload length exactly.
+safetensors itself checks the structure: a header that does not parse, tensors whose
+extents do not tile the data section, or a file length other than header + data (truncated
+or extended) is refused. The two CRCs cover the rest: every header fact (a changed digit in
+a size is valid JSON) and every data byte. A key digest, storage dtype or format other than
+the expected one is refused too. zlib.crc32: about 10 ms for a 32 MiB ViT-H-sized entry on
+the 2-core test machine; the cache guards against torn writes and bit rot in files the user
+owns, not against an attacker, and a CRC detects every error burst up to 32 bits.
 
-Checksum: zlib.crc32 (about 10 ms for a 32 MiB ViT-H-sized entry on the 2-core test
-machine, 3.2 GB/s, against 54 ms for blake2b). The cache guards against torn writes and
-bit rot in files the user owns, not against an attacker, so a CRC is enough: it detects
-every error burst up to 32 bits and any single flipped byte.
+Writing: the header is built here and the tensors' bytes are written straight from the
+tensors, atomically (``desam_server.atomic``: temporary file ``.<name>.<random>.tmp``
+beside the target, fsync, rename). safetensors' own writers were measured and not used
+(docs/benchmarks/feature_disk.md): ``save`` copies the data twice (1.5-2.4x slower), and
+``save_file`` writes through a temporary file of its own (mode 0600, not fsynced, a name the
+startup scan does not know) whose size is only known afterwards, while the cache reserves an
+entry's exact size before writing it. Tests check that safetensors reads what is written here
+and that its writer lays out the same data under the same header.
 
-Files are written atomically (``desam_server.atomic``: temporary file, fsync, rename);
-temporary files are ``.<name>.<random>.tmp`` beside the target. Reads are memory-mapped
-(``numpy.memmap``) and copied out, so no mapping outlives a read.
+Reading: ``safetensors.safe_open(framework="pt")`` memory-maps the file
+(``torch.UntypedStorage.from_file``, private mapping; the header is parsed from a second,
+read-only mapping); ``get_tensor`` returns views into the mapping (no copy), the data CRC
+is computed over them, and the tensors are copied out with numpy (one copy, one thread), so
+no mapping outlives a read. The startup scan checks headers only (``framework="numpy"``: a
+mapping that is never touched past the header).
+
+safe_open opens the file twice (once to parse the header, once to map it for torch). A
+writer replacing the entry in between makes the two disagree; that is reported as
+FileNotFoundError (the entry read is gone), not as corruption, when the path no longer
+names the file first opened.
 """
 
 from __future__ import annotations
@@ -33,43 +53,46 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..atomic import atomic_write
 from .feature_packed import DTYPE_NAMES, STORAGE_DTYPES, TENSOR_NAMES, PackedFeatures
 
 __all__ = [
-    "CorruptEntryError", "ENTRY_SUFFIX", "FORMAT_VERSION", "MAGIC", "EntryInfo", "encode_header",
-    "entry_name", "is_entry_name", "is_temp_name", "read_entry", "read_entry_info", "write_entry",
+    "CorruptEntryError", "ENTRY_SUFFIX", "FORMAT_NAME", "FORMAT_VERSION", "EntryInfo", "encode_header",
+    "entry_name", "is_entry_name", "is_legacy_name", "is_temp_name", "read_entry", "read_entry_info",
+    "write_entry",
 ]
 
-MAGIC = b"DSAMFC\r\n"
-FORMAT_VERSION = 1
-ENTRY_SUFFIX = ".dsfc"
-ALIGN = 64
-_PREFIX = struct.Struct("<8sIII")
-_MAX_HEADER = 1 << 20
+FORMAT_NAME = "desam.feature-cache"
+FORMAT_VERSION = 2  # 1: the .dsfc container (removed at startup, see is_legacy_name)
+ENTRY_SUFFIX = ".safetensors"
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-_ENTRY_RE = re.compile(r"^([0-9a-f]{64})\.dsfc$")
-_TEMP_RE = re.compile(r"^\.[0-9a-f]{64}\.dsfc\..*\.tmp$")
-_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+_ENTRY_RE = re.compile(r"^([0-9a-f]{64})\.safetensors$")
+_TEMP_RE = re.compile(r"^\.[0-9a-f]{64}\.(safetensors|dsfc)\..*\.tmp$")  # .dsfc: format version 1
+_LEGACY_RE = re.compile(r"^[0-9a-f]{64}\.dsfc$")
+_CRC_RE = re.compile(r"^[0-9a-f]{8}$")
+_CODES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}  # safetensors' dtype names
+_META_KEYS = frozenset({"format", "format_version", "key_digest", "storage_dtype", "input_size",
+                        "original_size", "data_crc32", "header_crc32"})
 
 
 class CorruptEntryError(ValueError):
-    """A disk entry that must not be served (truncated, flipped bytes, wrong magic,
-    version, key digest or storage dtype, inconsistent lengths)."""
+    """A disk entry that must not be served (truncated, flipped bytes, not safetensors,
+    wrong format, version, key digest or storage dtype)."""
 
 
 @dataclass(frozen=True)
 class EntryInfo:
-    """A structurally valid entry's facts, from its prefix and header only."""
+    """A structurally valid entry's facts, from its header only."""
 
     digest: str
     storage_dtype: str
     file_size: int
-    payload_offset: int
-    header: dict
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+    data_crc32: int
 
 
 def entry_name(digest: str) -> str:
@@ -85,12 +108,15 @@ def is_entry_name(name: str) -> str | None:
 
 
 def is_temp_name(name: str) -> bool:
-    """A temporary file left by an interrupted ``atomic_write`` of an entry."""
+    """A temporary file left by an interrupted ``atomic_write`` of an entry (of this
+    format or of version 1)."""
     return bool(_TEMP_RE.match(name))
 
 
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+def is_legacy_name(name: str) -> bool:
+    """An entry of format version 1, ``<digest>.dsfc``: this version does not read them,
+    and the startup scan deletes them."""
+    return bool(_LEGACY_RE.match(name))
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -102,143 +128,162 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+def _canonical(meta: dict[str, str], table: dict[str, tuple[str, list[int]]]) -> bytes:
+    """What ``header_crc32`` covers: every metadata field but itself, and each tensor's
+    dtype and shape (the data offsets are checked by safetensors and the data CRC)."""
+    facts = {"metadata": {k: v for k, v in meta.items() if k != "header_crc32"},
+             "tensors": {name: [dtype, list(shape)] for name, (dtype, shape) in table.items()}}
+    return json.dumps(facts, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
 def encode_header(digest: str, packed: PackedFeatures) -> tuple[bytes, list[memoryview], int]:
-    """(prefix + padded header, the tensors' byte views, payload length). Computes the
-    payload CRC, so this is the expensive part of a write (do it outside locks)."""
+    """(length prefix + padded JSON header, the tensors' byte views in file order, data
+    length). Computes the data CRC, so this is the expensive part of a write (do it
+    outside locks)."""
     entry_name(digest)
-    views = [_tensor_bytes(t) for t in packed.tensors]
-    tensors, offset, crc = [], 0, 0
-    for name, t, view in zip(TENSOR_NAMES, packed.tensors, views):
-        pad = _align(offset) - offset
-        if pad:
-            crc = zlib.crc32(bytes(pad), crc)
-        offset += pad
-        tensors.append({"name": name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "offset": offset, "nbytes": len(view)})
+    # safetensors' writer order: widest dtype first, then by name (keeps float32 aligned).
+    order = sorted(zip(TENSOR_NAMES, packed.tensors, strict=True), key=lambda nt: (-nt[1].element_size(), nt[0]))
+    views, tensors, table, offset, crc = [], {}, {}, 0, 0
+    for name, t in order:
+        view = _tensor_bytes(t)
+        code, shape = _CODES[DTYPE_NAMES[t.dtype]], list(t.shape)
+        tensors[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(view)]}
+        table[name] = (code, shape)
         crc = zlib.crc32(view, crc)
         offset += len(view)
-    header = {
-        "key_digest": digest, "storage_dtype": packed.storage_dtype,
-        "input_size": list(packed.input_size), "original_size": list(packed.original_size),
-        "tensors": tensors, "payload_length": offset, "payload_crc32": crc,
+        views.append(view)
+    meta = {
+        "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "key_digest": digest,
+        "storage_dtype": packed.storage_dtype,
+        "input_size": json.dumps(list(packed.input_size), separators=(",", ":")),
+        "original_size": json.dumps(list(packed.original_size), separators=(",", ":")),
+        "data_crc32": f"{crc:08x}",
     }
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    region = text + bytes(_align(_PREFIX.size + len(text)) - _PREFIX.size - len(text))
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(region), zlib.crc32(region))
-    return prefix + region, views, offset
+    meta["header_crc32"] = f"{zlib.crc32(_canonical(meta, table)):08x}"
+    text = json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # safetensors pads its header with spaces to 8 bytes
+    return struct.pack("<Q", len(text)) + text, views, offset
 
 
 def write_entry(path: Path, digest: str, packed: PackedFeatures,
                 encoded: tuple[bytes, list[memoryview], int] | None = None) -> int:
     """Write one entry atomically; returns the file size."""
-    head, views, payload_length = encoded if encoded is not None else encode_header(digest, packed)
+    head, views, data_length = encoded if encoded is not None else encode_header(digest, packed)
     written = 0
     with atomic_write(path, "wb") as handle:
         handle.write(head)
         for view in views:
-            pad = _align(written) - written
-            if pad:
-                handle.write(bytes(pad))
             handle.write(view)
-            written += pad + len(view)
-    if written != payload_length:  # cannot happen unless encode and write disagree
+            written += len(view)
+    if written != data_length:  # cannot happen unless encode and write disagree
         raise RuntimeError("feature cache entry length mismatch while writing")
-    return len(head) + payload_length
+    return len(head) + data_length
 
 
-def _bad(reason: str) -> CorruptEntryError:
-    return CorruptEntryError(reason)
-
-
-def _parse_header(buf, file_size: int, expected_digest: str) -> EntryInfo:
-    if file_size < _PREFIX.size:
-        raise _bad("truncated prefix")
-    magic, version, header_len, header_crc = _PREFIX.unpack(bytes(buf[: _PREFIX.size]))
-    if magic != MAGIC:
-        raise _bad("wrong magic")
-    if version != FORMAT_VERSION:
-        raise _bad(f"format version {version}, expected {FORMAT_VERSION}")
-    payload_offset = _PREFIX.size + header_len
-    if header_len > _MAX_HEADER or payload_offset % ALIGN or payload_offset > file_size:
-        raise _bad("bad header length")
-    region = buf[_PREFIX.size : payload_offset]
-    if zlib.crc32(region) != header_crc:
-        raise _bad("header checksum mismatch")
+def _size(text: str, what: str) -> tuple[int, int]:
     try:
-        header = json.loads(bytes(region).rstrip(b"\0").decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise _bad("unreadable header") from None
-    if not isinstance(header, dict) or header.get("key_digest") != expected_digest:
-        raise _bad("key digest mismatch")
-    storage = header.get("storage_dtype")
+        value = json.loads(text)
+    except ValueError:
+        raise CorruptEntryError(f"bad {what}") from None
+    if not isinstance(value, list) or len(value) != 2 or not all(
+            type(v) is int and v >= 1 for v in value):
+        raise CorruptEntryError(f"bad {what}")
+    return value[0], value[1]
+
+
+def _check_header(f, expected_digest: str, file_size: int) -> EntryInfo:
+    """The header facts of an open entry (``safe_open`` has checked the structure)."""
+    meta = f.metadata()
+    if not isinstance(meta, dict) or set(meta) != _META_KEYS:
+        raise CorruptEntryError("not a feature cache entry")
+    if meta["format"] != FORMAT_NAME:
+        raise CorruptEntryError("not a feature cache entry")
+    if meta["format_version"] != str(FORMAT_VERSION):
+        raise CorruptEntryError("unsupported format version")
+    names = f.keys()
+    if sorted(names) != sorted(TENSOR_NAMES):
+        raise CorruptEntryError("bad tensor names")
+    table = {}
+    for name in TENSOR_NAMES:
+        piece = f.get_slice(name)
+        table[name] = (piece.get_dtype(), piece.get_shape())
+    header_crc, data_crc = meta["header_crc32"], meta["data_crc32"]
+    if not (_CRC_RE.match(header_crc) and _CRC_RE.match(data_crc)):
+        raise CorruptEntryError("bad checksum field")
+    if zlib.crc32(_canonical(meta, table)) != int(header_crc, 16):
+        raise CorruptEntryError("header checksum mismatch")
+    if meta["key_digest"] != expected_digest:
+        raise CorruptEntryError("key digest mismatch")
+    storage = meta["storage_dtype"]
     if storage not in STORAGE_DTYPES:
-        raise _bad("unknown storage dtype")
-    length = header.get("payload_length")
-    if not isinstance(length, int) or payload_offset + length != file_size:
-        raise _bad("payload length mismatch")
-    _check_tensors(header, length)
+        raise CorruptEntryError("unknown storage dtype")
+    for dtype, shape in table.values():
+        if dtype not in (_CODES[storage], "F32") or len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
+            raise CorruptEntryError("bad tensor dtype or shape")
     return EntryInfo(digest=expected_digest, storage_dtype=storage, file_size=file_size,
-                     payload_offset=payload_offset, header=header)
+                     input_size=_size(meta["input_size"], "input_size"),
+                     original_size=_size(meta["original_size"], "original_size"),
+                     data_crc32=int(data_crc, 16))
 
 
-def _check_tensors(header: dict, payload_length: int) -> None:
-    tensors = header.get("tensors")
-    if not isinstance(tensors, list) or [t.get("name") if isinstance(t, dict) else None
-                                         for t in tensors] != list(TENSOR_NAMES):
-        raise _bad("bad tensor table")
-    end = 0
-    for t in tensors:
-        shape, offset, nbytes = t.get("shape"), t.get("offset"), t.get("nbytes")
-        if t.get("dtype") not in _ITEMSIZE or not isinstance(shape, list) or len(shape) != 4 \
-                or not all(isinstance(s, int) and s >= 1 for s in shape) or shape[0] != 1:
-            raise _bad("bad tensor entry")
-        count = shape[0] * shape[1] * shape[2] * shape[3]
-        if not isinstance(offset, int) or not isinstance(nbytes, int) or nbytes != count * _ITEMSIZE[t["dtype"]] \
-                or offset < end or offset % ALIGN or offset + nbytes > payload_length:
-            raise _bad("bad tensor extent")
-        end = offset + nbytes
-    if end != payload_length:
-        raise _bad("payload length mismatch")
-    for name in ("input_size", "original_size"):
-        size = header.get(name)
-        if not isinstance(size, list) or len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
-            raise _bad(f"bad {name}")
-    if not isinstance(header.get("payload_crc32"), int):
-        raise _bad("bad payload checksum field")
+def _open(path: Path, framework: str):
+    """safe_open, its refusals as CorruptEntryError (FileNotFoundError passes)."""
+    try:
+        return safe_open(path, framework=framework, device="cpu")
+    except SafetensorError:
+        # The message could quote header bytes; the reason is enough.
+        raise CorruptEntryError("not a readable safetensors file") from None
+    except RuntimeError:  # torch could not map the file (its length changed since the header was read)
+        raise CorruptEntryError("file could not be mapped") from None
 
 
 def read_entry_info(path: Path, expected_digest: str) -> EntryInfo:
-    """Check the prefix and header of an entry (not the payload CRC: that needs the whole
-    file; ``read_entry`` checks it). Raises CorruptEntryError or OSError."""
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        head = handle.read(min(size, _PREFIX.size + _MAX_HEADER))
-    return _parse_header(head, size, expected_digest)
+    """Check the header of an entry (not the data CRC: that needs the whole file;
+    ``read_entry`` checks it). Raises CorruptEntryError or OSError."""
+    size = os.stat(path).st_size
+    with _open(path, "numpy") as f:
+        return _check_header(f, expected_digest, size)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def read_entry(path: Path, expected_digest: str, expected_storage: str) -> PackedFeatures:
     """Read and fully verify one entry into CPU tensors. Raises CorruptEntryError (the
-    caller deletes the file) or OSError (FileNotFoundError: evicted meanwhile)."""
-    size = os.stat(path).st_size
-    if size < _PREFIX.size:
-        raise _bad("truncated prefix")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    caller deletes the file) or OSError (FileNotFoundError: evicted or replaced meanwhile)."""
+    st = os.stat(path)
     try:
-        info = _parse_header(mm, len(mm), expected_digest)
+        return _read(path, expected_digest, expected_storage, st.st_size)
+    except CorruptEntryError:
+        try:
+            replaced = _identity(os.stat(path)) != _identity(st)
+        except FileNotFoundError:
+            replaced = True
+        if replaced:
+            raise FileNotFoundError("the entry was replaced while it was read") from None
+        raise
+
+
+def _read(path: Path, expected_digest: str, expected_storage: str, size: int) -> PackedFeatures:
+    with _open(path, "pt") as f:
+        info = _check_header(f, expected_digest, size)
         if info.storage_dtype != expected_storage:
-            raise _bad(f"stored as {info.storage_dtype}, cache uses {expected_storage}")
-        payload = mm[info.payload_offset :]
-        if zlib.crc32(payload) != info.header["payload_crc32"]:
-            raise _bad("payload checksum mismatch")
-        tensors = []
-        for t in info.header["tensors"]:
-            start = info.payload_offset + t["offset"]
-            raw = torch.from_numpy(np.array(mm[start : start + t["nbytes"]]))  # a copy
-            tensors.append(raw.view(STORAGE_DTYPES[t["dtype"]]).reshape(t["shape"]))
-        del payload
-    finally:
-        del mm  # unmaps (no views survive: the tensors above are copies)
-    return PackedFeatures(
-        tensors=tuple(tensors), input_size=tuple(info.header["input_size"]),
-        original_size=tuple(info.header["original_size"]), storage_dtype=info.storage_dtype,
-    )
+            raise CorruptEntryError(f"stored as {info.storage_dtype}, cache uses {expected_storage}")
+        # Views into the mapping, in file order (together the data section), each checked
+        # as soon as it is taken: get_tensor touches the tensor's first page, and taking
+        # all four first would read the file out of order (slower when it is not cached).
+        views, raw, crc = {}, {}, 0
+        for name in f.offset_keys():
+            views[name] = f.get_tensor(name)
+            raw[name] = views[name].reshape(-1).view(torch.uint8).numpy()
+            crc = zlib.crc32(raw[name], crc)
+        if crc != info.data_crc32:
+            raise CorruptEntryError("data checksum mismatch")
+        # Copied out by numpy (one thread; a torch copy would start an OpenMP team on the
+        # caller's thread, see docs/ENGINE.md), then viewed as the stored dtype.
+        tensors = tuple(torch.from_numpy(raw[name].copy()).view(views[name].dtype).reshape(views[name].shape)
+                        for name in TENSOR_NAMES)
+        del views, raw  # with the file closed below, nothing holds the mapping
+    return PackedFeatures(tensors=tensors, input_size=info.input_size, original_size=info.original_size,
+                          storage_dtype=info.storage_dtype)

@@ -13,7 +13,7 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
-from .feature_disk import CorruptEntryError, entry_name, is_entry_name, is_temp_name, read_entry_info
+from .feature_disk import CorruptEntryError, entry_name, is_entry_name, is_legacy_name, is_temp_name, read_entry_info
 from .feature_packed import PackedFeatures
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,10 @@ class DiskTier:
 
     # ---- startup -------------------------------------------------------------------------
     def open(self) -> int:
-        """Lock the directory, remove stray temp files and bad entries, index the valid
-        ones (oldest access first) and evict the oldest while over budget. Returns the
-        number of corrupt entries removed."""
+        """Lock the directory, remove stray temp files, bad entries and stale ones (another
+        storage dtype, an older format), index the valid ones (oldest access first) and
+        evict the oldest while over budget. Other files are left alone. Returns the number
+        of corrupt entries removed."""
         if not self.enabled:
             return 0
         try:
@@ -138,6 +139,10 @@ class DiskTier:
             if is_temp_name(name):
                 if self._unlink(path):
                     self.startup["temp_removed"] += 1
+                continue
+            if is_legacy_name(name):  # an entry of an older format
+                if self._unlink(path):
+                    self.startup["stale_removed"] += 1
                 continue
             digest = is_entry_name(name)
             if digest is None:
