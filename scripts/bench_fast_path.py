@@ -38,14 +38,16 @@ import numpy as np
 
 import bench_service_lib as lib
 
-CONFIGS = ["all", "without:reassociate", "without:slice_cache", "without:read_tokens_only",
-           "without:unrolled_first_layer", "without:factored_mask_input", "without:banded_resize", "none"]
+CONFIGS = ["all", "without:reassociate", "without:slice_cache", "without:matrix_upscaling",
+           "without:factored_mask_input", "none"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=120, help="rounds per click kind")
     p.add_argument("--configs", default=";".join(CONFIGS), help="fast_path settings, ';'-separated")
+    p.add_argument("--upsample", type=int, default=1,
+                   help="repeat each pixel of the CT's slices N x N (2: 512 x 512 slices of the same anatomy)")
     p.add_argument("--json", type=Path, default=Path("out/bench_fast_path.json"))
     return p.parse_args(argv)
 
@@ -99,13 +101,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     configs = [c.strip() for c in args.configs.split(";") if c.strip()]
     ct = lib.cranium()
+    if args.upsample > 1:
+        n = args.upsample
+        ct.array = np.ascontiguousarray(ct.array.repeat(n, axis=1).repeat(n, axis=2))
+        ct.head = np.ascontiguousarray(ct.head.repeat(n, axis=1).repeat(n, axis=2))
+        s = ct.geometry["spacing"]
+        ct.geometry = {**ct.geometry, "spacing": (s[0] / n, s[1] / n, s[2])}
     k = ct.reference_slice
     center = ct.centroid(k)
     window = ct.window  # (center, width), as ServerClient takes it
     click = [[center[0], center[1]]]
     refine_points = [[center[0], center[1]], [center[0] + 20.0, center[1] - 15.0]]
     result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": lib.load()},
-                    "slice": k, "click": click, "refine_points": refine_points, "configs": configs}
+                    "slice": k, "slice_shape": list(ct.array.shape[1:]), "click": click,
+                    "refine_points": refine_points, "configs": configs}
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -197,14 +197,13 @@ def encode_slice(model: DeSAM, sam: Sam, encoder: EncodedInputs, view: tuple[str
 # ------------------------------------------------------------------------------ comparison
 # Tolerances of the fp32 comparison with the stock predictor.
 # Both sides compute the same function in float32; they differ by rounding only: our fast
-# path reassociates the two-way transformer's attentions and products (and resizes with one
-# banded matrix per axis), so sums are taken in another order; the modules as written
-# differ by the channels-last layout of SAM's output upscaling (``build_desam``). Measured on the CPU over
+# path reassociates the two-way transformer's attentions and products, so sums are taken in
+# another order (the modules as written are SAM's own). Measured on the CPU over
 # the 10 slices x (box, click) x (fast path, modules): low-res logits differ by at most
 # 2.5e-6 of the largest |logit| (9.9e-5 at 40, slice k104's click), IoU scores by at most
 # 4.8e-7, and no pixel of any mask differs. Allowed: 1e-5 of the largest |logit|; a pixel
 # may differ only where the stock logit is that close to the threshold (twice the bound:
-# the resize adds its own rounding), and at most 1e-4 of the pixels (6.5 of a 256 x 256
+# the resize to the slice spreads the low-res rounding), and at most 1e-4 of the pixels (6.5 of a 256 x 256
 # mask); IoU scores within 1e-4; SAM's pick the same.
 LOGIT_RTOL = 1e-5
 IOU_ATOL = 1e-4

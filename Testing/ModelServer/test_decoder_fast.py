@@ -99,9 +99,9 @@ def test_state_computes_the_first_block_once_per_slice(model, image):
             want = decoder(image, pe, sparse, dense, True)
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
-        assert cache.first_block is not None and cache.first_layer is not None
-        kept = kept or (cache.first_block, cache.first_layer)
-        assert cache.first_block is kept[0] and cache.first_layer is kept[1]  # computed by the first prompt
+        assert cache.first_block is not None
+        kept = kept or cache.first_block
+        assert cache.first_block is kept  # computed by the first prompt
 
 
 def test_a_slice_state_follows_the_weights_generation(model, image):
@@ -135,7 +135,7 @@ def test_a_dense_tensor_that_varies_over_the_image_skips_the_state(model, image)
     with torch.no_grad():
         got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, False, cache=fresh)[0]
         want = decoder(image, pe, sparse, dense, False)[0]
-    assert fresh.first_block is None and fresh.first_layer is None
+    assert fresh.first_block is None
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

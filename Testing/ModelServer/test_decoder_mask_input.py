@@ -74,8 +74,8 @@ def test_refinement_reuses_the_slices_first_block(model, image, first_prompt_has
             got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, True, cache=cache)
             want = decoder(image, pe, sparse, want_dense, True)
         assert_same(got, want)
-        kept = kept or (cache.first_block, cache.first_layer)
-        assert cache.first_block is kept[0] and cache.first_layer is kept[1]  # one per slice, whatever the prompts
+        kept = kept or cache.first_block
+        assert cache.first_block is kept  # one per slice, whatever the prompts
 
 
 def test_batched_mask_inputs_fall_back_to_the_full_embedding(model, image):
@@ -87,7 +87,7 @@ def test_batched_mask_inputs_fall_back_to_the_full_embedding(model, image):
         got = mask_decoder_forward(decoder, constants, projection, image, sparse,
                                    MaskDense.of(model.prompt_encoder.mask_downscaling, m), False, cache=cache)
         want = decoder(image, pe, sparse, model.prompt_encoder.mask_downscaling(m), False)
-    assert cache.first_block is None and cache.first_layer is None
+    assert cache.first_block is None
     assert_same(got, want)
 
 
@@ -106,5 +106,5 @@ def test_sam_decode_with_a_mask_input_equals_the_module_path(model, image, with_
         got = model.sam_decode(image, fast=FastPath(), state=state, **kwargs)
         monkeypatch.undo()  # the module path builds the full embedding, as SAM does
         want = model.sam_decode(image, **kwargs)
-    assert first is not None and state.sam.first_block is first and state.sam.first_layer is not None
+    assert first is not None and state.sam.first_block is first
     assert_same(got, want)

@@ -57,7 +57,7 @@ def test_the_training_form_never_runs_the_fast_path(model, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the fast path ran")
 
-    for name in ("two_way_forward", "mask_decoder_forward", "_two_way", "_token_to_image", "_image_to_token"):
+    for name in ("two_way_forward", "mask_decoder_forward", "_token_to_image", "_image_to_token", "_first_block"):
         monkeypatch.setattr(decoder_fast, name, forbidden)
     monkeypatch.setattr(PRIM, "infer", forbidden)
     image, taps, points = embedding(model, 4), taps_for(model, 5), click(model)

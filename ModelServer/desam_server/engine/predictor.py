@@ -198,8 +198,7 @@ class SlicePredictor:
         return mask.cpu().numpy(), float(iou[0])
 
     def _postprocess(self, logits: torch.Tensor, feats: ImageFeatures) -> torch.Tensor:
-        return self.model.postprocess_logits(logits, feats.input_size, feats.original_size,
-                                             banded=self.fast is not None and self.fast.banded_resize)
+        return self.model.postprocess_logits(logits, feats.input_size, feats.original_size)
 
     # ---- automatic (DeSAM) modes ----------------------------------------------------------
     def _skips(self, feats: ImageFeatures, between_steps: Callable[[], None] | None = None) -> list[torch.Tensor]:

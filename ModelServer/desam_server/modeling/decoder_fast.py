@@ -17,22 +17,20 @@ Per head that is one product of the image tokens with T columns (8 x 7 = 56 for 
 rather than 128, with the positional halves precomputed once per model (a token's
 positional key scores are taken per head, 16 of the 128 dimensions); the dense prompt embedding,
 when it is SAM's constant "no mask" vector, never needs adding to 4,096 rows. Given a
-slice's ``TransformerSliceCache``, the first block's image-side keys, values and queries (three
-4,096 x 256 -> 128 products, ~0.8 GFLOP) are computed once per slice, since they depend
-on the slice and the weights only; later clicks attend to the cached keys and values per
-head, as the module does, but without projecting the image tokens again. A
+slice's ``TransformerSliceCache``, the first block's image-side keys, values and queries
+(three 4,096 x 256 -> 128 products, ~0.8 GFLOP) are computed once per slice, since they
+depend on the slice and the weights only; later clicks attend to the cached keys and
+values per head, as the module does, but without projecting the image tokens again. A
 prompt's dense embedding joins them through small products: SAM's "no mask" embedding is
 one row, and a mask input's embedding (``MaskDense``) is a row plus a rank-16 term (the
-prompt encoder's last mask layer is a 1 x 1 convolution from 16 channels).
-Only the tokens a caller reads go through the final attention (``outputs``). The
-upscaling (``decoder_upscale``) runs channels-last as two matrix products; for one prompt
-with a slice state its first layer comes from the slice's cached tokens and the blocks'
-low-rank factors, and the hypernetwork product is taken only for the masks that are
-returned. Same arithmetic up to float rounding (tests compare with the modules and with
-``SamPredictor``); for inference only: ``DeSAM`` runs it when its caller passes a
-``FastPath``, and refuses it under autograd. Per-model constants (``TransformerConstants``,
-``UpscaleProjection``) and the per-slice cache are named objects the caller owns and passes
-in (``decoder_state``); nothing is kept on ``segment_anything``'s modules.
+prompt encoder's last mask layer is a 1 x 1 convolution from 16 channels). The upscaling
+(``decoder_upscale``) runs channels-last as two matrix products, and the hypernetwork
+product is taken only for the masks that are returned. Same arithmetic up to float
+rounding (tests compare with the modules and with ``SamPredictor``); for inference only:
+``DeSAM`` runs it when its caller passes a ``FastPath``, and refuses it under autograd.
+Per-model constants (``TransformerConstants``, ``UpscaleProjection``) and the per-slice
+cache are named objects the caller owns and passes in (``decoder_state``); nothing is
+kept on ``segment_anything``'s modules.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ from .decoder_state import (
     TransformerSliceCache,
     UpscaleProjection,
 )
-from .decoder_upscale import BlockFactors, projected_tokens, upscaled_masks
+from .decoder_upscale import upscaled_masks
 
 __all__ = ["MaskDense", "transformer_constants", "mask_decoder_forward", "two_way_forward"]
 
@@ -179,9 +177,9 @@ def _token_to_image(attn: Attention, q_tokens: Tensor, x: Tensor, positional: At
 
 def _image_to_token(attn: Attention, x: Tensor, positional: AttentionPositional, row: Tensor | None,
                     k_tokens: Tensor, v_tokens: Tensor, b: int, first: FirstBlock | None = None,
-                    low: _LowRank | None = None, own: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                    low: _LowRank | None = None, own: bool = False) -> Tensor:
     """x + row + Attention(q=image + row + pe, k=tokens + pe, v=tokens) -> B x L x C (before
-    the layer norm), and its factors (P B x L x K, U B x K x C: the result is x + P U).
+    the layer norm), computed as x + P U (P B x L x K the attention, U B x K x C).
     positional: the block's (the query projection's positional half); first: the slice's
     cached first block (its queries of the bare image tokens) -- then the row and ``low``
     enter through small products. own: x is a temporary of the caller's, updated in place
@@ -220,8 +218,8 @@ def _image_to_token(attn: Attention, x: Tensor, positional: AttentionPositional,
     if low is not None:  # x + h W^T: the low-rank term joins the same product.
         p, u = torch.cat([p, low.h.expand(b, -1, -1)], dim=2), torch.cat([u, low.w.T.expand(b, -1, -1)], dim=1)
     if own and x.shape[0] == b:
-        return x.baddbmm_(p, u), p, u
-    return torch.baddbmm(x, p, u), p, u
+        return x.baddbmm_(p, u)
+    return torch.baddbmm(x, p, u)
 
 
 def _first_block(transformer: TwoWayTransformer, x: Tensor, positional: AttentionPositional) -> FirstBlock:
@@ -243,7 +241,7 @@ def _first_block(transformer: TwoWayTransformer, x: Tensor, positional: Attentio
 
 def two_way_forward(transformer: TwoWayTransformer, constants: TransformerConstants, image: Tensor, tokens: Tensor,
                     dense: Tensor | MaskDense, *, cache: TransformerSliceCache | None = None,
-                    outputs: list[int] | None = None) -> tuple[Tensor, Tensor]:
+                    ) -> tuple[Tensor, Tensor]:
     """``transformer(image + dense, image_pe, tokens)`` for inference.
 
     constants: ``transformer_constants(transformer, image_pe)``; image: Bx x C x E x E
@@ -253,20 +251,7 @@ def two_way_forward(transformer: TwoWayTransformer, constants: TransformerConsta
     transformer: with one image, the first block's image-side projections are computed
     once per slice and reused by later prompts with a constant dense embedding, and by
     single prompts with a mask input (``MaskDense``: its rank-16 term through small
-    products). Returns (queries B x T x C, keys B x L x C) as the module does; with
-    ``outputs`` (token indices), queries B x len(outputs) x C: only those tokens go through
-    the final attention (each token attends to the image on its own, so the others are
-    not needed by a caller that reads only these)."""
-    queries, keys, _ = _two_way(transformer, constants, image, tokens, dense, cache, outputs)
-    return queries, keys
-
-
-def _two_way(transformer: TwoWayTransformer, constants: TransformerConstants, image: Tensor, tokens: Tensor,
-             dense: Tensor | MaskDense, cache: TransformerSliceCache | None, outputs: list[int] | None,
-             projection: UpscaleProjection | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``two_way_forward``, and with ``projection`` the keys' projection by the first
-    upscaling layer (1 x L x N, ``decoder_upscale.projected_tokens``) when the slice's
-    first block is cached and there is one prompt, else None."""
+    products). Returns (queries B x T x C, keys B x L x C) as the module does."""
     b = tokens.shape[0]
     x = image.flatten(2).transpose(1, 2)                    # Bx x L x C, a view
     low = None
@@ -286,9 +271,6 @@ def _two_way(transformer: TwoWayTransformer, constants: TransformerConstants, im
             cache.first_block = _first_block(transformer, x, constants.blocks[0])
         first = cache.first_block
         x = first.tokens[None]
-    # Each block's image-side factors and layer-norm statistics, for the projection.
-    unroll = projection is not None and projection.blocks is not None and first is not None and b == 1
-    blocks: list[BlockFactors] = []
     queries, query_pe = tokens, tokens
     for i, (layer, positional) in enumerate(zip(transformer.layers, constants.blocks, strict=True)):
         cached = first if i == 0 else None
@@ -302,45 +284,35 @@ def _two_way(transformer: TwoWayTransformer, constants: TransformerConstants, im
                                low if cached else None)
         queries = layer.norm2(queries + attn)
         queries = layer.norm3(queries + layer.mlp(queries))
-        pre, p, u = _image_to_token(layer.cross_attn_image_to_token, x, positional, row, queries + query_pe, queries,
-                                    b, cached, low if cached else None, own=i > 0)
-        row, norm = None, layer.norm4
-        if not unroll:
-            x = norm(pre)
-        else:
-            x, mean, rstd = torch.native_layer_norm(pre, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-            blocks.append(BlockFactors(p=p[0], u=u[0], mean=mean[0], rstd=rstd[0]))
-    if outputs is not None:
-        queries, query_pe = queries[:, outputs], query_pe[:, outputs]
+        pre = _image_to_token(layer.cross_attn_image_to_token, x, positional, row, queries + query_pe, queries, b,
+                              cached, low if cached else None, own=i > 0)
+        row = None
+        x = layer.norm4(pre)
     queries = queries + _token_to_image(transformer.final_attn_token_to_image, queries + query_pe, x,
                                         constants.final, row)
-    projected = projected_tokens(first.tokens, projection, blocks, cache)[None] if unroll else None
-    return transformer.norm_final_attn(queries), x.expand(b, -1, -1), projected
+    return transformer.norm_final_attn(queries), x.expand(b, -1, -1)
 
 
 def mask_decoder_forward(decoder: MaskDecoder, constants: TransformerConstants, projection: UpscaleProjection,
                          image: Tensor, sparse: Tensor, dense: Tensor | MaskDense, multimask_output: bool, *,
-                         cache: TransformerSliceCache | None = None, read_tokens_only: bool = True,
-                         unrolled_first_layer: bool = True) -> tuple[Tensor, Tensor]:
+                         cache: TransformerSliceCache | None = None, matrix_upscaling: bool = True,
+                         ) -> tuple[Tensor, Tensor]:
     """``decoder(image, image_pe, sparse, dense, multimask_output)`` for inference:
     (low-res logits B x C x 4E x 4E, iou B x C), C = 3 with multimask_output else 1.
     constants / projection: ``transformer_constants(decoder.transformer, image_pe)`` and
-    ``upscale_projection(decoder)``; cache: see ``two_way_forward``; with it (and
-    ``unrolled_first_layer``) one prompt's first upscaling layer also comes through the
-    slice's cached tokens (``decoder_upscale``). read_tokens_only: the final attention for
-    the IoU token and the returned masks' tokens only."""
+    ``upscale_projection(decoder)``; cache: see ``two_way_forward``; matrix_upscaling: the
+    upscaling as channels-last matrix products (``decoder_upscale``), else the modules'."""
     b = sparse.shape[0]
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
     chosen = range(1, decoder.num_mask_tokens) if multimask_output else range(0, 1)
-    read = [0] + [1 + i for i in chosen]
-    queries, keys, projected = _two_way(decoder.transformer, constants, image, tokens, dense, cache,
-                                        read if read_tokens_only else None,
-                                        projection if unrolled_first_layer else None)
-    if not read_tokens_only:
-        queries = queries[:, read]
-    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + j]) for j, i in enumerate(chosen)],
-                        dim=1)
-    masks = upscaled_masks(decoder, projection, keys, hyper, image.shape[-1], projected=projected)
+    queries, keys = two_way_forward(decoder.transformer, constants, image, tokens, dense, cache=cache)
+    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i]) for i in chosen], dim=1)
+    side = image.shape[-1]
+    if matrix_upscaling:
+        masks = upscaled_masks(decoder, projection, keys, hyper, side)
+    else:
+        upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(b, -1, side, side))
+        masks = (hyper @ upscaled.flatten(2)).view(b, -1, 4 * side, 4 * side)
     iou = decoder.iou_prediction_head(queries[:, 0])
     return masks, iou[:, chosen.start : chosen.stop]

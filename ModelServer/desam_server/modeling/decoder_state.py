@@ -9,10 +9,10 @@ Two kinds, each with one owner:
   ``to()``, an optimizer step in training code); the parts are built lazily by the first
   inference call that needs them.
 * per slice: ``SliceDecoderState``, owned by the slice's ``ImageFeatures``: work every
-  prompt on that slice shares (the first block's image side, the bare tokens through the
-  first upscaling layer, PDMM's image part). It records the generation it was computed
-  with; a model of another generation clears it before use (``bind``), so a swapped
-  decoder or changed weights never read stale slice work.
+  prompt on that slice shares (the first block's image side, PDMM's image part). It
+  records the generation it was computed with; a model of another generation clears it
+  before use (``bind``), so a swapped decoder or changed weights never read stale slice
+  work.
 
 Generations come from one process-wide counter, so no two models (or two weight versions
 of one model) ever share a number.
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 __all__ = [
-    "AttentionPositional", "TransformerConstants", "BlockProjection", "UpscaleProjection", "FirstBlock",
+    "AttentionPositional", "TransformerConstants", "UpscaleProjection", "FirstBlock",
     "TransformerSliceCache", "SliceDecoderState", "ModelConstants", "next_generation",
 ]
 
@@ -62,26 +62,14 @@ class TransformerConstants:
 
 
 @dataclass(frozen=True)
-class BlockProjection:
-    """Block k's share of the unrolled first upscaling layer (see ``decoder_upscale``):
-    ``m`` = diag(g_k ... g_N) W (C x N), its column sums, and ``offset`` = beta_k M_{k+1}
-    (plus the layer's bias for the last block)."""
-
-    m: Tensor
-    column_sums: Tensor
-    offset: Tensor
-
-
-@dataclass(frozen=True)
 class UpscaleProjection:
-    """SAM's first upscaling layer (a 2 x 2 stride-2 transposed convolution) as a matrix:
-    ``weight`` C x N, ``bias`` N; ``blocks``: per transformer block, its
-    ``BlockProjection`` (None when a block's norm has no affine weights, and the unrolling
-    does not apply)."""
+    """SAM's two upscaling layers (2 x 2 stride-2 transposed convolutions) as matrices:
+    ``first`` C x 4C' and ``first_bias``, ``second`` C' x 4C'' and ``second_bias``."""
 
-    weight: Tensor
-    bias: Tensor
-    blocks: tuple[BlockProjection, ...] | None
+    first: Tensor
+    first_bias: Tensor
+    second: Tensor
+    second_bias: Tensor
 
 
 @dataclass(frozen=True)
@@ -100,11 +88,9 @@ class FirstBlock:
 
 @dataclass
 class TransformerSliceCache:
-    """A slice's shared work for one two-way transformer: its ``FirstBlock`` and (SAM's
-    decoder only) the bare tokens through the unrolled first upscaling layer, L x N."""
+    """A slice's shared work for one two-way transformer: its ``FirstBlock``."""
 
     first_block: FirstBlock | None = None
-    first_layer: Tensor | None = None
 
 
 @dataclass
@@ -129,8 +115,7 @@ class SliceDecoderState:
 
     @property
     def empty(self) -> bool:
-        return (self.sam.first_block is None and self.sam.first_layer is None and self.prim.first_block is None
-                and self.pdmm_skips is None)
+        return self.sam.first_block is None and self.prim.first_block is None and self.pdmm_skips is None
 
 
 @dataclass

@@ -17,7 +17,6 @@ from .decoder_upscale import upscale_projection
 from .fast_path import FastPath
 from .pdmm import PDMM
 from .prim import PRIM
-from .resize import resize_band
 
 
 @dataclass(frozen=True)
@@ -237,8 +236,7 @@ class DeSAM(nn.Module):
         if fast is None or not fast.reassociate:
             return self.prim(embedding, self.dense_pe(), sparse, dense)
         cache = state.bind(self.generation).prim if state is not None and fast.slice_cache else None
-        return self.prim.infer(embedding, sparse, dense, constants=self._prim_constants(), cache=cache,
-                               read_tokens_only=fast.read_tokens_only)
+        return self.prim.infer(embedding, sparse, dense, constants=self._prim_constants(), cache=cache)
 
     def desam_decode(
         self,
@@ -311,26 +309,13 @@ class DeSAM(nn.Module):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
         constants, projection = self._sam_constants()
         return mask_decoder_forward(self.mask_decoder, constants, projection, embedding, sparse, dense,
-                                    multimask_output, cache=cache, read_tokens_only=fast.read_tokens_only,
-                                    unrolled_first_layer=fast.unrolled_first_layer)
+                                    multimask_output, cache=cache, matrix_upscaling=fast.matrix_upscaling)
 
     def postprocess_logits(
-        self, logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], *,
-        banded: bool = True,
+        self, logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int],
     ) -> torch.Tensor:
-        """Low-res logits B x C x L x L -> B x C x H x W in the original slice frame:
-        bilinear to S x S, crop the unpadded h x w region, bilinear to H x W (SAM's
-        steps). banded: bilinear resizing is linear and separable, so the three steps fold
-        into one H x L matrix for rows and one W x L matrix for columns, applied band by
-        band (``resize.Band``): no S x S intermediate per mask (same values to ~1e-6);
-        False: SAM's interpolations as written."""
-        if not banded:
-            x = F.interpolate(logits.float(), (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-            x = x[..., : input_size[0], : input_size[1]]
-            return F.interpolate(x, original_size, mode="bilinear", align_corners=False)
-        rows = resize_band(logits.shape[-2], self.img_size, input_size[0], original_size[0], logits.device)
-        cols = resize_band(logits.shape[-1], self.img_size, input_size[1], original_size[1], logits.device)
-        x = logits.float()
-        lead = x.shape[:-2]
-        x = cols.apply(x.reshape(-1, *x.shape[-2:]).transpose(1, 2)).transpose(1, 2)
-        return rows.apply(x).reshape(*lead, rows.out, cols.out).contiguous()
+        """Low-res logits B x C x L x L -> B x C x H x W in the original slice frame, as SAM
+        does it: bilinear to S x S, crop the unpadded h x w region, bilinear to H x W."""
+        x = F.interpolate(logits.float(), (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        x = x[..., : input_size[0], : input_size[1]]
+        return F.interpolate(x, original_size, mode="bilinear", align_corners=False)

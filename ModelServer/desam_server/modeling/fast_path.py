@@ -20,37 +20,31 @@ class FastPath:
     """Parts of the inference fast path (all on by default).
 
     reassociate: the two-way transformer's attentions reassociated for few prompt tokens
-      (``decoder_fast``) and SAM's upscaling as channels-last matrix products
-      (``decoder_upscale``); off: the modules' own forwards (the other parts need it).
+      (``decoder_fast``); off: the modules' own forwards (the other decoder parts need it).
     slice_cache: the first block's image side computed once per slice and reused by every
       prompt on it (``SliceDecoderState``).
-    read_tokens_only: the final token-to-image attention only for the tokens a caller reads.
-    unrolled_first_layer: one prompt's first upscaling layer through the slice's cached
-      tokens and the blocks' low-rank factors (needs ``slice_cache``).
+    matrix_upscaling: SAM's upscaling as channels-last matrix products
+      (``decoder_upscale``); off: its modules.
     factored_mask_input: a refinement's mask input kept as a rank-16 term, so that the
       slice's cached first block serves it too (needs ``slice_cache``).
-    banded_resize: postprocessing as one resize matrix per axis applied band by band
-      (``resize``); off: SAM's two bilinear interpolations and crop.
     """
 
     reassociate: bool = True
     slice_cache: bool = True
-    read_tokens_only: bool = True
-    unrolled_first_layer: bool = True
+    matrix_upscaling: bool = True
     factored_mask_input: bool = True
-    banded_resize: bool = True
 
     def __post_init__(self) -> None:
-        if not self.reassociate and (self.slice_cache or self.read_tokens_only):
-            raise ValueError("slice_cache and read_tokens_only need reassociate=True")
-        if not self.slice_cache and (self.unrolled_first_layer or self.factored_mask_input):
-            raise ValueError("unrolled_first_layer and factored_mask_input need slice_cache=True")
+        if not self.reassociate and (self.slice_cache or self.matrix_upscaling):
+            raise ValueError("slice_cache and matrix_upscaling need reassociate=True")
+        if not self.slice_cache and self.factored_mask_input:
+            raise ValueError("factored_mask_input needs slice_cache=True")
 
     @classmethod
     def without(cls, *parts: str) -> FastPath:
         """All parts but ``parts`` (and those that need them)."""
-        needs = {"reassociate": ("slice_cache", "read_tokens_only", "unrolled_first_layer", "factored_mask_input"),
-                 "slice_cache": ("unrolled_first_layer", "factored_mask_input")}
+        needs = {"reassociate": ("slice_cache", "matrix_upscaling", "factored_mask_input"),
+                 "slice_cache": ("factored_mask_input",)}
         off = set(parts)
         unknown = off - set(cls.__dataclass_fields__)
         if unknown:

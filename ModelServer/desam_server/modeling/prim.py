@@ -105,18 +105,16 @@ class PRIM(nn.Module):
         *,
         constants: TransformerConstants,
         cache: TransformerSliceCache | None = None,
-        read_tokens_only: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward``'s results through the reassociated transformer
         (``decoder_fast.two_way_forward``), for inference only (``DeSAM`` calls it when
         given a ``FastPath``). constants: ``transformer_constants(self.transformer,
         image_pe)``; cache: the slice's ``SliceDecoderState.prim`` (the first block's image
-        side once per slice); read_tokens_only: only the IoU token passes the final
-        attention (the only token read)."""
+        side once per slice)."""
         batch = sparse_prompt_embeddings.shape[0]
         hs, image_tokens = two_way_forward(self.transformer, constants, image_embeddings,
                                            self._tokens(sparse_prompt_embeddings), dense_prompt_embeddings,
-                                           cache=cache, outputs=[0] if read_tokens_only else None)
+                                           cache=cache)
         iou = self.iou_prediction_head(hs[:, 0, :])[:, 0]
         e = image_embeddings.shape[-1]
         return iou, image_tokens.transpose(1, 2).reshape(batch, -1, e, e)

@@ -1,6 +1,6 @@
-"""decoder_upscale: a click's first upscaling layer through the slice's cached tokens and
-the blocks' low-rank factors, and the final attention for the read tokens only; both equal
-segment_anything's modules."""
+"""The fast path on a decoder whose norms and upscaling biases are not the identity init
+(trained weights are not): the matrix upscaling (``decoder_upscale``) and the whole click,
+with and without the slice's cache, equal segment_anything's modules."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
-from desam_server.modeling.decoder_fast import MaskDense, _two_way, mask_decoder_forward, two_way_forward
+from desam_server.modeling.decoder_fast import MaskDense, mask_decoder_forward
 from desam_server.modeling.decoder_state import TransformerSliceCache
-from desam_server.modeling.decoder_upscale import _conv_weights
+from desam_server.modeling.decoder_upscale import upscaled_masks
 
 from decoder_helpers import embedding, sam_constants, tiny_model
 
@@ -63,44 +63,38 @@ def prompt(model, kind: str, batch: int = 1):
     return sparse, dense, dense
 
 
-def tokens_of(decoder: MaskDecoder, sparse: torch.Tensor) -> torch.Tensor:
-    out = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
-    return torch.cat([out[None].expand(len(sparse), -1, -1), sparse], dim=1)
-
-
-@pytest.mark.parametrize("kind", ["points", "box", "points+mask"])
-def test_projected_tokens_equal_the_keys_through_the_first_layer(model, decoder, image, kind):
-    sparse, dense, _ = prompt(model, kind)
-    constants, projection = sam_constants(model, decoder)
-    cache = TransformerSliceCache()
-    with torch.inference_mode():
-        for _ in range(2):  # the first call fills the cache, the second reads it
-            _, keys, projected = _two_way(decoder.transformer, constants, image, tokens_of(decoder, sparse), dense,
-                                          cache, None, projection)
-            w, b = _conv_weights(decoder.output_upscaling[0])
-            want = keys @ w + b
-            assert projected is not None and projected.shape == want.shape
-            torch.testing.assert_close(projected, want, rtol=1e-4, atol=1e-4)
-    assert cache.first_layer is not None
+def test_the_upscaling_as_matrix_products_equals_the_modules(model, decoder):
+    _, projection = sam_constants(model, decoder)
+    e = model.prompt_encoder.image_embedding_size[0]
+    g = torch.Generator().manual_seed(4)
+    keys, hyper = torch.randn(2, e * e, 256, generator=g), torch.randn(2, 3, 32, generator=g)
+    with torch.no_grad():
+        up = decoder.output_upscaling(keys.transpose(1, 2).reshape(2, 256, e, e))
+        want = (hyper @ up.flatten(2)).view(2, 3, 4 * e, 4 * e)
+        got = upscaled_masks(decoder, projection, keys, hyper, e)
+    assert want.abs().max() > 1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["points", "box", "points+mask"])
 @pytest.mark.parametrize("multimask", [True, False])
-def test_a_click_with_state_equals_the_module(model, decoder, image, kind, multimask):
+@pytest.mark.parametrize("matrix_upscaling", [True, False])
+def test_a_click_with_state_equals_the_module(model, decoder, image, kind, multimask, matrix_upscaling):
     sparse, dense, full = prompt(model, kind)
     pe, cache = model.dense_pe(), TransformerSliceCache()
     constants, projection = sam_constants(model, decoder)
     with torch.inference_mode():
         want = decoder(image, pe, sparse, full, multimask)
-        for _ in range(2):
-            got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, multimask, cache=cache)
+        for _ in range(2):  # the first call fills the cache, the second reads it
+            got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, multimask, cache=cache,
+                                       matrix_upscaling=matrix_upscaling)
             assert want[0].abs().max() > 1
             torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
             torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
 
 
-def test_a_deeper_transformer_unrolls_every_block(model, image):
-    """The unrolling runs over any number of blocks (SAM has two)."""
+def test_a_deeper_transformer_is_reassociated_block_by_block(model, image):
+    """The fast path runs over any number of blocks (SAM has two)."""
     torch.manual_seed(8)
     deep = MaskDecoder(transformer_dim=256, transformer=TwoWayTransformer(depth=3, embedding_dim=256, mlp_dim=512,
                                                                           num_heads=8))
@@ -111,24 +105,24 @@ def test_a_deeper_transformer_unrolls_every_block(model, image):
     with torch.inference_mode():
         want = deep(image, pe, sparse, dense, True)
         got = mask_decoder_forward(deep, constants, projection, image, sparse, dense, True, cache=cache)
-    assert cache.first_layer is not None and len(projection.blocks) == 3
+    assert cache.first_block is not None and len(constants.blocks) == 3
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
 
 
-def test_a_batch_of_prompts_projects_the_keys_directly(model, decoder, image):
+def test_a_batch_of_prompts_shares_the_first_block(model, decoder, image):
     sparse, dense, _ = prompt(model, "points", batch=3)
     pe, cache = model.dense_pe(), TransformerSliceCache()
     constants, projection = sam_constants(model, decoder)
     with torch.inference_mode():
         got = mask_decoder_forward(decoder, constants, projection, image, sparse, dense, True, cache=cache)
         want = decoder(image, pe, sparse, dense, True)
-    assert cache.first_block is not None and cache.first_layer is None
+    assert cache.first_block is not None
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-3)
 
 
-def test_the_projection_follows_a_weight_change(model, image):
+def test_the_upscaling_matrices_follow_a_weight_change(model, image):
     """New norms and upscaling weights (a decoder change, then ``weights_changed``): the
-    model's projection and the slice's cached product are rebuilt, the answer follows."""
+    model's matrices and the slice's state are rebuilt, the answer follows."""
     from desam_server.modeling import FastPath, SliceDecoderState
 
     changed = copy.deepcopy(model)
@@ -143,21 +137,9 @@ def test_the_projection_follows_a_weight_change(model, image):
         for change in (lambda: decoder.transformer.layers[0].norm4.weight.mul_(1.3),
                        lambda: decoder.transformer.layers[1].norm4.bias.add_(0.2),
                        lambda: decoder.output_upscaling[0].weight.mul_(0.7)):
-            before = state.sam.first_layer
+            before = state.sam.first_block
             change()
             changed.weights_changed()
             got = changed.sam_decode(image, fast=FastPath(), state=state, **args)[0]
             torch.testing.assert_close(got, changed.sam_decode(image, **args)[0], rtol=1e-4, atol=1e-3)
-            assert state.sam.first_layer is not before
-
-
-def test_outputs_runs_the_final_attention_for_those_tokens_only(model, decoder, image):
-    sparse, dense, _ = prompt(model, "points+box", batch=2)
-    tokens, pe = tokens_of(decoder, sparse), model.dense_pe()
-    constants, _ = sam_constants(model, decoder)
-    with torch.no_grad():
-        want_q, want_k = decoder.transformer(image.expand(2, -1, -1, -1) + dense, pe, tokens)
-        got_q, got_k = two_way_forward(decoder.transformer, constants, image, tokens, dense, outputs=[0, 3, 4])
-    assert got_q.shape == (2, 3, 256)
-    torch.testing.assert_close(got_q, want_q[:, [0, 3, 4]], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got_k, want_k, rtol=1e-4, atol=1e-5)
+            assert state.sam.first_block is not before
