@@ -6,15 +6,20 @@ CT uploaded and its reference slice encoded (MobileSAM, the pretrained weights).
 rounds, every configuration gets the same click through ``ServerClient`` (in a shuffled
 order each round), and the bench process runs ``segment_anything.SamPredictor.predict`` on
 the same cached embedding (the float16 features the service holds, unpacked) -- SAM's
-stock decoder, freshly built and loaded from the same checkpoint. Two click kinds:
+stock decoder, freshly built and loaded from the same checkpoint. Each turn is a block of
+``--block`` consecutive clicks of one configuration, the first of them untimed: clicks
+alternating between processes click by click evict each other's caches and wake sleeping
+thread teams, which a user's clicks on an otherwise idle machine do not meet; blocks
+alternate often enough (about every 0.3 s) that the machine's drift reaches every
+configuration alike. Two click kinds:
 
 - ``click``: one positive point, multimask (the service's plain click);
 - ``refine``: two points plus the previous answer's logits as mask input (``logits_id``;
   in-process: the low-res logits), one mask (a correction click).
 
-Per configuration: round-trip p50, and the median over rounds of its round trip divided
-by the all-parts round trip of the same round (the machine's speed drifts within seconds;
-a ratio within a round does not). A part pays when removing it makes clicks >= 5% slower.
+Per configuration: round-trip p50, and the median over rounds of its block's median round
+trip divided by the all-parts block median of the same round (the machine's speed drifts
+within seconds; a ratio within a round does not). A part pays when removing it makes clicks >= 5% slower.
 Also: the all-parts click against SamPredictor.predict (target < 0.6), and whether the
 service's masks equal SamPredictor's (pixels that differ, max IoU-score difference).
 
@@ -44,7 +49,8 @@ CONFIGS = ["all", "without:reassociate", "without:slice_cache", "without:matrix_
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=120, help="rounds per click kind")
+    p.add_argument("--rounds", type=int, default=30, help="rounds per click kind")
+    p.add_argument("--block", type=int, default=8, help="consecutive clicks per configuration and round")
     p.add_argument("--configs", default=";".join(CONFIGS), help="fast_path settings, ';'-separated")
     p.add_argument("--upsample", type=int, default=1,
                    help="repeat each pixel of the CT's slices N x N (2: 512 x 512 slices of the same anatomy)")
@@ -134,7 +140,8 @@ def main(argv=None) -> int:
                                                                   original_size, click, refine_points)
             result["load_rounds"] = lib.load()
             for kind in ("click", "refine"):
-                result[kind] = run_rounds(kind, services, stock, k, click, refine_points, window, args.rounds)
+                result[kind] = run_rounds(kind, services, stock, k, click, refine_points, window, args.rounds,
+                                          args.block)
         finally:
             for svc in services.values():
                 svc.stop()
@@ -148,14 +155,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_rounds(kind, services, stock, k, click, refine_points, window, rounds) -> dict:
-    """Interleaved rounds of one click kind (three untimed warm-up rounds first): per
-    configuration its round trips and server decode times, and SamPredictor's
-    in-process times, in a shuffled order per round."""
+def run_rounds(kind, services, stock, k, click, refine_points, window, rounds, block) -> dict:
+    """Interleaved rounds of one click kind (one untimed warm-up round first): in each, every
+    configuration and SamPredictor in a shuffled order, each a block of ``block`` clicks whose
+    first is untimed. Per configuration its round trips and server decode times, and the
+    median over rounds of its block median divided by the all-parts block median."""
     rng = random.Random(0)
     names = list(services)
     times = {name: [] for name in [*names, "stock"]}
     decode = {name: [] for name in names}
+    block_medians = {name: [] for name in [*names, "stock"]}
     previous, stock_low = {}, None
     if kind == "refine":
         for name, svc in services.items():
@@ -164,38 +173,44 @@ def run_rounds(kind, services, stock, k, click, refine_points, window, rounds) -
         _, _, stock_low = stock.predict(point_coords=np.array(click), point_labels=np.array([1]),
                                         multimask_output=False)
     answers = {}
-    for r in range(rounds + 3):
+    for r in range(rounds + 1):
         order = [*names, "stock"]
         rng.shuffle(order)
         for name in order:
-            if name == "stock":
-                dt = stock_click(kind, stock, click, refine_points, stock_low)
-            else:
-                svc = services[name]
-                t0 = time.perf_counter()
-                if kind == "click":
-                    answer = svc.client.segment_prompt(svc.vid, "k", k, points=click, window=window, multimask=True)
+            this_block = []
+            for n in range(block):
+                if name == "stock":
+                    dt = stock_click(kind, stock, click, refine_points, stock_low)
                 else:
-                    answer = svc.client.segment_prompt(svc.vid, "k", k, points=refine_points, labels=[1, 0],
-                                                       window=window, multimask=False, logits_id=previous[name])
-                dt = time.perf_counter() - t0
-                answers[name] = answer
-                if r >= 3:
-                    decode[name].append(answer.timing["decode_s"] * 1e3)
-            if r >= 3:
-                times[name].append(dt * 1e3)
+                    svc = services[name]
+                    t0 = time.perf_counter()
+                    if kind == "click":
+                        answer = svc.client.segment_prompt(svc.vid, "k", k, points=click, window=window,
+                                                           multimask=True)
+                    else:
+                        answer = svc.client.segment_prompt(svc.vid, "k", k, points=refine_points, labels=[1, 0],
+                                                           window=window, multimask=False, logits_id=previous[name])
+                    dt = time.perf_counter() - t0
+                    answers[name] = answer
+                    if r and n:
+                        decode[name].append(answer.timing["decode_s"] * 1e3)
+                if r and n:
+                    this_block.append(dt * 1e3)
+            if r:
+                times[name] += this_block
+                block_medians[name].append(float(np.median(this_block)))
     stock_times = np.asarray(times.pop("stock"))
-    out = {"configs": {}, "stock_predict_ms": lib.summary(stock_times)}
-    base = np.asarray(times["all"]) if "all" in times else None
+    out = {"configs": {}, "stock_predict_ms": lib.summary(stock_times), "block": block, "rounds": rounds}
+    base = np.asarray(block_medians["all"]) if "all" in block_medians else None
     for name in names:
         t = np.asarray(times[name])
         entry = {"round_trip_ms": lib.summary(t), "server_decode_ms": lib.summary(decode[name]),
-                 "series_ms": [round(v, 1) for v in t]}
+                 "block_medians_ms": [round(v, 2) for v in block_medians[name]]}
         if base is not None:
-            entry["vs_all_median_ratio"] = float(np.median(t / base))
+            entry["vs_all_median_ratio"] = float(np.median(np.asarray(block_medians[name]) / base))
         out["configs"][name] = entry
     if base is not None:
-        out["all_vs_stock_median_ratio"] = float(np.median(base / stock_times))
+        out["all_vs_stock_median_ratio"] = float(np.median(base / np.asarray(block_medians["stock"])))
         out["agreement"] = agreement(kind, answers["all"], stock, click, refine_points, stock_low)
     return out
 
