@@ -40,7 +40,7 @@ SHUTTING_DOWN = "the service shut down"
 
 
 class JobState(StrEnum):
-    """A job's state; the values are the API's words (``JobInfo.state``)."""
+    """A job's state: queued, then running, then succeeded, failed or cancelled (the API's words)."""
 
     QUEUED = "queued"
     RUNNING = "running"

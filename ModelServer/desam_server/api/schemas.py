@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .jobs import JobState
+
 VolumeId = str
 Axis = Literal["k", "j", "i"]
 ID_PATTERN = r"^[0-9a-f]{64}$"
@@ -194,7 +196,7 @@ class JobProgress(BaseModel):
 
 class JobInfo(BaseModel):
     id: str
-    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    state: JobState
     spec: dict[str, Any]
     progress: JobProgress
     slices_with_mask: int
