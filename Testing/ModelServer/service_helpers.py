@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -117,3 +122,33 @@ def live_server(settings: ServiceSettings, factory=tiny_factory, *, finished: Fi
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_process(tmp_path: Path, *args: str, env_extra: dict | None = None) -> subprocess.Popen:
+    """``desam-server serve`` with the tiny random encoder on the CPU as a child process
+    (its volumes and features under ``tmp_path``; ``args`` are more flags); stdout and
+    stderr joined, text. The caller stops it."""
+    env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"), **(env_extra or {})}
+    cmd = [sys.executable, "-m", "desam_server.cli", "serve", "--encoder", "tiny", "--device", "cpu",
+           "--volume-dir", str(tmp_path / "volumes"), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    """SIGTERM (uvicorn shuts the service down gracefully, then re-raises the signal), wait
+    for the exit (killed after ``timeout`` seconds); returns (exit status, output)."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    return proc.returncode, out

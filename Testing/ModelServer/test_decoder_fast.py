@@ -168,21 +168,3 @@ def test_prim_with_state_scores_a_batch_of_prompts_like_the_module(model, image)
     for got in (batched, tuple(torch.cat(parts) for parts in zip(*single, strict=True))):
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
-
-
-def test_upscaling_in_row_chunks_equals_the_module(model):
-    """Chunks of input pixels (a clicked slice has 4,096; the tiny model 256) give the
-    module's upscaling and hypernetwork product, for every chunk size."""
-    from desam_server.modeling.decoder_upscale import upscaled_masks
-
-    decoder = model.mask_decoder
-    _, projection = sam_constants(model)
-    e = model.prompt_encoder.image_embedding_size[0]
-    g = torch.Generator().manual_seed(5)
-    keys, hyper = torch.randn(2, e * e, 256, generator=g), torch.randn(2, 3, 32, generator=g)
-    with torch.no_grad():
-        up = decoder.output_upscaling(keys.transpose(1, 2).reshape(2, 256, e, e))
-        want = (hyper @ up.flatten(2)).view(2, 3, 4 * e, 4 * e)
-        for rows in (e * e, 100, 64, 1):
-            torch.testing.assert_close(upscaled_masks(decoder, projection, keys, hyper, e, rows), want, rtol=1e-4,
-                                       atol=1e-4)

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -16,7 +12,16 @@ from desam_server.api import ServiceSettings, SettingsError, create_app
 from SlicerDeSAMLib.ServerClient import ServerClient
 
 from scheduler_helpers import wait_until
-from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
+from service_helpers import (
+    free_port,
+    id_of,
+    payload_of,
+    phantom_volume,
+    serve_process,
+    stop_process,
+    tiny_factory,
+    tiny_settings,
+)
 
 
 def click(c, vid, index=2, **extra):
@@ -125,22 +130,9 @@ def test_settings_precedence_and_errors(tmp_path):
     assert "token" not in ServiceSettings(token="t" * 16).public()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(tmp_path, *args, env_extra=None):
-    env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "desam_server.cli", "serve", "--encoder", "tiny", "--device", "cpu",
-           "--volume-dir", str(tmp_path / "volumes"), *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_serve_command_on_loopback_and_graceful_stop(tmp_path):
-    port = _free_port()
-    proc = _serve(tmp_path, "--port", str(port))
+    port = free_port()
+    proc = serve_process(tmp_path, "--port", str(port))
     try:
         client = ServerClient(f"http://127.0.0.1:{port}", timeout=30)
         client.wait_until_ready(timeout=120)
@@ -150,19 +142,16 @@ def test_serve_command_on_loopback_and_graceful_stop(tmp_path):
         assert sent and vid == id_of(vol)
         assert client.segment_prompt(vid, "k", 1, box=[5, 5, 40, 30]).masks.shape == (3, 48, 64)
         client.close()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        status, out = stop_process(proc)
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended.
-    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert status in (0, -signal.SIGTERM), out
     assert "service stopped" in out and "Application shutdown complete" in out and "Traceback" not in out
     assert vid not in out                       # logs name volumes by a 12-character prefix only
 
 
 def test_serve_refuses_public_bind_without_token(tmp_path):
-    proc = _serve(tmp_path, "--host", "0.0.0.0", "--port", str(_free_port()))
+    proc = serve_process(tmp_path, "--host", "0.0.0.0", "--port", str(free_port()))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "refusing to listen on 0.0.0.0" in out
 

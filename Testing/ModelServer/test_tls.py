@@ -6,13 +6,9 @@ from __future__ import annotations
 import contextlib
 import http.server
 import logging
-import os
 import select
 import signal
-import socket
 import ssl
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -22,7 +18,18 @@ from cryptography.hazmat.primitives import serialization
 from desam_server.api import ServiceSettings, SettingsError
 from SlicerDeSAMLib.ServerClient import ServerClient, ServerError
 
-from service_helpers import DIRECTION, ORIGIN, SPACING, id_of, live_server, phantom_volume, tiny_settings
+from service_helpers import (
+    DIRECTION,
+    ORIGIN,
+    SPACING,
+    free_port,
+    id_of,
+    live_server,
+    phantom_volume,
+    serve_process,
+    stop_process,
+    tiny_settings,
+)
 
 TOKEN = "tls-test-token-0123456789abcdef"
 
@@ -268,40 +275,23 @@ def test_tls_settings_from_config_environment_and_overrides(certs, tmp_path):
 # ---- desam-server serve -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(tmp_path, *args, env_extra=None):
-    env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"), **(env_extra or {})}
-    cmd = [sys.executable, "-m", "desam_server.cli", "serve", "--encoder", "tiny", "--device", "cpu",
-           "--volume-dir", str(tmp_path / "volumes"), *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_serve_speaks_https_with_the_tls_flags(tmp_path, certs):
-    port = _free_port()
-    proc = _serve(tmp_path, "--port", str(port), "--tls-certfile", str(certs["cert"]),
+    port = free_port()
+    proc = serve_process(tmp_path, "--port", str(port), "--tls-certfile", str(certs["cert"]),
                   "--tls-keyfile", str(certs["key"]))
     try:
         client = ServerClient(f"https://127.0.0.1:{port}", ca_file=certs["ca"], timeout=30)
         assert client.wait_until_ready(timeout=120)["status"] == "ok"
         assert client.info()["settings"]["tls"] is True
         client.close()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
-    assert proc.returncode in (0, -signal.SIGTERM), out
+        status, out = stop_process(proc)
+    assert status in (0, -signal.SIGTERM), out
     assert f"starting the DeSAM service on https://127.0.0.1:{port}" in out and "Traceback" not in out
 
 
 def test_serve_refuses_a_public_bind_without_tls(tmp_path):
-    proc = _serve(tmp_path, "--host", "0.0.0.0", "--port", str(_free_port()), env_extra={"DESAM_TOKEN": TOKEN})
+    proc = serve_process(tmp_path, "--host", "0.0.0.0", "--port", str(free_port()), env_extra={"DESAM_TOKEN": TOKEN})
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
     assert "error: refusing to listen on 0.0.0.0" in out and "tls_certfile" in out and "allow_insecure_http" in out
