@@ -113,10 +113,6 @@ class SliceDecoderState:
             self.generation = generation
         return self
 
-    @property
-    def empty(self) -> bool:
-        return self.sam.first_block is None and self.prim.first_block is None and self.pdmm_skips is None
-
 
 @dataclass
 class ModelConstants:
