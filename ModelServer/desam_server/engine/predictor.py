@@ -219,6 +219,7 @@ class SlicePredictor:
         chunk_size: int | None = None,
         decode_chunk: int = 1,
         between_steps: Callable[[], None] | None = None,
+        allow_untrained: bool = False,
     ) -> AutoResult:
         """DeSAM without a user prompt.
 
@@ -238,8 +239,10 @@ class SlicePredictor:
         between_steps: called between the steps of the computation (each PRIM chunk, PDMM's
           stages and blocks): a caller's chance to run other work (the service serves
           clicks there during a batch job). Nothing is installed on the model.
+        allow_untrained: run without a loaded decoder file (validation while training);
+          otherwise a model whose PRIM + PDMM were never loaded is refused.
         """
-        if not self.model.has_trained_decoder:
+        if not self.model.has_trained_decoder and not allow_untrained:
             raise UntrainedDecoderError(HOW_TO_GET_A_DECODER)
         feats = self._require_image()
         h, w = feats.original_size

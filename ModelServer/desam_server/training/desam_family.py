@@ -1,0 +1,183 @@
+"""DeSAM's training: PRIM + PDMM on cached features (spec items 17-20).
+
+Strategies:
+- ``grid``: one point per sample, inside the structure or outside it with probability 1/2
+  (always outside on a slice without the structure), given to the prompt encoder as a
+  positive point; IoU target 1 when the point is inside, else 0. Loss: Dice + binary
+  cross-entropy on the low-resolution logits + 10 x MSE on the predicted IoU (the
+  paper's; weights in ``DeSAMLoss``).
+- ``box``: the box covering the whole image region; Dice + cross-entropy only, the IoU
+  head is frozen (not trained).
+
+Dice and cross-entropy are MONAI's ``DiceCELoss`` (sigmoid, per-sample Dice: an empty
+slice predicted empty costs nothing), the IoU term ``torch.nn.MSELoss``.
+Targets live in the logits' frame: the label resized like the image (longest side to the
+input size) and padded, at a quarter of the input size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.nn import functional as F
+
+from ..engine.predictor import SlicePredictor
+from ..engine.preprocess import to_input_frame
+from ..modeling.checkpoint import save_decoder
+from ..modeling.desam import DeSAM, ImageFeatures
+from .family import TrainItem
+
+__all__ = ["DeSAMFamily", "DeSAMTrainingModule", "DeSAMLoss", "low_res_target", "sample_point"]
+
+STRATEGIES = ("grid", "box")
+
+
+class DeSAMTrainingModule(nn.Module):
+    """PRIM + PDMM registered (what trains); the rest of the model is reached through a
+    plain reference (not a submodule: frozen, never broadcast by DDP)."""
+
+    def __init__(self, model: DeSAM) -> None:
+        super().__init__()
+        self.prim = model.prim
+        self.pdmm = model.pdmm
+        self._model = (model,)
+
+    @property
+    def model(self) -> DeSAM:
+        return self._model[0]
+
+    def forward(self, embedding: torch.Tensor, taps: Sequence[torch.Tensor], *,
+                points: tuple[torch.Tensor, torch.Tensor] | None = None,
+                boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.desam_forward(embedding, taps, points=points, boxes=boxes)
+
+
+class DeSAMLoss:
+    """dice + ce (MONAI DiceCELoss, sigmoid) + iou_weight x MSE(IoU) for ``grid``."""
+
+    def __init__(self, *, dice_weight: float = 1.0, ce_weight: float = 1.0, iou_weight: float = 10.0) -> None:
+        self.mask_loss = DiceCELoss(sigmoid=True, lambda_dice=dice_weight, lambda_ce=ce_weight)
+        self.iou_loss = nn.MSELoss()
+        self.iou_weight = iou_weight
+
+    def __call__(self, logits, target, iou=None, iou_target=None) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = self.mask_loss(logits.float(), target)
+        parts = {"mask": float(mask.detach())}
+        if iou is None:
+            return mask, parts
+        iou_term = self.iou_loss(iou.float(), iou_target)
+        parts["iou"] = float(iou_term.detach())
+        return mask + self.iou_weight * iou_term, parts
+
+
+def low_res_target(mask: np.ndarray, input_size: tuple[int, int], img_size: int, device) -> torch.Tensor:
+    """bool H x W label -> 1 x L x L float target in the logits' frame (L = img_size / 4):
+    resized to the input region (bilinear, threshold 0.5) and zero-padded."""
+    side = img_size // 4
+    h, w = (max(1, round(s * side / img_size)) for s in input_size)
+    m = torch.as_tensor(np.ascontiguousarray(mask), dtype=torch.float32, device=device)[None, None]
+    m = (F.interpolate(m, (h, w), mode="bilinear", align_corners=False) > 0.5).float()
+    return F.pad(m, (0, side - w, 0, side - h))[0]
+
+
+def sample_point(mask: np.ndarray, positive: bool, generator: torch.Generator) -> tuple[np.ndarray, float]:
+    """(x, y pixel centre in the slice frame, IoU target): inside with probability 1/2
+    when the slice holds the structure, else outside."""
+    inside = positive and bool(torch.rand((), generator=generator) < 0.5)
+    candidates = np.flatnonzero(mask.reshape(-1) if inside else ~mask.reshape(-1))
+    if candidates.size == 0:  # the structure fills the slice: only inside points exist
+        inside, candidates = True, np.flatnonzero(mask.reshape(-1))
+    pick = int(candidates[int(torch.randint(candidates.size, (), generator=generator))])
+    r, c = divmod(pick, mask.shape[1])
+    return np.array([c + 0.5, r + 0.5]), float(inside)
+
+
+class DeSAMFamily:
+    name = "desam"
+    strategies = STRATEGIES
+
+    def __init__(self, loss: DeSAMLoss | None = None) -> None:
+        self.loss_fn = loss or DeSAMLoss()
+
+    def check_strategy(self, strategy: str) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; DeSAM trains 'grid' or 'box'")
+
+    def training_module(self, model: DeSAM, strategy: str) -> DeSAMTrainingModule:
+        self.check_strategy(strategy)
+        model.freeze_frozen_parts()
+        for p in model.trainable_parameters():
+            p.requires_grad_(True)
+        if strategy == "box":  # spec item 19: the IoU head is not trained
+            for p in model.prim.iou_prediction_head.parameters():
+                p.requires_grad_(False)
+        model.prim.train()
+        model.pdmm.train()
+        return DeSAMTrainingModule(model)
+
+    @staticmethod
+    def _batch(items: Sequence[TrainItem]):
+        embedding = torch.cat([it.features.embedding for it in items])
+        taps = [torch.cat([it.features.taps[t] for it in items]) for t in range(len(items[0].features.taps))]
+        return embedding, taps
+
+    def loss(self, module, items: Sequence[TrainItem], strategy: str,
+             generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]:
+        model = model_module(module).model
+        device = model.device
+        img = model.img_size
+        embedding, taps = self._batch(items)
+        target = torch.stack([low_res_target(it.mask, it.features.input_size, img, device) for it in items])
+        if strategy == "box":
+            boxes = []
+            for it in items:
+                h, w = it.features.original_size
+                boxes.append(to_input_frame(np.array([[0.0, 0.0], [w, h]]), (h, w), img).reshape(4))
+            box_t = torch.as_tensor(np.stack(boxes), dtype=torch.float32, device=device)
+            _, logits = module(embedding, taps, boxes=box_t)
+            return self.loss_fn(logits, target)
+        coords, iou_target = [], []
+        for it, gen in zip(items, generators, strict=True):
+            xy, inside = sample_point(it.mask, it.positive, gen)
+            coords.append(to_input_frame(xy[None], it.features.original_size, img))
+            iou_target.append(inside)
+        pts = torch.as_tensor(np.stack(coords), dtype=torch.float32, device=device)
+        labels = torch.ones(pts.shape[:2], dtype=torch.int, device=device)
+        iou, logits = module(embedding, taps, points=(pts, labels))
+        return self.loss_fn(logits, target, iou, torch.tensor(iou_target, device=device))
+
+    def after_step(self, model: DeSAM) -> None:
+        model.weights_changed()
+
+    def predict(self, model: DeSAM, features: ImageFeatures, strategy: str, options: dict[str, Any]) -> np.ndarray:
+        predictor = SlicePredictor(model, precision="fp32")
+        predictor.set_features(features)
+        result = predictor.predict_auto(strategy, grid_size=int(options.get("grid_size", 9)),
+                                        min_region_area=int(options.get("min_region_area", 64)),
+                                        iou_threshold=float(options.get("iou_threshold", 0.5)),
+                                        allow_untrained=True)
+        return result.mask
+
+    def trainable_state(self, model: DeSAM) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v.detach().clone() for name, m in model.decoder_modules().items()
+                for k, v in m.state_dict().items()}
+
+    def load_trainable_state(self, model: DeSAM, state: dict[str, torch.Tensor]) -> None:
+        for name, m in model.decoder_modules().items():
+            prefix = name + "."
+            m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        model.weights_changed()
+
+    def save(self, model: DeSAM, path: Path, *, structure: str, training: dict[str, Any]) -> dict[str, Any]:
+        return save_decoder(model, path, structure=structure, training=training)
+
+
+def model_module(module) -> DeSAMTrainingModule:
+    """The training module, inside DDP's wrapper or not."""
+    return module.module if hasattr(module, "module") else module
