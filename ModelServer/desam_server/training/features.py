@@ -7,8 +7,11 @@ per (volume, window, encoder) whatever reads it. ``precompute`` encodes what is 
 does not run inside the training loop, and a missing entry is an error that says to
 precompute.
 
-The cache is opened on a directory of the training process's own (its disk tier locks the
-directory: the serving process keeps its own, see ``engine.feature_tiers``).
+Precompute writes through a ``FeatureCache`` opened on the training features' directory
+(its disk tier locks the directory: one writer; the serving process keeps a directory of
+its own). The training loop reads with ``FeatureReader``: entry files are complete once
+they exist (written atomically) and nothing is added or evicted while a run reads them,
+so every process of a torchrun job reads the same directory without the lock.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..engine.feature_cache import FeatureCache, FeatureKey
+from ..engine.feature_disk import CorruptEntryError, entry_name, read_entry
 from ..engine.predictor import SlicePredictor
 from ..engine.preprocess import PREPROCESSING_VERSION
 from ..io.slices import slice_view
 from ..modeling.desam import DeSAM, ImageFeatures
 from .cases import Case
 
-__all__ = ["TrainingFeatures", "MissingFeaturesError", "PrecomputeReport"]
+__all__ = ["TrainingFeatures", "FeatureReader", "MissingFeaturesError", "PrecomputeReport", "PrecomputeCancelled",
+           "feature_key"]
 
 
 class MissingFeaturesError(RuntimeError):
@@ -50,9 +56,18 @@ class PrecomputeReport:
                 "seconds_per_encoded_slice": round(self.seconds / self.encoded, 4) if self.encoded else None}
 
 
+def feature_key(model: DeSAM, case: Case, axis: str, index: int) -> FeatureKey:
+    """The service's key of one slice of ``case`` for ``model``'s encoder."""
+    return FeatureKey(volume_id=case.volume_id, axis=axis, slice_index=int(index),
+                      window_center=case.window.center, window_width=case.window.width,
+                      preprocessing_version=PREPROCESSING_VERSION, encoder=model.encoder_name,
+                      encoder_weights_sha256=model.encoder_weights_sha256)
+
+
 class TrainingFeatures:
-    """model: the DeSAM whose encoder makes the features; cache: an open FeatureCache;
-    precision: the encoder pass's precision ('auto', 'fp32', 'bf16', 'fp16')."""
+    """Precompute. model: the DeSAM whose encoder makes the features; cache: an open
+    FeatureCache with a disk tier; precision: the encoder pass's ('auto', 'fp32', 'bf16',
+    'fp16')."""
 
     def __init__(self, model: DeSAM, cache: FeatureCache, *, precision: str = "auto") -> None:
         self.model = model
@@ -61,10 +76,7 @@ class TrainingFeatures:
         self._predictor: SlicePredictor | None = None
 
     def key(self, case: Case, axis: str, index: int) -> FeatureKey:
-        return FeatureKey(volume_id=case.volume_id, axis=axis, slice_index=int(index),
-                          window_center=case.window.center, window_width=case.window.width,
-                          preprocessing_version=PREPROCESSING_VERSION, encoder=self.model.encoder_name,
-                          encoder_weights_sha256=self.model.encoder_weights_sha256)
+        return feature_key(self.model, case, axis, index)
 
     def precompute(self, items: Iterable[tuple[Case, str, int]], *,
                    progress: Callable[[int, int], None] | None = None,
@@ -96,9 +108,26 @@ class TrainingFeatures:
         self._predictor.reset_image()
         return features
 
+
+
+class FeatureReader:
+    """Read-only access to precomputed entries in ``directory`` (see the module note).
+    storage_dtype: the cache's ('float16' by default)."""
+
+    def __init__(self, model: DeSAM, directory: Path, *, storage_dtype: str = "float16") -> None:
+        self.model = model
+        self.directory = Path(directory)
+        self.storage_dtype = storage_dtype
+
     def load(self, case: Case, axis: str, index: int, device: str | torch.device | None = None) -> ImageFeatures:
-        features = self.cache.get(self.key(case, axis, index), device)
-        if features is None:
+        key = feature_key(self.model, case, axis, index)
+        digest = key.digest()
+        try:
+            packed = read_entry(self.directory / entry_name(digest), digest, self.storage_dtype)
+        except FileNotFoundError:
             raise MissingFeaturesError(f"no cached features for slice {index} along {axis} of case {case.case_id}: "
-                                       "run precompute first")
-        return features
+                                       "run precompute first") from None
+        except CorruptEntryError as exc:
+            raise MissingFeaturesError(f"the cached features of slice {index} along {axis} of case {case.case_id} "
+                                       f"are damaged ({exc}): run precompute again") from None
+        return packed.unpack(device)

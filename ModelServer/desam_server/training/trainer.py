@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .curve import write_curve
 from .distributed import DistributedContext
 from .family import ModelFamily, TrainItem
-from .features import TrainingFeatures
+from .features import FeatureReader
 from .samples import TrainingData
 from .train_state import TrainStateError, load_state, save_state
 
@@ -91,7 +91,7 @@ def _sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class Trainer:
-    def __init__(self, model, family: ModelFamily, data: TrainingData, features: TrainingFeatures,
+    def __init__(self, model, family: ModelFamily, data: TrainingData, features: FeatureReader,
                  config: TrainConfig, output_dir: Path, *, events: EventSink | None = None,
                  should_stop: Callable[[], bool] | None = None, distributed: DistributedContext | None = None) -> None:
         self.model = model
