@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time encoder, click decode and grid mode per model (prints, writes JSON)")
     add_bench_args(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from .cli_training import add_training_parsers
+
+    add_training_parsers(sub, _add_model_args)
     return parser
 
 

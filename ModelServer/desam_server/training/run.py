@@ -18,13 +18,17 @@ from .cases import Case, check_cases
 from .config import TrainConfig
 from .distributed import DistributedContext
 from .family import get_family
-from .features import FeatureReader, TrainingFeatures
+from .features import FeatureReader, PrecomputeReport, TrainingFeatures
 from .samples import TrainingData, build_training_data
 from .split import split_cases
 from .trainer import Trainer, TrainResult
 from .variants import parse_augmentations
 
-__all__ = ["TrainingOptions", "run_training", "prepare_data", "default_training_features_dir"]
+#: Training features are kept as the service keeps its own (float16).
+STORAGE_DTYPE = "float16"
+DEFAULT_FEATURES_BYTES = 20 * 2**30
+
+__all__ = ["TrainingOptions", "precompute", "run_training", "prepare_data", "default_training_features_dir"]
 
 
 def default_training_features_dir() -> Path:
@@ -81,32 +85,44 @@ def run_training(model, cases: Sequence[Case], options: TrainingOptions, *, outp
                  features_dir: Path | None = None, events: Callable[[dict], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, resume: bool = True,
                  distributed: DistributedContext | None = None, encoder_precision: str = "auto",
-                 features_bytes: int = 20 * 2**30) -> TrainResult:
+                 features_bytes: int = DEFAULT_FEATURES_BYTES) -> TrainResult:
     events = events or (lambda event: None)
     ctx = distributed or DistributedContext()
     family = get_family(options.config.family)
     data = prepare_data(cases, options)
     events({"event": "data", **data.summary()})
     directory = Path(features_dir) if features_dir is not None else default_training_features_dir()
-    settings = FeatureCacheSettings(directory=directory, device="cpu", host_bytes=0, disk_bytes=features_bytes)
-    refs = data.train + data.validation_refs()
-    items = [(data.cases[r.case], r.axis, r.index) for r in refs]
     if ctx.is_main:  # one writer; the other processes wait for it
-        with FeatureCache(settings) as cache:
-            disk = cache.stats()["tiers"]["disk"]
-            if not disk["enabled"]:
-                raise RuntimeError(f"the training features' directory cannot be used ({disk['disabled_reason']})")
-            features = TrainingFeatures(model, cache, precision=encoder_precision)
-            report = features.precompute(
-                items, should_stop=should_stop,
-                progress=lambda done, total: events({"event": "precompute", "done": done, "total": total}))
-            kept = sum(cache.contains(features.key(*item)) for item in dict.fromkeys(items))
-            if kept < report.slices:
-                raise RuntimeError(f"the training features' disk budget ({settings.disk_bytes} bytes) holds {kept} of "
-                                   f"the {report.slices} slices this run needs: raise it (features_bytes)")
-        events({"event": "precomputed", **report.to_json()})
+        precompute(model, data, directory, events=events, should_stop=should_stop, precision=encoder_precision,
+                   features_bytes=features_bytes)
     ctx.barrier()
-    reader = FeatureReader(model, directory, storage_dtype=settings.storage_dtype)
+    reader = FeatureReader(model, directory, storage_dtype=STORAGE_DTYPE)
     trainer = Trainer(model, family, data, reader, options.config, Path(output_dir), events=events,
                       should_stop=should_stop, distributed=ctx)
     return trainer.run(resume=resume)
+
+
+def precompute(model, data: TrainingData, directory: Path, *, events: Callable[[dict], None] | None = None,
+               should_stop: Callable[[], bool] | None = None, precision: str = "auto",
+               features_bytes: int = DEFAULT_FEATURES_BYTES) -> PrecomputeReport:
+    """Encode every slice the run reads (training slices in every variant, whole validation
+    volumes) that is not cached in ``directory`` yet; events 'precompute' (done, total)."""
+    events = events or (lambda event: None)
+    settings = FeatureCacheSettings(directory=Path(directory), device="cpu", host_bytes=0, disk_bytes=features_bytes,
+                                    storage_dtype=STORAGE_DTYPE)
+    refs = data.train + data.validation_refs()
+    items = [(data.cases[r.case], r.axis, r.index) for r in refs]
+    with FeatureCache(settings) as cache:
+        disk = cache.stats()["tiers"]["disk"]
+        if not disk["enabled"]:
+            raise RuntimeError(f"the training features' directory cannot be used ({disk['disabled_reason']})")
+        features = TrainingFeatures(model, cache, precision=precision)
+        report = features.precompute(
+            items, should_stop=should_stop,
+            progress=lambda done, total: events({"event": "precompute", "done": done, "total": total}))
+        kept = sum(cache.contains(features.key(*item)) for item in dict.fromkeys(items))
+    if kept < report.slices:
+        raise RuntimeError(f"the training features' disk budget ({features_bytes} bytes) holds {kept} of the "
+                           f"{report.slices} slices this run needs: raise it")
+    events({"event": "precomputed", **report.to_json()})
+    return report

@@ -1,0 +1,250 @@
+"""``desam-server precompute``, ``train`` and ``evaluate`` (training/ does the work).
+
+Cases are given as ``--case VOLUME LABEL`` pairs (NRRD, NIfTI, MHA, DICOM file or folder;
+the label a labelmap image or a ``.seg.nrrd`` with ``--segment``). ``train`` runs under
+``torchrun --nproc-per-node N -m desam_server.cli train ...`` as DDP (NCCL on GPUs, gloo
+on CPUs); only process 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("desam_server")
+
+__all__ = ["add_training_parsers"]
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != n:
+        raise argparse.ArgumentTypeError(f"{what} needs {n} comma-separated numbers")
+    return tuple(float(p) for p in parts)
+
+
+def _add_case_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--case", nargs=2, action="append", required=True, metavar=("VOLUME", "LABEL"),
+                   help="a training case: volume file or DICOM folder, and its label (labelmap or .seg.nrrd); repeat")
+    p.add_argument("--structure", required=True, help="structure name (the decoder's name in the service)")
+    p.add_argument("--segment", default=None, help="segment name in .seg.nrrd labels (default: the structure)")
+    p.add_argument("--window", type=lambda s: _floats(s, 2, "--window"), default=None, metavar="CENTER,WIDTH",
+                   help="intensity window for every case (default: each volume's: CT W400/L40, MR percentiles)")
+    p.add_argument("--modality", choices=["auto", "CT", "MR"], default="auto")
+    p.add_argument("--features-dir", type=Path, default=None,
+                   help="training feature cache (default ~/.cache/slicer-desam/training-features)")
+    p.add_argument("--features-bytes", default="20GiB", help="its disk budget (e.g. 20GiB)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    from .training.variants import AUGMENTATIONS
+
+    p.add_argument("--axis", choices=["k", "j", "i"], default="k", help="slice along this index axis")
+    p.add_argument("--validation-fraction", type=float, default=0.1)
+    p.add_argument("--slabs", type=int, default=2, help="validation slabs of a single-volume source")
+    p.add_argument("--gap", type=int, default=None, help="guard slices around each validation slab")
+    p.add_argument("--empty-ratio", type=float, default=0.3, help="slices without the structure per slice with it")
+    p.add_argument("--augment", default="none",
+                   help=f"image-changing augmentations, comma-separated: {', '.join(AUGMENTATIONS)} (default none)")
+    p.add_argument("--strategy", choices=["grid", "box"], default="grid")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=8, help="global batch (over all torchrun processes)")
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="decoder training precision (auto: bf16/fp16 autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--validation-grid-size", type=int, default=9)
+    p.add_argument("--min-region-area", type=int, default=64)
+
+
+def _cases(args):
+    from .engine.preprocess import IntensityWindow
+    from .training.cases import load_case
+
+    window = IntensityWindow(*args.window) if args.window else None
+    return [load_case(v, lab, structure=args.structure, segment=args.segment, window=window,
+                      modality=args.modality) for v, lab in args.case]
+
+
+def _options(args):
+    from .training.config import TrainConfig
+    from .training.run import TrainingOptions
+
+    config = TrainConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size,
+                         learning_rate=args.learning_rate, seed=args.seed, precision=args.train_precision,
+                         validation_grid_size=args.validation_grid_size, min_region_area=args.min_region_area)
+    return TrainingOptions(axis=args.axis, validation_fraction=args.validation_fraction, slabs=args.slabs,
+                           gap=args.gap, empty_ratio=args.empty_ratio, augmentations=args.augment, config=config)
+
+
+class _Progress:
+    """tqdm bars from training events (process 0 only; none with --quiet)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.phase = None
+
+    def _bar(self, phase: str, total: int, unit: str):
+        from tqdm import tqdm
+
+        if self.phase != phase:
+            self.close()
+            self.phase = phase
+            self.bar = tqdm(total=total, unit=unit, desc=phase, file=sys.stderr, dynamic_ncols=True)
+        return self.bar
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "data":
+            log.info("data: %s", event["split"]["description"])
+        if self.quiet:
+            if kind == "epoch":
+                log.info("epoch %d/%d: loss %.4f, validation Dice %.4f", event["epoch"], event["epochs"],
+                         event["loss"], event["validation_dice"])
+            return
+        if kind == "precompute":
+            bar = self._bar("precompute", event["total"], "slice")
+            bar.n = event["done"]
+            bar.refresh()
+        elif kind == "start":
+            self._bar("train", event["epochs"] * event["steps_per_epoch"], "step").update(
+                event["resumed_from"] * event["steps_per_epoch"])
+        elif kind == "step":
+            bar = self._bar("train", event["epochs"] * event["steps"], "step")
+            bar.update(1)
+            bar.set_postfix(epoch=event["epoch"], loss=f"{event['loss']:.4f}")
+        elif kind == "epoch" and self.bar is not None:
+            self.bar.write(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f}, "
+                           f"validation Dice {event['validation_dice']:.4f} (best {event['best_validation_dice']:.4f}"
+                           f" at epoch {event['best_epoch']})")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _model(args, ctx=None):
+    """The model the flags ask for; PDMM's random start is seeded by --seed (when the
+    command has one), so that runs and processes start from the same weights."""
+    import torch
+
+    from .engine import resolve_device
+    from .loading import build_model
+
+    torch.manual_seed(getattr(args, "seed", 0))
+    device = args.device
+    if ctx is not None and ctx.enabled:
+        device = str(ctx.device(resolve_device(device)))
+    model, _ = build_model(args.encoder, args.sam_checkpoint, args.decoder, device)
+    return model
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from .engine.feature_config import parse_bytes
+    from .training.run import default_training_features_dir, precompute, prepare_data
+
+    model = _model(args)
+    data = prepare_data(_cases(args), _options(args))
+    progress = _Progress(args.quiet)
+    directory = args.features_dir or default_training_features_dir()
+    report = precompute(model, data, directory, events=progress, precision=args.precision,
+                        features_bytes=parse_bytes(args.features_bytes, "--features-bytes"))
+    progress.close()
+    print(json.dumps({"data": data.summary(), "precompute": report.to_json()}, indent=1))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.feature_config import parse_bytes
+    from .training.distributed import DistributedContext
+    from .training.run import run_training
+
+    ctx = DistributedContext.from_environment(args.device)
+    try:
+        model = _model(args, ctx)
+        progress = _Progress(args.quiet or not ctx.is_main)
+        result = run_training(model, _cases(args), _options(args), output_dir=args.output,
+                              features_dir=args.features_dir, events=progress if ctx.is_main else None,
+                              resume=not args.restart, distributed=ctx, encoder_precision=args.precision,
+                              features_bytes=parse_bytes(args.features_bytes, "--features-bytes"))
+        progress.close()
+        if ctx.is_main:
+            print(json.dumps({"best": str(result.best_path), "last": str(result.last_path),
+                              "best_epoch": result.best_epoch, "best_validation_dice": result.best_dice,
+                              "resumed_from": result.resumed_from}, indent=1))
+    finally:
+        ctx.close()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .engine.feature_cache import FeatureCache, FeatureCacheSettings
+    from .engine.feature_config import parse_bytes
+    from .training.evaluate import evaluate_cases, write_evaluation
+    from .training.family import get_family
+    from .training.features import FeatureReader, TrainingFeatures
+    from .training.run import STORAGE_DTYPE, default_training_features_dir
+    from .wire import axis_dimension
+
+    if args.decoder is None:
+        raise ValueError("evaluate needs --decoder (a trained decoder file)")
+    model = _model(args)
+    cases = _cases(args)
+    directory = args.features_dir or default_training_features_dir()
+    progress = _Progress(args.quiet)
+    settings = FeatureCacheSettings(directory=directory, host_bytes=0, storage_dtype=STORAGE_DTYPE,
+                                    disk_bytes=parse_bytes(args.features_bytes, "--features-bytes"))
+    dim = axis_dimension(args.axis)
+    with FeatureCache(settings) as cache:
+        TrainingFeatures(model, cache, precision=args.precision).precompute(
+            [(c, args.axis, i) for c in cases for i in range(c.volume.shape[dim])],
+            progress=lambda d, t: progress({"event": "precompute", "done": d, "total": t}))
+    progress.close()
+    family = get_family("desam")
+    options = {"grid_size": args.grid_size, "min_region_area": args.min_region_area}
+    bar = _Progress(args.quiet)
+    scores = evaluate_cases(model, family, cases, FeatureReader(model, directory, storage_dtype=STORAGE_DTYPE),
+                            axis=args.axis, mode=args.mode, options=options, tolerance_mm=args.tolerance_mm,
+                            progress=lambda d, t: bar({"event": "precompute", "done": d, "total": t}))
+    bar.close()
+    report = write_evaluation(args.output, cases, scores, axis=args.axis, mode=args.mode,
+                              tolerance_mm=args.tolerance_mm,
+                              extra={"decoder": (model.decoder_metadata or {}).get("structure"),
+                                     "structure": args.structure})
+    print(json.dumps({k: report[k] for k in ("mode", "volumes", "mean_dice", "mean_nsd", "tolerance_mm")}, indent=1))
+    return 0
+
+
+def add_training_parsers(sub, add_model_args) -> None:
+    pre = sub.add_parser("precompute", help="encode the slices a training run needs into the training feature cache")
+    add_model_args(pre)
+    _add_case_args(pre)
+    _add_data_args(pre)
+    pre.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pre.set_defaults(func=cmd_precompute)
+
+    tr = sub.add_parser("train", help="fine-tune decoders on cached features (torchrun for several processes)")
+    add_model_args(tr)
+    _add_case_args(tr)
+    _add_data_args(tr)
+    tr.add_argument("--output", type=Path, required=True, help="run folder: decoder files, state, curve")
+    tr.add_argument("--restart", action="store_true", help="start over instead of resuming the folder's run")
+    tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="Dice and surface Dice of a decoder on whole volumes")
+    add_model_args(ev)
+    _add_case_args(ev)
+    ev.add_argument("--axis", choices=["k", "j", "i"], default="k")
+    ev.add_argument("--mode", choices=["box", "grid"], default="box")
+    ev.add_argument("--grid-size", type=int, default=9)
+    ev.add_argument("--min-region-area", type=int, default=64)
+    ev.add_argument("--tolerance-mm", type=float, default=2.0, help="surface distance tolerance of the NSD")
+    ev.add_argument("--output", type=Path, required=True, help="folder for evaluation.json/.csv and worst_slices.png")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_evaluate)
