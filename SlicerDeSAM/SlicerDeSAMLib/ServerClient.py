@@ -317,6 +317,37 @@ class ServerClient:
             "window": _window(window), "grid_size": grid_size, "iou_threshold": iou_threshold,
             "min_region_area": min_region_area})
 
+    # ---- labels (training data) -------------------------------------------------------------------
+    @staticmethod
+    def _label_path(volume_id: str, structure: str) -> str:
+        return f"/volumes/{volume_id}/labels/{urllib.parse.quote(structure, safe='')}"
+
+    def put_label(self, volume_id: str, structure: str, mask: np.ndarray) -> dict:
+        """Store the label of ``structure`` (e.g. a Slicer segment's name, "Left kidney") for
+        an uploaded volume: a non-empty bool K x J x I mask of the volume's shape. Replaces
+        an earlier label of that structure; returns its description (voxels, slices)."""
+        payload = wire.encode_mask(np.asarray(mask), axis="k", offset=0, volume_id=volume_id)
+        _, _, data = self._request("PUT", self._label_path(volume_id, structure), body=payload,
+                                   content_type="application/octet-stream", timeout=self.upload_timeout)
+        return json.loads(data)
+
+    def list_labels(self, volume_id: str) -> dict:
+        """``{"volume_id", "volume_available", "labels": [...]}``: the volume's labels."""
+        return self._json("GET", f"/volumes/{volume_id}/labels")
+
+    def get_label(self, volume_id: str, structure: str) -> np.ndarray:
+        """The stored label as a bool K x J x I array."""
+        _, _, data = self._request("GET", self._label_path(volume_id, structure), timeout=self.upload_timeout)
+        decoded = wire.decode_mask(data)
+        if decoded.mask.ndim != 3 or decoded.axis != "k" or decoded.offset != 0:
+            raise ServerError(0, f"the service answered a mask {decoded.mask.shape} along {decoded.axis} at "
+                              f"{decoded.offset}, not a whole label volume", method="GET",
+                              path=self._label_path(volume_id, structure))
+        return decoded.mask
+
+    def delete_label(self, volume_id: str, structure: str) -> None:
+        self._request("DELETE", self._label_path(volume_id, structure))
+
     # ---- jobs -------------------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
         return self._json("GET", "/jobs")["jobs"]

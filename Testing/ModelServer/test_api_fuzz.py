@@ -22,12 +22,14 @@ import re
 import time
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
+from desam_server import wire
 from desam_server.api import ServiceSettings, create_app
 
 from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
@@ -35,6 +37,13 @@ from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tin
 VOLUME = phantom_volume()
 PAYLOAD = payload_of(VOLUME)
 VOLUME_ID = id_of(VOLUME)
+
+
+def label_payload(volume) -> bytes:
+    """A valid label of ``volume``: its upper half along j."""
+    mask = np.zeros(volume.shape, bool)
+    mask[:, : volume.shape[1] // 2] = True
+    return wire.encode_mask(mask, axis="k", offset=0)
 
 
 class _Served:
@@ -74,7 +83,11 @@ STATE_DEPENDENT = {
         "points and labels must come together and have the same length",  # nor two lengths
         "mask_input.mask", "logits_id belongs to another slice"],  # a wire mask's contents, an earlier answer
     "POST /segment/auto": [r"slice range \[[0-9]+, [0-9]+\) is not within"],  # start < stop <= the extent
+    "PUT /volumes/{volume_id}/labels/{structure}": [  # the mask payload's bytes, and its fit to the volume
+        "label payload rejected: ", "does not match the volume's shape", "a label is the whole volume along",
+        "the label of .* is empty", "the label payload belongs to volume"],
 }
+PUT_LABEL = "PUT /volumes/{volume_id}/labels/{structure}"
 DEFAULT_ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]  # schemathesis's default
 CONFIG = SchemathesisConfig.from_dict({
     "operations": [{"include-name": name, "checks": {"positive_data_acceptance": {
@@ -237,12 +250,24 @@ def test_valid_requests_conform_to_the_schema(service):
     assert result.headers.get("content-type") == ["application/octet-stream"] and result.content
     call("POST", "/jobs/{job_id}/cancel", path_parameters={"job_id": job["id"]})
     assert call("GET", "/jobs")["jobs"]
+    label = {**vid, "structure": "Left kidney"}
+    put = call("PUT", "/volumes/{volume_id}/labels/{structure}", path_parameters=label, body=label_payload(VOLUME),
+               media_type="application/octet-stream")
+    assert put["structure"] == "Left kidney" and put["voxels"] > 0
+    listed = call("GET", "/volumes/{volume_id}/labels", path_parameters=vid)["labels"]
+    assert "Left kidney" in [x["structure"] for x in listed]
+    got = schema["/volumes/{volume_id}/labels/{structure}"]["GET"].Case(path_parameters=label).call_and_validate()
+    assert got.headers.get("content-type") == ["application/octet-stream"] and wire.decode_mask(got.content).mask.any()
+    gone = schema["/volumes/{volume_id}/labels/{structure}"]["DELETE"].Case(path_parameters=label).call_and_validate()
+    assert gone.status_code == 204
 
 
 # Operations that only an id from another answer (an OpenAPI link) gets past 404.
 LINKED = ["GET /volumes/{volume_id}", "DELETE /volumes/{volume_id}", "PUT /volumes/{volume_id}/view",
           "POST /volumes/{volume_id}/precompute", "GET /volumes/{volume_id}/progress", "POST /segment/prompt",
-          "POST /segment/auto", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel", "GET /jobs/{job_id}/result"]
+          "POST /segment/auto", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel", "GET /jobs/{job_id}/result",
+          "GET /volumes/{volume_id}/labels", PUT_LABEL, "GET /volumes/{volume_id}/labels/{structure}",
+          "DELETE /volumes/{volume_id}/labels/{structure}"]
 LINKED_VOLUME = phantom_volume(seed=7)  # not the module's volume, which the other tests need
 JOB_WAIT_S = 60
 
@@ -250,7 +275,7 @@ JOB_WAIT_S = 60
 def test_stateful_phase_follows_the_links(service):
     """Schemathesis's state machine over the schema's links: chains of requests that carry
     an uploaded volume's id, and an automatic job's id, to the operations that take them.
-    The uploads send a real payload and the bodies' slice numbers are aimed at it as in
+    The uploads (volumes, labels) send real payloads and the bodies' slice numbers are aimed at it as in
     ``_aimed``, but the ids come only through the links (the schema's own; none inferred):
     every linked operation must have answered a 2xx, so the test fails when links break.
 
@@ -270,6 +295,8 @@ def test_stateful_phase_follows_the_links(service):
         def before_call(self, case):
             if case.operation.label == "POST /volumes":
                 case.body = payload
+            elif case.operation.label == PUT_LABEL:
+                case.body = label_payload(LINKED_VOLUME)
             elif isinstance(case.body, dict):
                 case.body = _aimed(case.operation.label, case.body)
 

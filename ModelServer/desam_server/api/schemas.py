@@ -78,6 +78,28 @@ class VolumeList(BaseModel):
     volumes: list[str]
 
 
+# ---- labels (training data): api/label_store.py, routers/labels.py ---------------------------------
+
+class LabelInfo(BaseModel):
+    """A stored label: a structure's bool mask on the whole grid of its volume."""
+
+    volume_id: str
+    structure: str
+    shape: list[int] = Field(description="K x J x I, the volume's shape")
+    voxels: int = Field(description="voxels in the structure (at least 1)")
+    slices: dict[Axis, int] = Field(description="per axis, how many slices contain the structure")
+    extent: dict[Axis, Annotated[list[int], Field(min_length=2, max_length=2)]] = Field(
+        description="per axis, the first and last slice containing it")
+    bytes: int = Field(description="size of the stored wire mask payload")
+
+
+class LabelList(BaseModel):
+    volume_id: str
+    volume_available: bool = Field(description="false: the volume left the service (disk budget) while its labels "
+                                               "stayed; upload it again to use them")
+    labels: list[LabelInfo]
+
+
 class MaskInput(Strict):
     """A previous answer's mask to refine: its ``logits_id``, or the slice's current binary
     mask as a base64 wire mask payload (one slice, offset = index); at least one of them
@@ -251,6 +273,8 @@ def errors(*codes: int) -> dict:
 # where the id goes; added to every 2xx answer of the source that has a body.
 _VOLUME_ID = "$response.body#/volume_id"
 _JOB_ID = "$response.body#/id"
+_LABEL = "/volumes/{volume_id}/labels/{structure}"
+_LABEL_PARAMETERS = {"volume_id": _VOLUME_ID, "structure": "$response.body#/structure"}
 LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
     ("post", "/volumes"): {
         "GetVolume": ("get", "/volumes/{volume_id}", {"parameters": {"volume_id": _VOLUME_ID}}),
@@ -260,6 +284,12 @@ LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
         "Progress": ("get", "/volumes/{volume_id}/progress", {"parameters": {"volume_id": _VOLUME_ID}}),
         "SegmentPrompt": ("post", "/segment/prompt", {"requestBody": {"volume_id": _VOLUME_ID}}),
         "SegmentAuto": ("post", "/segment/auto", {"requestBody": {"volume_id": _VOLUME_ID}}),
+        "ListLabels": ("get", "/volumes/{volume_id}/labels", {"parameters": {"volume_id": _VOLUME_ID}}),
+        "PutLabel": ("put", _LABEL, {"parameters": {"volume_id": _VOLUME_ID}}),
+    },
+    ("put", _LABEL): {
+        "GetLabel": ("get", _LABEL, {"parameters": _LABEL_PARAMETERS}),
+        "DeleteLabel": ("delete", _LABEL, {"parameters": _LABEL_PARAMETERS}),
     },
     ("post", "/segment/auto"): {
         "GetJob": ("get", "/jobs/{job_id}", {"parameters": {"job_id": _JOB_ID}}),

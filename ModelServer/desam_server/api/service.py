@@ -1,7 +1,7 @@
 """The service's state and operations, independent of HTTP.
 
 ``Service`` owns the model, the feature cache, the encoding scheduler, the volume store,
-the loaded decoders, the job manager and the logits of recent answers. The routers only
+the label store, the loaded decoders, the job manager and the logits of recent answers. The routers only
 translate HTTP to these methods; errors are ``errors.ServiceError`` subclasses.
 
 Threads: the scheduler's worker runs every PyTorch computation -- encoder passes, and
@@ -31,8 +31,9 @@ from ..engine.scheduler import EncodingScheduler, SchedulerClosedError
 from ..modeling.desam import DeSAM, ImageFeatures
 from ..wire import axis_dimension
 from .decoders import DecoderSet
-from .errors import NotFound, TooManyRequests, Unavailable, Unprocessable
+from .errors import NotFound, PayloadTooLarge, TooManyRequests, Unavailable, Unprocessable
 from .jobs import AutoJob, AutoJobSpec, JobManager
+from .label_store import LabelInfo, LabelStore, check_structure
 from .prompting import LogitsStore, decode_slice_mask, mask_payload, mask_to_logits
 from .settings import ServiceSettings
 from .volume_store import StoredVolume, VolumeStore
@@ -56,6 +57,8 @@ class _Slice:
 #: Outside the feature cache's budgets.
 HOT_SLICES = 4
 HOT_BYTES = 256 << 20
+#: The label store's folder under ``volume_dir`` (``label_store``).
+LABELS_DIR = "labels"
 
 
 class Service:
@@ -68,9 +71,11 @@ class Service:
                                            neighbours=settings.neighbours, precision=settings.precision)
         self.precision = self.scheduler.precision
         self.fast_path = settings.decoder_fast_path()
+        self.labels = LabelStore(None if settings.volume_dir is None else settings.volume_dir / LABELS_DIR,
+                                 max_pixels=settings.max_voxels)
         self.store = VolumeStore(settings.volume_dir, disk_bytes=settings.volume_disk_bytes,
                                  memory_bytes=settings.volume_memory_bytes, max_voxels=settings.max_voxels,
-                                 on_evict=self._forget_volume)
+                                 on_evict=self._forget_volume, keep_longer=self.labels.has_labels)
         self.decoders = DecoderSet(model)
         for path in settings.decoders:
             self.decoders.load(path)
@@ -94,10 +99,53 @@ class Service:
         return {**stored.describe(), "on_disk": self.store.on_disk(stored.volume_id)}, created
 
     def delete_volume(self, volume_id: str) -> None:
-        """Forget the volume; its active jobs end cancelled (``jobs.VOLUME_DELETED``)."""
+        """Forget the volume and its labels; its active jobs end cancelled
+        (``jobs.VOLUME_DELETED``). Also answers for labels whose volume left the disk."""
         self.jobs.cancel_volume(volume_id)
-        if not self.store.delete(volume_id):
+        removed = self.store.delete(volume_id)
+        if not self.labels.delete_volume(volume_id) and not removed:
             raise NotFound(f"unknown volume {volume_id[:12]}")
+
+    # ---- labels (training data) --------------------------------------------------------------
+    def put_label(self, volume_id: str, structure: str, payload: bytes) -> tuple[LabelInfo, bool]:
+        """Store the label of ``structure`` for an uploaded volume from a wire mask payload
+        of the whole volume (axis 'k', offset 0, the volume's shape; its ``volume_id``, when
+        the payload has one, must be this volume's); (info, created)."""
+        check_structure(structure)
+        with self.store.use(volume_id) as stored:
+            shape = tuple(stored.array.shape)
+        try:
+            decoded = wire.decode_mask(payload, max_pixels=self.settings.max_voxels)
+        except wire.PayloadTooLargeError as exc:
+            raise PayloadTooLarge(f"label too large: {exc}") from None
+        except wire.WireFormatError as exc:
+            raise Unprocessable(f"label payload rejected: {exc}") from None
+        bound = decoded.header.get("volume_id")
+        if bound is not None and bound != volume_id:
+            raise Unprocessable(f"the label payload belongs to volume {bound[:12]}, not to volume {volume_id[:12]}")
+        if decoded.axis != "k" or decoded.offset != 0:
+            raise Unprocessable(f"a label is the whole volume along axis 'k' at offset 0, got axis "
+                                f"{decoded.axis!r} at offset {decoded.offset}")
+        if tuple(decoded.mask.shape) != shape:
+            raise Unprocessable(f"the label's shape {tuple(decoded.mask.shape)} does not match the volume's shape "
+                                f"{shape} (K x J x I)")
+        info, created = self.labels.put(volume_id, structure, decoded.mask)
+        if not self.store.contains(volume_id):          # deleted meanwhile: no label without its volume
+            self.labels.delete(volume_id, structure)
+            raise NotFound(f"volume {volume_id[:12]} was deleted while its label was stored; nothing is kept")
+        return info, created
+
+    def list_labels(self, volume_id: str) -> tuple[list[LabelInfo], bool]:
+        """The volume's labels and whether the service holds the volume; ``NotFound``
+        when it has neither."""
+        available = self.store.contains(volume_id)
+        if not available and not self.labels.has_labels(volume_id):
+            raise NotFound(f"unknown volume {volume_id[:12]}: upload it first")
+        return self.labels.list(volume_id), available
+
+    def delete_label(self, volume_id: str, structure: str) -> None:
+        if not self.labels.delete(volume_id, structure):
+            raise NotFound(f"volume {volume_id[:12]} has no label of {structure}")
 
     def _forget_volume(self, volume_id: str) -> None:
         with self._lock:
@@ -333,8 +381,8 @@ class Service:
                 "decoders": self.decoders.describe(),
                 "cache": self.cache.stats(), "scheduler": scheduler,
                 "queue_depth": scheduler["queued"] + scheduler["running"], "prompts_waiting": waiting,
-                "volumes": self.store.stats(), "jobs": self.jobs.stats(), "logits_kept": len(self.logits),
-                "hot_slices": len(self._hot),
+                "volumes": self.store.stats(), "labels": self.labels.stats(), "jobs": self.jobs.stats(),
+                "logits_kept": len(self.logits), "hot_slices": len(self._hot),
                 "settings": self.settings.public(), "uptime_s": round(time.time() - self.started, 1)}
 
     def close(self, timeout: float = 30.0) -> None:

@@ -10,7 +10,9 @@ tiers, each with a byte budget that is never exceeded:
 - disk: the verified payload as received, ``<volume_dir>/<id>.vol``, written atomically
   (temp file, fsync, rename) so a restart finds every volume it had. A file that fails
   its checks on reading (crc, id) is deleted and reads as unknown: the client uploads
-  again. Least recently used files go first when the budget would be exceeded.
+  again. Least recently used files go first when the budget would be exceeded, except
+  that volumes for which ``keep_longer(id)`` is true (the service: volumes with labels,
+  ``label_store``) go only after all others.
 """
 
 from __future__ import annotations
@@ -79,13 +81,15 @@ def check_id(volume_id: str) -> str:
 
 class VolumeStore:
     def __init__(self, directory: Path | None, *, disk_bytes: int, memory_bytes: int, max_voxels: int,
-                 max_bytes: int = wire.DEFAULT_MAX_BYTES, on_evict: Callable[[str], None] | None = None) -> None:
+                 max_bytes: int = wire.DEFAULT_MAX_BYTES, on_evict: Callable[[str], None] | None = None,
+                 keep_longer: Callable[[str], bool] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.disk_bytes = disk_bytes
         self.memory_bytes = memory_bytes
         self.max_voxels = max_voxels
         self.max_bytes = max_bytes
         self.on_evict = on_evict or (lambda volume_id: None)
+        self.keep_longer = keep_longer or (lambda volume_id: False)
         self._lock = threading.RLock()
         self._memory: collections.OrderedDict[str, StoredVolume] = collections.OrderedDict()
         self._disk: collections.OrderedDict[str, int] = collections.OrderedDict()   # id -> file size, LRU order
@@ -291,11 +295,17 @@ class VolumeStore:
         doomed = []
         with self._lock:
             total = sum(self._disk.values())
-            for volume_id in list(self._disk):
+            if total + incoming <= self.disk_bytes:
+                return
+            kept = {volume_id: self.keep_longer(volume_id) for volume_id in self._disk}
+            for volume_id in sorted(self._disk, key=kept.__getitem__):    # stable: LRU within each group
                 if total + incoming <= self.disk_bytes:
                     break
                 total -= self._disk.pop(volume_id)
                 doomed.append(volume_id)
                 self._counters["disk_evictions"] += 1
+                if kept[volume_id]:
+                    log.warning("volume store: volume %s left the disk for its budget although kept longer "
+                                "(it has labels, which stay: upload the volume again to use them)", volume_id[:12])
         for volume_id in doomed:
             self._unlink(volume_id)

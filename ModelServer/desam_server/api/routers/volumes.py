@@ -28,7 +28,8 @@ VOLUME_BODY = {"requestBody": {
                                                         "minLength": MIN_VOLUME_PAYLOAD_BYTES}}}}}
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, what: str = "a wire volume payload") -> bytes:
+    """The whole request body, refused (413) as soon as it exceeds ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -45,7 +46,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     except ClientDisconnect:
         raise BadRequest("the client went away during the upload; nothing was stored") from None
     if not size:
-        raise BadRequest("empty body: send a wire volume payload")
+        raise BadRequest(f"empty body: send {what}")
     return b"".join(chunks)
 
 
@@ -56,7 +57,7 @@ async def upload_volume(request: Request, response: Response, service=Depends(ge
     """Store a volume; its id is the content hash of voxels + geometry (``wire.volume_id``).
     201 when new, 200 when the service had it already. Nothing is stored unless the whole
     payload arrived and passed every check."""
-    body = await _read_body(request, service.settings.max_upload_bytes)
+    body = await read_body(request, service.settings.max_upload_bytes)
     info, created = await run_in_threadpool(service.upload, body)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/volumes/{info['volume_id']}"
