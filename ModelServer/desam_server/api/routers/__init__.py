@@ -1,7 +1,7 @@
-"""One router per resource: health, info, decoders, volumes, segment, jobs."""
+"""One router per resource: health, info, decoders, decoder registry, volumes, segment, jobs."""
 
-from . import decoders, health, info, jobs, segment, volumes
+from . import decoders, health, info, jobs, registry, segment, volumes
 
-ROUTERS = (health.router, info.router, decoders.router, volumes.router, segment.router, jobs.router)
+ROUTERS = (health.router, info.router, decoders.router, registry.router, volumes.router, segment.router, jobs.router)
 
 __all__ = ["ROUTERS"]
