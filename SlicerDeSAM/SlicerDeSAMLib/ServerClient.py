@@ -222,6 +222,17 @@ class ServerClient:
     def decoders(self) -> list[dict]:
         return self._json("GET", "/decoders")["decoders"]
 
+    def wait_until_ready(self, timeout: float = 120.0, poll: float = 0.25) -> dict:
+        """Poll /health until the service answers 200 (it loads its model at start)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.health()
+            except ServerError as exc:
+                if exc.status not in (0, 503) or time.monotonic() > deadline:
+                    raise
+            time.sleep(poll)
+
     # ---- decoder registry -------------------------------------------------------------------------
     def registry(self) -> list[dict]:
         """Every structure in the service's decoder registry: versions, active, served."""
@@ -249,17 +260,6 @@ class ServerClient:
 
     def delete_decoder_version(self, structure: str, version: str) -> None:
         self._request("DELETE", f"/registry/{_segment(structure)}/versions/{_segment(version)}")
-
-    def wait_until_ready(self, timeout: float = 120.0, poll: float = 0.25) -> dict:
-        """Poll /health until the service answers 200 (it loads its model at start)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self.health()
-            except ServerError as exc:
-                if exc.status not in (0, 503) or time.monotonic() > deadline:
-                    raise
-            time.sleep(poll)
 
     # ---- volumes --------------------------------------------------------------------------------
     def volumes(self) -> list[str]:
