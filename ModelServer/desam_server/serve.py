@@ -35,6 +35,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", type=Path, action="append", default=None,
                    help="trained DeSAM decoder file to load (repeatable)")
     p.add_argument("--decoder-dir", type=Path, default=None, help="load every *.safetensors decoder in this folder")
+    p.add_argument("--registry-dir", default=None,
+                   help="the decoder registry whose active versions are served (default "
+                        "$XDG_DATA_HOME/slicer-desam/decoders; 'off': none)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--volume-dir", default=None, help="where uploaded volumes persist ('off': memory only)")
@@ -49,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServiceSettings.load(
         args.config, host=args.host, port=args.port, tls_certfile=args.tls_certfile, tls_keyfile=args.tls_keyfile,
         allow_insecure_http=args.allow_insecure_http, encoder=args.encoder, sam_checkpoint=args.sam_checkpoint,
-        decoders=args.decoder, decoder_dir=args.decoder_dir, device=args.device, precision=args.precision,
+        decoders=args.decoder, decoder_dir=args.decoder_dir,
+        registry_dir=args.registry_dir, device=args.device, precision=args.precision,
         volume_dir=args.volume_dir, log_level=args.log_level)
     settings.check_bind()
     logging.getLogger().setLevel(settings.log_level.upper())

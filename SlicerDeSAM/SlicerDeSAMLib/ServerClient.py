@@ -69,6 +69,11 @@ class PromptResult:
         return self.masks[self.best]
 
 
+def _segment(text: str) -> str:
+    """``text`` as one URL path segment."""
+    return urllib.parse.quote(str(text), safe="")
+
+
 def _window(window) -> dict | None:
     if window is None:
         return None
@@ -227,6 +232,34 @@ class ServerClient:
                 if exc.status not in (0, 503) or time.monotonic() > deadline:
                     raise
             time.sleep(poll)
+
+    # ---- decoder registry -------------------------------------------------------------------------
+    def registry(self) -> list[dict]:
+        """Every structure in the service's decoder registry: versions, active, served."""
+        return self._json("GET", "/registry")["structures"]
+
+    def registry_structure(self, structure: str) -> dict:
+        return self._json("GET", f"/registry/{_segment(structure)}")
+
+    def activate_decoder(self, structure: str, version: str) -> dict:
+        """Serve ``version`` under the structure's name from now on (no restart)."""
+        return self._json("PUT", f"/registry/{_segment(structure)}/active", {"version": version})
+
+    def rollback_decoder(self, structure: str) -> dict:
+        """Back to the version active before the present one."""
+        return self._json("POST", f"/registry/{_segment(structure)}/rollback")
+
+    def decoder_record(self, structure: str, version: str) -> dict:
+        """The version with its training record (``metadata``)."""
+        return self._json("GET", f"/registry/{_segment(structure)}/versions/{_segment(version)}")
+
+    def decoder_curve(self, structure: str, version: str) -> bytes:
+        """The version's training-curve PNG (ServerError 404 when it has none)."""
+        _, _, data = self._request("GET", f"/registry/{_segment(structure)}/versions/{_segment(version)}/curve")
+        return data
+
+    def delete_decoder_version(self, structure: str, version: str) -> None:
+        self._request("DELETE", f"/registry/{_segment(structure)}/versions/{_segment(version)}")
 
     # ---- volumes --------------------------------------------------------------------------------
     def volumes(self) -> list[str]:

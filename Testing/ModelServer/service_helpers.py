@@ -27,7 +27,8 @@ SPACING, ORIGIN, DIRECTION = (0.8, 0.8, 2.5), (-100.0, -120.0, 30.0), np.eye(3)
 
 
 def tiny_settings(tmp: Path, *, checkpoint: Path | None = None, decoder: bool = True, **overrides) -> ServiceSettings:
-    """Settings for a tiny-encoder service under ``tmp`` (no environment, no config file)."""
+    """Settings for a tiny-encoder service under ``tmp`` (no environment, no config file; its
+    decoder registry ``tmp/registry``, empty unless the test registers decoders there)."""
     decoders = ()
     if decoder:
         torch.manual_seed(1)
@@ -39,6 +40,7 @@ def tiny_settings(tmp: Path, *, checkpoint: Path | None = None, decoder: bool = 
     base = ServiceSettings.load(environ={}, volume_dir=str(tmp / "volumes"), encoder="tiny", device="cpu",
                                 precision="fp32")
     cache = FeatureCacheSettings(directory=tmp / "features", host_bytes=64 << 20, disk_bytes=256 << 20)
+    overrides = {"registry_dir": tmp / "registry", **overrides}
     return replace(base, decoders=decoders, cache=cache, sam_checkpoint=checkpoint, **overrides)
 
 
@@ -133,9 +135,10 @@ def free_port() -> int:
 
 def serve_process(tmp_path: Path, *args: str, env_extra: dict | None = None) -> subprocess.Popen:
     """``desam-server serve`` with the tiny random encoder on the CPU as a child process
-    (its volumes and features under ``tmp_path``; ``args`` are more flags); stdout and
+    (its volumes, features and decoder registry under ``tmp_path``; ``args`` are more flags); stdout and
     stderr joined, text. The caller stops it."""
-    env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"), **(env_extra or {})}
+    env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"),
+           "DESAM_REGISTRY_DIR": str(tmp_path / "registry"), **(env_extra or {})}
     cmd = [sys.executable, "-m", "desam_server.cli", "serve", "--encoder", "tiny", "--device", "cpu",
            "--volume-dir", str(tmp_path / "volumes"), *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -152,3 +155,21 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]
             proc.kill()
             proc.communicate(timeout=30)
     return proc.returncode, out
+
+
+def decoder_files(tmp: Path, structure: str, count: int = 2, *, encoder_weights_sha256: str | None = None,
+                  training: dict | None = None) -> list[Path]:
+    """``count`` decoder files of ``structure`` for the tiny encoder with random weights (as
+    ``tiny_factory`` builds it), told apart by their answers: PDMM's output head is negated
+    in every other one (the masks flip). ``encoder_weights_sha256``: claim other encoder weights."""
+    torch.manual_seed(3)
+    model = build_desam("tiny")
+    model.encoder_weights_sha256 = encoder_weights_sha256
+    paths = []
+    for n in range(count):
+        path = tmp / f"{structure}-{n + 1}.safetensors"
+        save_decoder(model, path, structure=structure, training={"epochs": n + 1, **(training or {})})
+        with torch.no_grad():
+            model.pdmm.head.weight.neg_()
+        paths.append(path)
+    return paths

@@ -6,7 +6,9 @@ be a documented status code with a body matching its declared schema, never a 5x
 request the schema accepts is refused only for a reason the schema cannot state
 (``STATE_DEPENDENT``). A real volume is uploaded first and the generated volume ids are
 sometimes swapped for its id, so the prompts, views, precomputes and jobs reach the model
-instead of stopping at 404. Then schemathesis's stateful phase chains requests along the
+instead of stopping at 404; likewise the decoder registry holds two versions of one
+structure, and generated structure names and versions are sometimes swapped for them.
+Then schemathesis's stateful phase chains requests along the
 schema's links (an uploaded volume's id, a job's id), and every linked operation must
 answer a 2xx at least once.
 
@@ -31,8 +33,10 @@ from schemathesis.config import SchemathesisConfig
 
 from desam_server import wire
 from desam_server.api import ServiceSettings, create_app
+from desam_server.decoder_registry import DecoderRegistry
+from desam_server.hashing import sha256_file
 
-from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
+from service_helpers import decoder_files, id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
 
 VOLUME = phantom_volume()
 PAYLOAD = payload_of(VOLUME)
@@ -133,7 +137,7 @@ def _fold(value):
 
 def _aimed(label: str, body: dict) -> dict:
     """The body of a ``label`` request made to reach the model, its volume id left as it is:
-    slice numbers in range; a job becomes one slice in box mode with the only loaded decoder
+    slice numbers in range; a job becomes one slice in box mode with the decoder file's decoder
     (a 32 x 32 grid costs seconds a slice on a CPU); a prompt goes to SAM's decoder with a
     label per point, its coordinates folded into the slice, a box with x1 > x0 and y1 > y0
     (or [1, 1, 5, 5] when it has neither points nor a box) and no mask_input (a generated
@@ -143,7 +147,7 @@ def _aimed(label: str, body: dict) -> dict:
         body["index"] = int(body["index"]) % SLICES
     if label == "POST /segment/auto":
         start = int(body["start"]) % SLICES if _is_int(body.get("start")) else 0
-        body.update(start=start, stop=start + 1, mode="box", decoder=None)
+        body.update(start=start, stop=start + 1, mode="box", decoder="phantom")
     elif label == "POST /segment/prompt":
         body.update(decoder="sam", mask_input=None)
         points, box = body.get("points"), body.get("box")
@@ -163,7 +167,12 @@ def _aimed(label: str, body: dict) -> dict:
 def service(tmp_path_factory, tiny_sam_checkpoint):
     """The running service (tiny model, one test decoder) with the phantom volume uploaded."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    app = create_app(tiny_settings(tmp, checkpoint=tiny_sam_checkpoint[0]), tiny_factory)
+    settings = tiny_settings(tmp, checkpoint=tiny_sam_checkpoint[0])
+    DECODERS.extend(decoder_files(tmp, STRUCTURE, 2, encoder_weights_sha256=sha256_file(tiny_sam_checkpoint[0])))
+    (tmp / "curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    DECODERS.append(tmp / "curve.png")
+    _restore_registry(DecoderRegistry(settings.registry_dir))
+    app = create_app(settings, tiny_factory)
     with TestClient(app, raise_server_exceptions=False) as client:
         r = client.post("/volumes", content=PAYLOAD)
         assert r.status_code == 201 and r.json()["volume_id"] == VOLUME_ID, r.text
@@ -174,10 +183,32 @@ def service(tmp_path_factory, tiny_sam_checkpoint):
             SERVED.app = None
 
 
-def _aim(case, how: int) -> None:
+STRUCTURE = "organ"
+DECODERS: list = []  # the structure's two decoder files and a curve PNG, written by the ``service`` fixture
+
+
+def _restore_registry(registry: DecoderRegistry) -> None:
+    """Two versions of STRUCTURE in the registry, the first with a curve (generated
+    requests activate, roll back and delete them)."""
+    have = len(registry.versions(STRUCTURE)) if STRUCTURE in registry.structures() else 0
+    for path in DECODERS[have:2]:
+        registry.register(path, curve_png=DECODERS[2])
+
+
+def _aim(case, how: int, client) -> None:
     """Point a third of the requests at the uploaded volume (``how`` 1) and a third at its
-    slices with values that reach the model (``how`` 2). The containers are replaced, not
-    edited in place, so schemathesis re-judges whether the request is still invalid."""
+    slices with values that reach the model (``how`` 2); registry requests at the registry's
+    structure and a version of it. The containers are replaced, not edited in place, so
+    schemathesis re-judges whether the request is still invalid."""
+    if how and "structure" in case.path_parameters:
+        registry = client.app.state.service.registry
+        versions = [v.version for v in registry.versions(STRUCTURE)] if STRUCTURE in registry.structures() else []
+        aimed = {"structure": STRUCTURE}
+        if versions and "version" in case.path_parameters:
+            aimed["version"] = versions[how % len(versions)]
+        if versions and isinstance(case.body, dict) and "version" in case.body:
+            case.body = {**case.body, "version": versions[how % len(versions)]}
+        case.path_parameters = {**case.path_parameters, **aimed}
     if how and "volume_id" in case.path_parameters:
         case.path_parameters = {**case.path_parameters, "volume_id": VOLUME_ID}
     if how and isinstance(case.body, dict) and {"volume_id", "index", "axis"} & case.body.keys():
@@ -193,6 +224,8 @@ def _restore_volume(case, client) -> None:
     if case.method.upper() == "DELETE" and client.get(f"/volumes/{VOLUME_ID}").status_code == 404:
         # A generated DELETE removed the uploaded volume: put it back for the requests after it.
         assert client.post("/volumes", content=PAYLOAD).status_code == 201
+    if case.method.upper() == "DELETE":  # or a version of the registry's structure
+        _restore_registry(client.app.state.service.registry)
 
 
 @schema.parametrize()
@@ -209,7 +242,7 @@ def test_api_conforms_to_its_schema(case, service):
 def test_api_aimed_at_the_volume(case, data, service):
     """Fuzzing-phase requests, two thirds of them aimed at the uploaded volume (schemathesis
     runs only that phase for a test with its own strategies)."""
-    _aim(case, data.draw(st.sampled_from([0, 1, 2]), label="aim"))
+    _aim(case, data.draw(st.sampled_from([0, 1, 2]), label="aim"), service)
     case.call_and_validate(additional_checks=[state_dependent_422])
     _restore_volume(case, service)
 
@@ -242,7 +275,7 @@ def test_valid_requests_conform_to_the_schema(service):
                                           "mask_input": {"logits_id": first["masks"][first["best"]]["logits_id"]}})
     call("POST", "/segment/prompt", body={**prompt, "axis": "i", "box": [5, 1, 40, 5], "decoder": "phantom"})
     wait_for_jobs()  # the fuzz's jobs on this volume (409 for a second job on one volume and axis)
-    job = call("POST", "/segment/auto", body={**vid, "start": 1, "stop": 3})
+    job = call("POST", "/segment/auto", body={**vid, "start": 1, "stop": 3, "decoder": STRUCTURE})
     wait_for_jobs()
     job = call("GET", "/jobs/{job_id}", path_parameters={"job_id": job["id"]})
     assert job["state"] == "succeeded", job
@@ -261,13 +294,29 @@ def test_valid_requests_conform_to_the_schema(service):
     gone = schema["/volumes/{volume_id}/labels/{structure}"]["DELETE"].Case(path_parameters=label).call_and_validate()
     assert gone.status_code == 204
 
+    _restore_registry(service.app.state.service.registry)
+    structure = {"structure": STRUCTURE}
+    versions = [v["version"] for v in call("GET", "/registry/{structure}", path_parameters=structure)["versions"]]
+    first, second = ({**structure, "version": v} for v in versions[:2])
+    assert STRUCTURE in {s["structure"] for s in call("GET", "/registry")["structures"]}
+    call("PUT", "/registry/{structure}/active", path_parameters=structure, body={"version": versions[0]})
+    call("PUT", "/registry/{structure}/active", path_parameters=structure, body={"version": versions[1]})
+    assert call("POST", "/registry/{structure}/rollback", path_parameters=structure)["served"] == versions[0]
+    assert call("GET", "/registry/{structure}/versions/{version}", path_parameters=first)["active"]
+    curve = schema["/registry/{structure}/versions/{version}/curve"]["GET"].Case(path_parameters=first)
+    assert curve.call_and_validate().content.startswith(b"\x89PNG")
+    schema["/registry/{structure}/versions/{version}"]["DELETE"].Case(path_parameters=second).call_and_validate()
+    _restore_registry(service.app.state.service.registry)
+
 
 # Operations that only an id from another answer (an OpenAPI link) gets past 404.
 LINKED = ["GET /volumes/{volume_id}", "DELETE /volumes/{volume_id}", "PUT /volumes/{volume_id}/view",
           "POST /volumes/{volume_id}/precompute", "GET /volumes/{volume_id}/progress", "POST /segment/prompt",
           "POST /segment/auto", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel", "GET /jobs/{job_id}/result",
           "GET /volumes/{volume_id}/labels", PUT_LABEL, "GET /volumes/{volume_id}/labels/{structure}",
-          "DELETE /volumes/{volume_id}/labels/{structure}"]
+          "DELETE /volumes/{volume_id}/labels/{structure}",
+          "GET /registry/{structure}", "GET /registry/{structure}/versions/{version}",
+          "PUT /registry/{structure}/active"]
 LINKED_VOLUME = phantom_volume(seed=7)  # not the module's volume, which the other tests need
 JOB_WAIT_S = 60
 

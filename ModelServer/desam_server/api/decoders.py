@@ -2,19 +2,27 @@
 
 Each decoder file becomes a ``DeSAM`` that shares the service model's encoder, prompt
 encoder and SAM mask decoder (no copies of those weights) and owns its PRIM and PDMM.
-The name is the file's stem (``liver.safetensors`` -> ``liver``); the file's metadata
-gives the structure and training record. A file made for another encoder, other taps or
-other encoder weights is refused with ``CheckpointError`` naming the mismatch.
+A decoder file given at start is named by its stem (``liver.safetensors`` -> ``liver``);
+a version from the decoder registry by its structure (``decoder_registry``), with its
+version. The file's metadata gives the structure and training record. A file made for
+another encoder, other taps or other encoder weights is refused with ``CheckpointError``
+naming the mismatch.
+
+Replacing a name's decoder (a registry version activated) swaps the entry at once: a
+request that already holds the ``LoadedDecoder`` finishes on it, new ones get the new
+one, and ``on_replace`` hears of the old one so that the service drops what it derived
+from it.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..decoder_registry import NAME_RE, check_structure_name
 from ..hashing import sha256_file
 from ..modeling.build import build_decoders
 from ..modeling.checkpoint import CheckpointError, load_decoder
@@ -25,34 +33,47 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LoadedDecoder", "DecoderSet", "NAME_RE"]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
 
 @dataclass(frozen=True)
 class LoadedDecoder:
+    """A decoder ready to serve. version: its registry version (None: a decoder file the
+    service was started with)."""
+
     name: str
     model: DeSAM
     metadata: dict
     sha256: str
+    version: str | None = None
 
     def describe(self) -> dict:
         return {"name": self.name, "structure": self.metadata.get("structure"),
                 "encoder": self.metadata.get("encoder"), "format_version": self.metadata.get("format_version"),
-                "sha256": self.sha256, "training": self.metadata.get("training", {})}
+                "sha256": self.sha256, "source": "file" if self.version is None else "registry",
+                "version": self.version, "training": self.metadata.get("training", {})}
 
 
 class DecoderSet:
-    def __init__(self, base: DeSAM) -> None:
+    """``on_replace(old)`` is called (outside the set's lock) with each decoder that
+    ``put`` replaced or ``remove`` removed."""
+
+    def __init__(self, base: DeSAM, *, on_replace: Callable[[LoadedDecoder], None] | None = None) -> None:
         self.base = base
+        self._on_replace = on_replace
         self._lock = threading.Lock()
         self._decoders: dict[str, LoadedDecoder] = {}
 
     def load(self, path: str | Path, name: str | None = None) -> LoadedDecoder:
         """Load (or replace) a decoder from a file."""
+        return self.put(self.build(path, name))
+
+    def build(self, path: str | Path, name: str | None = None, *, version: str | None = None) -> LoadedDecoder:
+        """A decoder from a file, not yet served (``put`` serves it)."""
         path = Path(path)
         name = name or path.name.split(".")[0]
-        if not NAME_RE.match(name):
-            raise CheckpointError(f"{path}: {name!r} is not a usable decoder name (letters, digits, _ . -)")
+        try:
+            check_structure_name(name)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
         base = self.base
         prim, pdmm = build_decoders(base.encoder_name)
         variant = DeSAM(encoder_name=base.encoder_name, image_encoder=base.image_encoder,
@@ -64,11 +85,33 @@ class DecoderSet:
             for p in module.parameters():
                 p.requires_grad_(False)
         variant.to(base.device).eval()
-        loaded = LoadedDecoder(name, variant, metadata, sha256_file(path))
+        return LoadedDecoder(name, variant, metadata, sha256_file(path), version)
+
+    def put(self, loaded: LoadedDecoder) -> LoadedDecoder:
+        """Serve ``loaded`` under its name from now on, in place of the decoder before."""
         with self._lock:
-            self._decoders[name] = loaded
-        log.info("decoder %s loaded (structure %s)", name, metadata.get("structure"))
+            old = self._decoders.get(loaded.name)
+            self._decoders[loaded.name] = loaded
+        log.info("decoder %s%s loaded (structure %s)", loaded.name,
+                 "" if loaded.version is None else f" {loaded.version}", loaded.metadata.get("structure"))
+        if old is not None and old is not loaded and self._on_replace is not None:
+            self._on_replace(old)
         return loaded
+
+    def remove(self, name: str) -> LoadedDecoder | None:
+        """Stop serving ``name``; the decoder removed, if there was one."""
+        with self._lock:
+            old = self._decoders.pop(name, None)
+        if old is not None:
+            log.info("decoder %s removed", name)
+            if self._on_replace is not None:
+                self._on_replace(old)
+        return old
+
+    def peek(self, name: str) -> LoadedDecoder | None:
+        """The decoder served under ``name`` now, or None."""
+        with self._lock:
+            return self._decoders.get(name)
 
     def load_dir(self, directory: str | Path) -> list[LoadedDecoder]:
         return [self.load(p) for p in sorted(Path(directory).glob("*.safetensors"))]
@@ -98,8 +141,9 @@ class DecoderSet:
         if not known:
             raise Conflict(
                 f"no trained DeSAM decoder is loaded for encoder {self.base.encoder_name}: the automatic modes "
-                "need one (PDMM is random until trained). Start the service with --decoder FILE (or "
-                "DESAM_DECODERS / decoder_dir), or segment with prompts (POST /segment/prompt).")
+                "need one (PDMM is random until trained). Activate a version in the decoder registry (GET /registry; "
+                "`make decoders` installs the first ones), start the service with --decoder FILE (or DESAM_DECODERS "
+                "/ decoder_dir), or segment with prompts (POST /segment/prompt).")
         if name is None:
             if len(known) > 1:
                 raise Conflict(f"several decoders are loaded ({', '.join(known)}): name one with 'decoder'")

@@ -236,16 +236,71 @@ class JobList(BaseModel):
 
 
 class DecoderInfo(BaseModel):
+    """A decoder the service serves. source: 'file' (given at start) or 'registry' (the
+    active version of the structure ``name``, ``version``)."""
+
     name: str
     structure: str | None
     encoder: str | None
     format_version: int | None
     sha256: str
+    source: Literal["file", "registry"]
+    version: str | None
     training: dict[str, Any]
 
 
 class DecoderList(BaseModel):
     decoders: list[DecoderInfo]
+
+
+# Decoder registry (``decoder_registry``): structure names are decoder names; versions v1, v2, ...
+STRUCTURE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"   # decoder_registry.NAME_RE
+VERSION_PATTERN = r"^v[1-9][0-9]{0,8}$"                      # decoder_registry.VERSION_RE
+
+
+class DecoderVersion(BaseModel):
+    """A registered version. created: Unix time of its registration; sha256 and size_bytes:
+    of its decoder file; encoder and its weights' hash: what it was trained for; curve:
+    whether it has a training-curve PNG."""
+
+    structure: str
+    version: str
+    created: float
+    sha256: str
+    size_bytes: int
+    encoder: str | None
+    encoder_weights_sha256: str | None
+    curve: bool
+
+
+class RegistryStructure(BaseModel):
+    """A structure in the registry: its versions (oldest first), the active one, the earlier
+    active ones a rollback returns to (most recent last); served: the version this service
+    serves under the structure's name (None: none), problem: why it does not serve the
+    active version (another encoder, a decoder file of the same name)."""
+
+    structure: str
+    active: str | None
+    history: list[str]
+    versions: list[DecoderVersion]
+    served: str | None
+    problem: str | None
+
+
+class RegistryList(BaseModel):
+    structures: list[RegistryStructure]
+
+
+class DecoderRecord(DecoderVersion):
+    """A version with its decoder file's metadata: encoder, taps, input convention,
+    structure and the trainer's ``training`` record (counts and metrics, no patient data)."""
+
+    active: bool
+    metadata: dict[str, Any]
+
+
+class ActivateRequest(Strict):
+    version: str = Field(pattern=VERSION_PATTERN, description="the version to serve, e.g. 'v2'")
 
 
 class Health(BaseModel):
@@ -258,7 +313,8 @@ class ErrorBody(BaseModel):
 
 
 ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
-    (400, "malformed request"), (401, "missing or wrong API token"), (404, "unknown volume, decoder or job"),
+    (400, "malformed request"), (401, "missing or wrong API token"),
+    (404, "unknown volume, decoder, decoder version or job"),
     (409, "conflicts with the service's state"), (413, "payload too large"), (422, "invalid values"),
     (429, "too busy, retry after Retry-After seconds"), (503, "encoder busy or shutting down; see Retry-After"))}
 
@@ -275,6 +331,8 @@ _VOLUME_ID = "$response.body#/volume_id"
 _JOB_ID = "$response.body#/id"
 _LABEL = "/volumes/{volume_id}/labels/{structure}"
 _LABEL_PARAMETERS = {"volume_id": _VOLUME_ID, "structure": "$response.body#/structure"}
+_STRUCTURE = "$response.body#/structure"
+_ACTIVE = "$response.body#/active"
 LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
     ("post", "/volumes"): {
         "GetVolume": ("get", "/volumes/{volume_id}", {"parameters": {"volume_id": _VOLUME_ID}}),
@@ -295,6 +353,18 @@ LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
         "GetJob": ("get", "/jobs/{job_id}", {"parameters": {"job_id": _JOB_ID}}),
         "CancelJob": ("post", "/jobs/{job_id}/cancel", {"parameters": {"job_id": _JOB_ID}}),
         "GetJobResult": ("get", "/jobs/{job_id}/result", {"parameters": {"job_id": _JOB_ID}}),
+    },
+    ("get", "/registry"): {
+        "GetDecoderStructure": ("get", "/registry/{structure}",
+                                {"parameters": {"structure": "$response.body#/structures/0/structure"}}),
+    },
+    ("get", "/registry/{structure}"): {
+        "GetDecoderVersion": ("get", "/registry/{structure}/versions/{version}",
+                              {"parameters": {"structure": _STRUCTURE, "version": _ACTIVE}}),
+        "ActivateDecoderVersion": ("put", "/registry/{structure}/active",
+                                   {"parameters": {"structure": _STRUCTURE},
+                                    "requestBody": {"version": "$response.body#/versions/0/version"}}),
+        "RollbackDecoder": ("post", "/registry/{structure}/rollback", {"parameters": {"structure": _STRUCTURE}}),
     },
 }
 

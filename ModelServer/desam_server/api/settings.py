@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..decoder_registry import default_registry_dir
 from ..engine.feature_config import FeatureCacheSettings, GiB, parse_bytes
 from ..modeling.fast_path import FastPath
 
@@ -62,6 +63,9 @@ class ServiceSettings:
     SAM-family checkpoint (None: the catalog's cached weights for MobileSAM/LiteMedSAM;
     SAM ViTs need a file, or an official one already in the weights cache); decoders:
     DeSAM decoder files to load at start; decoder_dir: every ``*.safetensors`` decoder in this folder is loaded too;
+    registry_dir: the decoder registry (``decoder_registry``; default ``default_registry_dir()``,
+    ``$XDG_DATA_HOME/slicer-desam/decoders``; 'off': none), whose active version of every
+    structure is served under the structure's name (a decoder file of the same name wins);
     device: auto/cpu/cuda/cuda:N; precision: the encoder's autocast.
 
     volume_dir / volume_disk_bytes: where uploaded volumes persist and their budget
@@ -88,6 +92,7 @@ class ServiceSettings:
     sam_checkpoint: Path | None = None
     decoders: tuple[Path, ...] = ()
     decoder_dir: Path | None = None
+    registry_dir: Path | None = None
     device: str = "auto"
     precision: str = "auto"
     volume_dir: Path | None = None
@@ -179,7 +184,8 @@ class ServiceSettings:
         """What ``info`` may show: no token, no paths."""
         return {"host": self.host, "port": self.port, "auth": self.token is not None, "tls": self.tls,
                 "cors": bool(self.cors_origins), "device": self.device, "precision": self.precision,
-                "volume_store": self.volume_dir is not None, "volume_disk_bytes": self.volume_disk_bytes,
+                "volume_store": self.volume_dir is not None, "decoder_registry": self.registry_dir is not None,
+                "volume_disk_bytes": self.volume_disk_bytes,
                 "volume_memory_bytes": self.volume_memory_bytes, "max_upload_bytes": self.max_upload_bytes,
                 "max_voxels": self.max_voxels, "max_points": self.max_points,
                 "click_timeout_s": self.click_timeout_s, "max_pending_prompts": self.max_pending_prompts,
@@ -216,6 +222,9 @@ class ServiceSettings:
         kwargs.setdefault("volume_dir", default_volume_dir())
         if kwargs["volume_dir"] == "off":
             kwargs["volume_dir"] = None
+        kwargs.setdefault("registry_dir", default_registry_dir(env))
+        if kwargs["registry_dir"] == "off":
+            kwargs["registry_dir"] = None
         device = kwargs.get("device", "auto")
         try:
             cache_env = {**{"DESAM_CACHE_" + k.upper(): str(v) for k, v in cache_values.items()},
@@ -229,7 +238,7 @@ class ServiceSettings:
 _INTS = {"port", "max_points", "max_pending_prompts", "max_jobs", "finished_jobs_kept", "encode_batch", "neighbours",
          "max_voxels"}
 _BYTES = {"volume_disk_bytes", "volume_memory_bytes", "max_upload_bytes"}
-_PATHS = {"sam_checkpoint", "decoder_dir", "volume_dir", "tls_certfile", "tls_keyfile"}
+_PATHS = {"sam_checkpoint", "decoder_dir", "registry_dir", "volume_dir", "tls_certfile", "tls_keyfile"}
 _BOOLS = {"allow_insecure_http"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _STRINGS = {"host", "token", "encoder", "device", "precision", "log_level", "fast_path"}
@@ -255,7 +264,8 @@ def _convert(name: str, value: Any) -> Any:
             raise ValueError
         if name in _PATHS:
             text = str(value).strip()
-            return "off" if name == "volume_dir" and text.lower() in ("off", "none") else Path(text).expanduser()
+            off = name in ("volume_dir", "registry_dir") and text.lower() in ("off", "none")
+            return "off" if off else Path(text).expanduser()
         if name in ("decoders", "cors_origins"):
             items = value.split(",") if isinstance(value, str) else list(value)
             items = [str(v).strip() for v in items if str(v).strip()]
