@@ -7,7 +7,7 @@ Strategies:
   cross-entropy on the low-resolution logits + 10 x MSE on the predicted IoU (the
   paper's; weights in ``DeSAMLoss``).
 - ``box``: the box covering the whole image region; Dice + cross-entropy only, the IoU
-  head is frozen (not trained).
+  head is frozen (not trained), and so are the parts that only feed it.
 
 Dice and cross-entropy are MONAI's ``DiceCELoss`` (sigmoid, per-sample Dice: an empty
 slice predicted empty costs nothing), the IoU term ``torch.nn.MSELoss``.
@@ -114,9 +114,15 @@ class DeSAMFamily:
         model.freeze_frozen_parts()
         for p in model.trainable_parameters():
             p.requires_grad_(True)
-        if strategy == "box":  # spec item 19: the IoU head is not trained
-            for p in model.prim.iou_prediction_head.parameters():
-                p.requires_grad_(False)
+        if strategy == "box":
+            # Spec item 19: the IoU head is not trained; nor are the transformer's last
+            # token-to-image attention and its norm, which only update the tokens the IoU
+            # head reads (the mask embedding is the image side): without a gradient there,
+            # DDP would wait for one.
+            t = model.prim.transformer
+            for module in (model.prim.iou_prediction_head, t.final_attn_token_to_image, t.norm_final_attn):
+                for p in module.parameters():
+                    p.requires_grad_(False)
         model.prim.train()
         model.pdmm.train()
         return DeSAMTrainingModule(model)

@@ -30,6 +30,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..atomic import atomic_write_bytes
+from ..engine.runtime import cpu_has_native_bf16
 from ..io.slices import slice_view
 from .config import TrainConfig
 from .curve import write_curve
@@ -79,7 +80,7 @@ def _autocast(device: torch.device, precision: str):
         if precision == "fp16":
             return torch.autocast("cuda", dtype=torch.float16), torch.float16
         return contextlib.nullcontext(), torch.float32
-    if precision == "bf16":
+    if precision == "bf16" or (precision == "auto" and cpu_has_native_bf16()):
         return torch.autocast("cpu", dtype=torch.bfloat16), torch.bfloat16
     if precision == "fp16":
         raise ValueError("fp16 training needs a CUDA device; use fp32 or bf16 on a CPU")
