@@ -27,7 +27,8 @@ SPACING, ORIGIN, DIRECTION = (0.8, 0.8, 2.5), (-100.0, -120.0, 30.0), np.eye(3)
 
 
 def tiny_settings(tmp: Path, *, checkpoint: Path | None = None, decoder: bool = True, **overrides) -> ServiceSettings:
-    """Settings for a tiny-encoder service under ``tmp`` (no environment, no config file)."""
+    """Settings for a tiny-encoder service under ``tmp`` (no environment, no config file;
+    training jobs' folders and features under ``tmp`` too)."""
     decoders = ()
     if decoder:
         torch.manual_seed(1)
@@ -39,7 +40,8 @@ def tiny_settings(tmp: Path, *, checkpoint: Path | None = None, decoder: bool = 
     base = ServiceSettings.load(environ={}, volume_dir=str(tmp / "volumes"), encoder="tiny", device="cpu",
                                 precision="fp32")
     cache = FeatureCacheSettings(directory=tmp / "features", host_bytes=64 << 20, disk_bytes=256 << 20)
-    return replace(base, decoders=decoders, cache=cache, sam_checkpoint=checkpoint, **overrides)
+    training = {"training_dir": tmp / "training-jobs", "training_features_dir": tmp / "training-features"}
+    return replace(base, decoders=decoders, cache=cache, sam_checkpoint=checkpoint, **{**training, **overrides})
 
 
 def tiny_factory(settings: ServiceSettings) -> Service:
@@ -135,7 +137,8 @@ def serve_process(tmp_path: Path, *args: str, env_extra: dict | None = None) -> 
     """``desam-server serve`` with the tiny random encoder on the CPU as a child process
     (its volumes and features under ``tmp_path``; ``args`` are more flags); stdout and
     stderr joined, text. The caller stops it."""
-    env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"), **(env_extra or {})}
+    env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"),
+           "DESAM_TRAINING_DIR": str(tmp_path / "training-jobs"), **(env_extra or {})}
     cmd = [sys.executable, "-m", "desam_server.cli", "serve", "--encoder", "tiny", "--device", "cpu",
            "--volume-dir", str(tmp_path / "volumes"), *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -10,6 +10,13 @@ instead of stopping at 404. Then schemathesis's stateful phase chains requests a
 schema's links (an uploaded volume's id, a job's id), and every linked operation must
 answer a 2xx at least once.
 
+Training: every training route is fuzzed, but a generated ``POST /training`` never starts
+a training: its volume ids are random (the uploaded volume's id is aimed only at
+top-level ``volume_id`` fields, and a training request names volumes inside ``cases``)
+and only the uploaded volume has a label (``organ``), so it ends at 404 or 422. One tiny
+training job (one step) is started on purpose in ``test_valid_requests_conform_to_the_schema``
+to check the answers of the job's routes.
+
 Bounded for the default run: few examples per operation, few short scenarios,
 derandomized (the same requests in every run), no deadline, every wait with a timeout.
 """
@@ -28,9 +35,10 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 
-from desam_server.api import ServiceSettings, create_app
+from desam_server.api import Service, ServiceSettings, create_app
+from desam_server.modeling import build_desam
 
-from service_helpers import id_of, payload_of, phantom_volume, tiny_factory, tiny_settings
+from service_helpers import id_of, payload_of, phantom_volume, tiny_settings
 
 VOLUME = phantom_volume()
 PAYLOAD = payload_of(VOLUME)
@@ -150,7 +158,14 @@ def _aimed(label: str, body: dict) -> dict:
 def service(tmp_path_factory, tiny_sam_checkpoint):
     """The running service (tiny model, one test decoder) with the phantom volume uploaded."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    app = create_app(tiny_settings(tmp, checkpoint=tiny_sam_checkpoint[0]), tiny_factory)
+    labels = {(VOLUME_ID, "organ"): VOLUME > 30}
+
+    def factory(settings):
+        return Service(settings, build_desam("tiny", sam_checkpoint=settings.sam_checkpoint),
+                       model_info={"encoder": "tiny", "weights": "test"},
+                       labels=lambda volume_id, structure: labels[(volume_id, structure)])
+
+    app = create_app(tiny_settings(tmp, checkpoint=tiny_sam_checkpoint[0], training_threads=1), factory)
     with TestClient(app, raise_server_exceptions=False) as client:
         r = client.post("/volumes", content=PAYLOAD)
         assert r.status_code == 201 and r.json()["volume_id"] == VOLUME_ID, r.text
@@ -238,6 +253,20 @@ def test_valid_requests_conform_to_the_schema(service):
     call("POST", "/jobs/{job_id}/cancel", path_parameters={"job_id": job["id"]})
     assert call("GET", "/jobs")["jobs"]
 
+    options = {"slabs": 1, "gap": 1, "validation_fraction": 0.2, "empty_ratio": 0,
+               "config": {"strategy": "box", "epochs": 1, "batch_size": 2}}
+    training = call("POST", "/training", body={"structure": "organ", "cases": [{**vid, "structure": "organ"}],
+                                                "options": options})
+    tid = {"job_id": training["id"]}
+    service.app.state.service.training.wait(training["id"], timeout=120)
+    assert call("GET", "/training/{job_id}", path_parameters=tid)["state"] == "finished"
+    assert len(call("GET", "/training/{job_id}/metrics", path_parameters=tid)["epochs"]) == 1
+    assert call("GET", "/training/{job_id}/log", path_parameters=tid, query={"lines": 5})["lines"]
+    events = schema["/training/{job_id}/events"]["GET"].Case(path_parameters=tid).call_and_validate()
+    assert "event: finished" in events.text
+    assert call("POST", "/training/{job_id}/cancel", path_parameters=tid)["state"] == "finished"
+    assert call("GET", "/training")["jobs"]
+
 
 # Operations that only an id from another answer (an OpenAPI link) gets past 404.
 LINKED = ["GET /volumes/{volume_id}", "DELETE /volumes/{volume_id}", "PUT /volumes/{volume_id}/view",
@@ -294,5 +323,7 @@ def test_service_still_answers_after_the_fuzz(service):
     r = service.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert service.get(f"/volumes/{VOLUME_ID}").status_code == 200
-    # No job the fuzz started failed inside the service (cancelled ones are fine).
+    # No job the fuzz started failed inside the service (cancelled ones are fine); the only
+    # training job is the one started on purpose.
     assert not [job for job in service.get("/jobs").json()["jobs"] if job["state"] == "failed"]
+    assert [job["state"] for job in service.get("/training").json()["jobs"]] == ["finished"]

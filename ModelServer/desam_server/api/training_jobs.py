@@ -17,16 +17,19 @@ killed) makes the job failed with its exit status or signal as the reason. A fin
 job's decoder files go to ``on_finished(TrainingOutputs)`` (the service registers the
 decoder there); what it returns is the job's ``installed``.
 
-Ended jobs are kept until ``keep`` newer ones have ended; their folders go with them
-(``on_finished`` copies what it keeps). Folders left by an earlier run of the service are
-removed at start: a job does not outlive the service that started it (nor does its
-process: it stops when the service's end of its standard input closes).
+Ended jobs are kept until ``keep`` newer ones have ended; their folders go with them, and
+all of them when the service closes (``on_finished`` copies what it keeps): a job does not
+outlive the service that started it (nor does its process: it stops when the service's
+end of its standard input closes). The service holds a lock on each of its folders
+(``.lock``, flock), so that at start it removes the folders a crashed service left behind
+and never those of another service sharing ``root``.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -106,6 +109,41 @@ class TrainingOutputs:
     best_validation_dice: float
 
 
+LOCK_FILE = ".lock"
+
+
+def _lock(folder: Path) -> int:
+    """An exclusive flock on ``folder/.lock``, held while the descriptor is open."""
+    fd = os.open(folder / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _unlocked(folder: Path) -> bool:
+    """Whether no process holds ``folder``'s lock (a folder without one was never used)."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove_folder(job: TrainingJob) -> None:
+    if job.folder is not None:
+        shutil.rmtree(job.folder, ignore_errors=True)
+    if job.lock_fd is not None:
+        os.close(job.lock_fd)
+        job.lock_fd = None
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -150,6 +188,7 @@ class TrainingJob:
     folder: Path | None = field(default=None, repr=False)
     process: subprocess.Popen | None = field(default=None, repr=False)
     final_event: dict | None = field(default=None, repr=False)
+    lock_fd: int | None = field(default=None, repr=False)
 
     def status(self) -> dict:
         elapsed = None
@@ -183,7 +222,7 @@ class TrainingJobManager:
         self._closing = False
         self._counters = collections.Counter(dict.fromkeys((s.value for s in ENDED_TRAINING), 0))
         self.root.mkdir(parents=True, exist_ok=True)
-        left = [p for p in self.root.iterdir() if p.is_dir()]
+        left = [p for p in self.root.iterdir() if p.is_dir() and _unlocked(p)]
         for path in left:
             shutil.rmtree(path, ignore_errors=True)
         if left:
@@ -307,6 +346,10 @@ class TrainingJobManager:
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            ended = [j for j in self._jobs.values() if j.state in ENDED_TRAINING]
+        for job in ended:
+            _remove_folder(job)
 
     # ---- the job's thread ----------------------------------------------------------------------
     def _note(self, job: TrainingJob, text: str) -> None:
@@ -347,6 +390,7 @@ class TrainingJobManager:
         try:
             folder = job.folder
             folder.mkdir(parents=True)
+            job.lock_fd = _lock(folder)
             write_spec(folder, self._spec(job, write_cases(folder, cases)))
             cases.clear()                                 # the arrays are on disk now
             self._start_process(job)
@@ -481,8 +525,8 @@ class TrainingJobManager:
             doomed = []
             while len(self._ended) > self.keep:
                 old = self._jobs.pop(self._ended.popleft(), None)
-                if old is not None and old.folder is not None:
-                    doomed.append(old.folder)
-        for folder in doomed:
-            shutil.rmtree(folder, ignore_errors=True)
+                if old is not None:
+                    doomed.append(old)
+        for old in doomed:
+            _remove_folder(old)
         log.info("training job %s %s", job.id[:12], state.value)

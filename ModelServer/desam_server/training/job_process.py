@@ -136,7 +136,7 @@ def _run(job_dir: Path, events: _Events, stop: _StopFlag):
     from .job_spec import OUTPUT_DIR, read_cases, read_spec
 
     spec = read_spec(job_dir)
-    if spec.nice:
+    if spec.nice and hasattr(os, "nice"):
         os.nice(spec.nice)
     import torch
 

@@ -26,7 +26,14 @@ EVENTS_RESPONSE = {200: {
                    "'precompute', 'precomputed', 'data', 'start', 'step', 'epoch' as they happen, and last one of "
                    "'finished', 'failed', 'cancelled' (the final status, with its reason); ': ping' comments keep "
                    "the connection alive. Each data field is one JSON object whose 'event' names it.",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    "content": {"text/event-stream": {"schema": {
+        "description": "one server-sent event", "type": "object", "required": ["event", "data", "id"],
+        "properties": {"event": {"type": "string", "enum": [
+                           "status", "data", "precompute", "precomputed", "start", "step", "epoch", "finished",
+                           "failed", "cancelled"]},
+                       "data": {"type": "string", "contentMediaType": "application/json",
+                                "description": "a JSON object with the event's fields, 'event' among them"},
+                       "id": {"type": "string", "pattern": "^[0-9]+$"}}}}}}}
 
 
 def _info(status: dict) -> TrainingJobInfo:
