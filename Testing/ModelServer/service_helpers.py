@@ -28,7 +28,8 @@ SPACING, ORIGIN, DIRECTION = (0.8, 0.8, 2.5), (-100.0, -120.0, 30.0), np.eye(3)
 
 def tiny_settings(tmp: Path, *, checkpoint: Path | None = None, decoder: bool = True, **overrides) -> ServiceSettings:
     """Settings for a tiny-encoder service under ``tmp`` (no environment, no config file; its
-    decoder registry ``tmp/registry``, empty unless the test registers decoders there)."""
+    decoder registry ``tmp/registry``, empty unless the test registers decoders there;
+    training jobs' folders and features under ``tmp`` too)."""
     decoders = ()
     if decoder:
         torch.manual_seed(1)
@@ -40,7 +41,8 @@ def tiny_settings(tmp: Path, *, checkpoint: Path | None = None, decoder: bool = 
     base = ServiceSettings.load(environ={}, volume_dir=str(tmp / "volumes"), encoder="tiny", device="cpu",
                                 precision="fp32")
     cache = FeatureCacheSettings(directory=tmp / "features", host_bytes=64 << 20, disk_bytes=256 << 20)
-    overrides = {"registry_dir": tmp / "registry", **overrides}
+    overrides = {"registry_dir": tmp / "registry", "training_dir": tmp / "training-jobs",
+                 "training_features_dir": tmp / "training-features", **overrides}
     return replace(base, decoders=decoders, cache=cache, sam_checkpoint=checkpoint, **overrides)
 
 
@@ -138,7 +140,8 @@ def serve_process(tmp_path: Path, *args: str, env_extra: dict | None = None) -> 
     (its volumes, features and decoder registry under ``tmp_path``; ``args`` are more flags); stdout and
     stderr joined, text. The caller stops it."""
     env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"),
-           "DESAM_REGISTRY_DIR": str(tmp_path / "registry"), **(env_extra or {})}
+           "DESAM_REGISTRY_DIR": str(tmp_path / "registry"), "DESAM_TRAINING_DIR": str(tmp_path / "training-jobs"),
+           **(env_extra or {})}
     cmd = [sys.executable, "-m", "desam_server.cli", "serve", "--encoder", "tiny", "--device", "cpu",
            "--volume-dir", str(tmp_path / "volumes"), *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

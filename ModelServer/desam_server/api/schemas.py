@@ -11,7 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..training.config import PRECISIONS, TrainConfig
+from ..training.run import TrainingOptions
+from ..training.variants import AUGMENTATIONS
 from .jobs import JobState
+from .training_jobs import TrainingState
 
 VolumeId = str
 Axis = Literal["k", "j", "i"]
@@ -235,6 +239,102 @@ class JobList(BaseModel):
     jobs: list[JobInfo]
 
 
+_CONFIG, _OPTIONS = TrainConfig(), TrainingOptions()
+
+
+class TrainConfigBody(Strict):
+    """The optimisation side of a training run (``training.TrainConfig``; defaults as there)."""
+
+    family: Literal["desam"] = Field(_CONFIG.family, description="the model family")
+    strategy: Literal["grid", "box"] = Field(_CONFIG.strategy, description="grid points or whole box (DeSAM)")
+    epochs: int = Field(_CONFIG.epochs, ge=1, le=100_000)
+    batch_size: int = Field(_CONFIG.batch_size, ge=1, le=4096, description="slices per optimizer step")
+    learning_rate: float = Field(_CONFIG.learning_rate, gt=0, le=1)
+    poly_power: float = Field(_CONFIG.poly_power, ge=0, le=10, description="polynomial decay per epoch")
+    seed: int = Field(_CONFIG.seed, ge=0, le=2**31 - 1, description="split, slice choice, order and prompts")
+    precision: Literal[PRECISIONS] = Field(_CONFIG.precision, description="of the decoders' forward and backward")
+    validation_grid_size: int = Field(_CONFIG.validation_grid_size, ge=1, le=32)
+    min_region_area: int = Field(_CONFIG.min_region_area, ge=0, le=1 << 24)
+    iou_threshold: float = Field(_CONFIG.iou_threshold, ge=0, le=1)
+
+
+class TrainingOptionsBody(Strict):
+    """The data side of a training run (``training.TrainingOptions``; defaults as there):
+    the axis slices are taken along, the validation split (a fraction of the volumes, or
+    ``slabs`` slabs with ``gap`` guard slices for a single-volume source), empty slices per
+    slice with the structure, the image-changing augmentations; ``config``: the rest."""
+
+    axis: Axis = _OPTIONS.axis
+    validation_fraction: float = Field(_OPTIONS.validation_fraction, gt=0, lt=1)
+    slabs: int = Field(_OPTIONS.slabs, ge=1, le=64)
+    gap: int | None = Field(_OPTIONS.gap, ge=0, le=2**31 - 1, description="default: the slab length")
+    empty_ratio: float = Field(_OPTIONS.empty_ratio, ge=0, le=1000)
+    augmentations: list[Literal[tuple(AUGMENTATIONS)]] = Field(list(_OPTIONS.augmentations), max_length=16)
+    config: TrainConfigBody = Field(default_factory=TrainConfigBody)
+
+
+class TrainingCaseRef(Strict):
+    volume_id: str = Field(pattern=ID_PATTERN, description="an uploaded volume")
+    structure: str = Field(min_length=1, max_length=128, description="the name its label volume is stored under")
+
+
+class TrainingRequest(Strict):
+    structure: str = Field(min_length=1, max_length=128, pattern=r"\S",
+                           description="what the decoder is trained to segment")
+    cases: list[TrainingCaseRef] = Field(min_length=1, max_length=10_000)
+    options: TrainingOptionsBody = Field(default_factory=TrainingOptionsBody)
+
+
+class TrainingProgress(BaseModel):
+    done: int
+    total: int
+
+
+class TrainingJobInfo(BaseModel):
+    """A training job's status: state, phase ('setup', 'precompute' or 'train'), the
+    latest step's loss and the latest epoch's validation Dice, the best so far, the
+    estimated seconds left; ``reason`` for a failed or cancelled job."""
+
+    id: str
+    state: TrainingState
+    phase: Literal["setup", "precompute", "train"] | None
+    structure: str
+    cases: int
+    device: str
+    options: dict[str, Any]
+    created: float
+    started: float | None
+    ended: float | None
+    elapsed_s: float | None
+    data: dict[str, Any] | None = Field(description="counts of the split and the slices (the 'data' event)")
+    precompute: TrainingProgress | None
+    epoch: int
+    epochs: int | None
+    step: int
+    steps: int | None
+    loss: float | None
+    validation_dice: float | None
+    best_epoch: int | None
+    best_validation_dice: float | None
+    seconds_left: float | None
+    reason: str | None
+    cancel_requested: bool
+    installed: Any = Field(description="what the service did with the finished job's decoder")
+
+
+class TrainingJobList(BaseModel):
+    jobs: list[TrainingJobInfo]
+
+
+class TrainingLog(BaseModel):
+    lines: list[str]
+
+
+class TrainingMetrics(BaseModel):
+    epochs: list[dict[str, Any]] = Field(description="one entry per finished epoch: epoch, loss, validation_dice, "
+                                         "validation_dice_per_volume, learning_rate, timings")
+
+
 class DecoderInfo(BaseModel):
     """A decoder the service serves. source: 'file' (given at start) or 'registry' (the
     active version of the structure ``name``, ``version``)."""
@@ -314,7 +414,7 @@ class ErrorBody(BaseModel):
 
 ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
     (400, "malformed request"), (401, "missing or wrong API token"),
-    (404, "unknown volume, decoder, decoder version or job"),
+    (404, "unknown volume, label, decoder, decoder version or job"),
     (409, "conflicts with the service's state"), (413, "payload too large"), (422, "invalid values"),
     (429, "too busy, retry after Retry-After seconds"), (503, "encoder busy or shutting down; see Retry-After"))}
 
@@ -333,6 +433,7 @@ _LABEL = "/volumes/{volume_id}/labels/{structure}"
 _LABEL_PARAMETERS = {"volume_id": _VOLUME_ID, "structure": "$response.body#/structure"}
 _STRUCTURE = "$response.body#/structure"
 _ACTIVE = "$response.body#/active"
+_TRAINING_ID = {"parameters": {"job_id": _JOB_ID}}
 LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
     ("post", "/volumes"): {
         "GetVolume": ("get", "/volumes/{volume_id}", {"parameters": {"volume_id": _VOLUME_ID}}),
@@ -365,6 +466,13 @@ LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
                                    {"parameters": {"structure": _STRUCTURE},
                                     "requestBody": {"version": "$response.body#/versions/0/version"}}),
         "RollbackDecoder": ("post", "/registry/{structure}/rollback", {"parameters": {"structure": _STRUCTURE}}),
+    },
+    ("post", "/training"): {
+        "GetTrainingJob": ("get", "/training/{job_id}", _TRAINING_ID),
+        "GetTrainingLog": ("get", "/training/{job_id}/log", _TRAINING_ID),
+        "GetTrainingMetrics": ("get", "/training/{job_id}/metrics", _TRAINING_ID),
+        "TrainingEvents": ("get", "/training/{job_id}/events", _TRAINING_ID),
+        "CancelTrainingJob": ("post", "/training/{job_id}/cancel", _TRAINING_ID),
     },
 }
 

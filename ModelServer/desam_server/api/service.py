@@ -20,8 +20,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +47,8 @@ from .jobs import AutoJob, AutoJobSpec, JobManager
 from .label_store import LabelInfo, LabelStore, check_structure
 from .prompting import LogitsStore, decode_slice_mask, mask_payload, mask_to_logits
 from .settings import ServiceSettings
+from .training_cases import LabelProvider, cases_from_store
+from .training_jobs import TrainingJob, TrainingJobManager, TrainingOutputs, TrainingProcessSettings
 from .volume_store import StoredVolume, VolumeStore
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,15 @@ LABELS_DIR = "labels"
 
 
 class Service:
-    def __init__(self, settings: ServiceSettings, model: DeSAM, *, model_info: dict | None = None) -> None:
+    """labels: where training cases' label volumes come from (``training_cases``; default:
+    the label store, filled by ``PUT /volumes/{id}/labels/{structure}``);
+    on_training_finished: gets a finished training job's ``TrainingOutputs``; what it
+    returns is the job's ``installed`` (default: ``_install_trained``, which registers the
+    best decoder as a new version of its structure and serves it)."""
+
+    def __init__(self, settings: ServiceSettings, model: DeSAM, *, model_info: dict | None = None,
+                 labels: LabelProvider | None = None,
+                 on_training_finished: Callable[[TrainingOutputs], Any] | None = None) -> None:
         self.settings = settings
         self.model = model
         self.model_info = model_info or {}
@@ -87,6 +98,14 @@ class Service:
                                  memory_bytes=settings.volume_memory_bytes, max_voxels=settings.max_voxels,
                                  on_evict=self._forget_volume, keep_longer=self.labels.has_labels)
         self.jobs = JobManager(self._run_job, max_jobs=settings.max_jobs, keep=settings.finished_jobs_kept)
+        # Training cases' labels: the label store's by default (uploaded with PUT .../labels).
+        self.label_provider: LabelProvider = labels or self.labels.get
+        self.training = TrainingJobManager(settings.training_dir, TrainingProcessSettings(
+            encoder=model.encoder_name, sam_checkpoint=settings.sam_checkpoint,
+            encoder_weights_sha256=model.encoder_weights_sha256, device=str(model.device),
+            encoder_precision=settings.precision, features_dir=settings.training_features_dir,
+            threads=settings.training_process_threads()),
+            keep=settings.training_jobs_kept, on_finished=on_training_finished or self._install_trained)
         self.logits = LogitsStore()
         self._lock = threading.Lock()
         self._sessions: dict[str, set[str]] = {}      # volume id -> scheduler ids (one per window)
@@ -567,6 +586,43 @@ class Service:
             self._serve_active(info.structure, loaded)
             return info
 
+    def _install_trained(self, outputs) -> str:
+        """A finished training job's best decoder becomes the active version of its
+        structure (hot swap); returns 'structure vN'."""
+        info = self.install_decoder(outputs.best_path, curve_png=outputs.curve_path, activate=True)
+        return f"{info.structure} {info.version}"
+
+    # ---- training jobs ---------------------------------------------------------------------------
+    def submit_training(self, structure: str, cases: list[dict], options: dict) -> TrainingJob:
+        """Check the request (options, the encoder, each case's volume and label, the
+        split and the batch) and start a training job; 422 / 404 / 409 with the reason."""
+        from ..training.family import get_family
+        from ..training.run import TrainingOptions, prepare_data
+
+        try:
+            parsed = TrainingOptions.from_json(options)
+            family = get_family(parsed.config.family)
+        except (ValueError, TypeError) as exc:
+            raise Unprocessable(f"options: {exc}") from None
+        if parsed.config.strategy not in family.strategies:
+            raise Unprocessable(f"options: strategy {parsed.config.strategy!r} is not one of the {family.name} "
+                                f"family's ({', '.join(family.strategies)})")
+        if not cases:
+            raise Unprocessable("no training cases: give at least one {volume_id, structure}")
+        if self.model.encoder_weights_sha256 is None:
+            raise Conflict("the service's encoder has random weights (no checkpoint): a decoder trained on its "
+                           "features would be meaningless; start the service with real weights")
+        self.training.check_idle()              # before loading every case (submit checks again)
+        built = cases_from_store(self.store, cases, self.label_provider, structure=structure)
+        try:
+            data = prepare_data(built, parsed)
+        except ValueError as exc:
+            raise Unprocessable(str(exc)) from None
+        if len(data.train) < parsed.config.batch_size:
+            raise Unprocessable(f"{len(data.train)} training slices are fewer than one batch of "
+                                f"{parsed.config.batch_size}: lower batch_size or add cases")
+        return self.training.submit(structure, built, parsed)
+
     # ---- info and lifecycle -----------------------------------------------------------------
     def info(self) -> dict:
         with self._lock:
@@ -580,14 +636,16 @@ class Service:
                 "cache": self.cache.stats(), "scheduler": scheduler,
                 "queue_depth": scheduler["queued"] + scheduler["running"], "prompts_waiting": waiting,
                 "volumes": self.store.stats(), "labels": self.labels.stats(), "jobs": self.jobs.stats(),
-                "logits_kept": len(self.logits), "hot_slices": len(self._hot),
+                "training": self.training.stats(), "logits_kept": len(self.logits), "hot_slices": len(self._hot),
                 "settings": self.settings.public(), "uptime_s": round(time.time() - self.started, 1)}
 
     def close(self, timeout: float = 30.0) -> None:
-        """Cancel jobs (waiting for the running one), stop the scheduler, release the cache."""
+        """Cancel jobs and training jobs (waiting for the running ones), stop the scheduler,
+        release the cache."""
         if self.closed:
             return
         self.closed = True
+        self.training.close(timeout)
         self.jobs.close(timeout)
         self.scheduler.close(timeout)
         self.cache.close()

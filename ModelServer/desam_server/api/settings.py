@@ -27,7 +27,7 @@ from ..decoder_registry import default_registry_dir
 from ..engine.feature_config import FeatureCacheSettings, GiB, parse_bytes
 from ..modeling.fast_path import FastPath
 
-__all__ = ["ServiceSettings", "SettingsError", "default_volume_dir", "is_loopback"]
+__all__ = ["ServiceSettings", "SettingsError", "default_volume_dir", "default_training_dir", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,17 @@ class SettingsError(ValueError):
 def default_volume_dir() -> Path:
     """~/.cache/slicer-desam/volumes (beside the feature cache)."""
     return Path.home() / ".cache" / "slicer-desam" / "volumes"
+
+
+def default_training_dir() -> Path:
+    """~/.cache/slicer-desam/training-jobs: the training jobs' folders."""
+    return Path.home() / ".cache" / "slicer-desam" / "training-jobs"
+
+
+def _default_training_features_dir() -> Path:
+    from ..training.run import default_training_features_dir
+
+    return default_training_features_dir()
 
 
 def is_loopback(host: str) -> bool:
@@ -74,7 +85,13 @@ class ServiceSettings:
     max_points: most points in one prompt; click_timeout_s: longest a prompt waits for its
     slice to be encoded (then 503); max_pending_prompts: prompts waiting for the encoder
     before new ones get 429; max_jobs: queued + running automatic jobs before 429;
-    finished_jobs_kept: finished jobs remembered (with results); encode_batch and
+    finished_jobs_kept: finished jobs remembered (with results); training_dir: the
+    training jobs' folders (removed with their job; default
+    ~/.cache/slicer-desam/training-jobs); training_features_dir: the training processes'
+    feature cache (default ``training.run.default_training_features_dir()``, the one
+    ``desam-server train`` uses); training_jobs_kept: ended training jobs remembered;
+    training_threads: PyTorch CPU threads of a training job's process (0: one less than
+    the machine's cores, at least 1, so that clicks keep a core); encode_batch and
     neighbours: the scheduler's; fast_path: the decoders' inference fast path ('all', the
     default; 'none': the modules as written; 'without:PART,PART': all but those parts of
     ``modeling.FastPath`` -- for diagnosis and the side-by-side benchmark); cache: the
@@ -105,6 +122,10 @@ class ServiceSettings:
     max_pending_prompts: int = 32
     max_jobs: int = 8
     finished_jobs_kept: int = 64
+    training_dir: Path = field(default_factory=default_training_dir)
+    training_features_dir: Path = field(default_factory=_default_training_features_dir)
+    training_jobs_kept: int = 16
+    training_threads: int = 0
     encode_batch: int = 1
     neighbours: int = 8
     fast_path: str = "all"
@@ -120,9 +141,12 @@ class ServiceSettings:
         for name in ("volume_disk_bytes", "volume_memory_bytes", "max_upload_bytes", "max_voxels"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")
-        for name in ("max_points", "max_pending_prompts", "max_jobs", "finished_jobs_kept", "encode_batch"):
+        for name in ("max_points", "max_pending_prompts", "max_jobs", "finished_jobs_kept", "encode_batch",
+                     "training_jobs_kept"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.training_threads < 0:
+            raise SettingsError(f"training_threads must be >= 0 (0: automatic), got {self.training_threads}")
         if self.neighbours < 0 or not self.click_timeout_s > 0:
             raise SettingsError("neighbours must be >= 0 and click_timeout_s > 0")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -159,6 +183,10 @@ class ServiceSettings:
             return FastPath.without(*(p.strip() for p in text[len("without:"):].split(",") if p.strip()))
         raise ValueError(f"{text!r} is not 'all', 'none' or 'without:PART,...'")
 
+    def training_process_threads(self) -> int:
+        """``training_threads``, 0 resolved: the machine's cores less one, at least 1."""
+        return self.training_threads or max(1, (os.cpu_count() or 1) - 1)
+
     def check_bind(self) -> None:
         """Refuse to listen beyond loopback without a token, or without TLS unless
         ``allow_insecure_http`` (then warn: the token travels in clear). Loopback needs neither."""
@@ -190,7 +218,8 @@ class ServiceSettings:
                 "max_voxels": self.max_voxels, "max_points": self.max_points,
                 "click_timeout_s": self.click_timeout_s, "max_pending_prompts": self.max_pending_prompts,
                 "max_jobs": self.max_jobs, "encode_batch": self.encode_batch, "neighbours": self.neighbours,
-                "fast_path": self.fast_path,
+                "fast_path": self.fast_path, "training_jobs_kept": self.training_jobs_kept,
+                "training_threads": self.training_process_threads(),
                 "cache": self.cache.to_json()}
 
     # ---- loading ------------------------------------------------------------------------
@@ -236,9 +265,10 @@ class ServiceSettings:
 
 
 _INTS = {"port", "max_points", "max_pending_prompts", "max_jobs", "finished_jobs_kept", "encode_batch", "neighbours",
-         "max_voxels"}
+         "max_voxels", "training_jobs_kept", "training_threads"}
 _BYTES = {"volume_disk_bytes", "volume_memory_bytes", "max_upload_bytes"}
-_PATHS = {"sam_checkpoint", "decoder_dir", "registry_dir", "volume_dir", "tls_certfile", "tls_keyfile"}
+_PATHS = {"sam_checkpoint", "decoder_dir", "registry_dir", "volume_dir", "tls_certfile", "tls_keyfile", "training_dir",
+          "training_features_dir"}
 _BOOLS = {"allow_insecure_http"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 _STRINGS = {"host", "token", "encoder", "device", "precision", "log_level", "fast_path"}
