@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve demo test lint bench bench-service bench-fast-path lock clean
+.PHONY: setup serve demo decoders test lint bench bench-service bench-fast-path lock clean
 
 $(STAMP): ModelServer/pyproject.toml ModelServer/requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ serve: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/desam-server fetch-weights
 	$(PY) scripts/demo.py --out $(OUT)
+
+# The first trained decoders for the embedded default encoder (MobileSAM): "head" on the
+# sample CT, "brain" on synthetic T1 heads around the MNI152 brain (cross-domain check on
+# Colin27), installed in the decoder registry that `make serve` reads (docs/TRAINING.md).
+decoders: $(STAMP)
+	$(VENV)/bin/desam-server fetch-weights mobile_sam
+	$(PY) scripts/make_decoders.py --json $(OUT)/decoders.json
 
 # What CI runs: the linter (ruff.toml), then the whole test suite (no test is excluded).
 test: lint

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 log = logging.getLogger("desam_server")
@@ -47,6 +46,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slabs", type=int, default=2, help="validation slabs of a single-volume source")
     p.add_argument("--gap", type=int, default=None, help="guard slices around each validation slab")
     p.add_argument("--empty-ratio", type=float, default=0.3, help="slices without the structure per slice with it")
+    p.add_argument("--slice-step", type=int, default=1, help="train on every n-th slice (validation: all)")
     p.add_argument("--augment", default="none",
                    help=f"image-changing augmentations, comma-separated: {', '.join(AUGMENTATIONS)} (default none)")
     p.add_argument("--strategy", choices=["grid", "box"], default="grid")
@@ -58,6 +58,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="decoder training precision (auto: bf16/fp16 autocast on CUDA, fp32 on CPU)")
     p.add_argument("--validation-grid-size", type=int, default=9)
     p.add_argument("--min-region-area", type=int, default=64)
+
+
+def _progress(quiet: bool):
+    from .training.progress import TrainingProgress
+
+    return TrainingProgress(quiet)
 
 
 def _cases(args):
@@ -77,55 +83,8 @@ def _options(args):
                          learning_rate=args.learning_rate, seed=args.seed, precision=args.train_precision,
                          validation_grid_size=args.validation_grid_size, min_region_area=args.min_region_area)
     return TrainingOptions(axis=args.axis, validation_fraction=args.validation_fraction, slabs=args.slabs,
-                           gap=args.gap, empty_ratio=args.empty_ratio, augmentations=args.augment, config=config)
-
-
-class _Progress:
-    """tqdm bars from training events (process 0 only; none with --quiet)."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bar = None
-        self.phase = None
-
-    def _bar(self, phase: str, total: int, unit: str):
-        from tqdm import tqdm
-
-        if self.phase != phase:
-            self.close()
-            self.phase = phase
-            self.bar = tqdm(total=total, unit=unit, desc=phase, file=sys.stderr, dynamic_ncols=True)
-        return self.bar
-
-    def __call__(self, event: dict) -> None:
-        kind = event["event"]
-        if kind == "data":
-            log.info("data: %s", event["split"]["description"])
-        if self.quiet:
-            if kind == "epoch":
-                log.info("epoch %d/%d: loss %.4f, validation Dice %.4f", event["epoch"], event["epochs"],
-                         event["loss"], event["validation_dice"])
-            return
-        if kind == "precompute":
-            bar = self._bar("precompute", event["total"], "slice")
-            bar.n = event["done"]
-            bar.refresh()
-        elif kind == "start":
-            self._bar("train", event["epochs"] * event["steps_per_epoch"], "step").update(
-                event["resumed_from"] * event["steps_per_epoch"])
-        elif kind == "step":
-            bar = self._bar("train", event["epochs"] * event["steps"], "step")
-            bar.update(1)
-            bar.set_postfix(epoch=event["epoch"], loss=f"{event['loss']:.4f}")
-        elif kind == "epoch" and self.bar is not None:
-            self.bar.write(f"epoch {event['epoch']}/{event['epochs']}: loss {event['loss']:.4f}, "
-                           f"validation Dice {event['validation_dice']:.4f} (best {event['best_validation_dice']:.4f}"
-                           f" at epoch {event['best_epoch']})")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+                           gap=args.gap, empty_ratio=args.empty_ratio, slice_step=args.slice_step,
+                           augmentations=args.augment, config=config)
 
 
 def _model(args, ctx=None):
@@ -144,13 +103,25 @@ def _model(args, ctx=None):
     return model
 
 
+def _registry(directory: Path | None):
+    """The decoder registry the service uses (its settings: config file, DESAM_REGISTRY_DIR,
+    default), or ``directory``."""
+    from .api.settings import ServiceSettings
+    from .decoder_registry import DecoderRegistry
+
+    root = directory or ServiceSettings.load().registry_dir
+    if root is None:
+        raise ValueError("the decoder registry is off in the service's settings: give --registry-dir")
+    return DecoderRegistry(root)
+
+
 def cmd_precompute(args: argparse.Namespace) -> int:
     from .engine.feature_config import parse_bytes
     from .training.run import default_training_features_dir, precompute, prepare_data
 
     model = _model(args)
     data = prepare_data(_cases(args), _options(args))
-    progress = _Progress(args.quiet)
+    progress = _progress(args.quiet)
     directory = args.features_dir or default_training_features_dir()
     report = precompute(model, data, directory, events=progress, precision=args.precision,
                         features_bytes=parse_bytes(args.features_bytes, "--features-bytes"))
@@ -167,16 +138,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = DistributedContext.from_environment(args.device)
     try:
         model = _model(args, ctx)
-        progress = _Progress(args.quiet or not ctx.is_main)
+        progress = _progress(args.quiet or not ctx.is_main)
         result = run_training(model, _cases(args), _options(args), output_dir=args.output,
                               features_dir=args.features_dir, events=progress if ctx.is_main else None,
                               resume=not args.restart, distributed=ctx, encoder_precision=args.precision,
                               features_bytes=parse_bytes(args.features_bytes, "--features-bytes"))
         progress.close()
         if ctx.is_main:
-            print(json.dumps({"best": str(result.best_path), "last": str(result.last_path),
-                              "best_epoch": result.best_epoch, "best_validation_dice": result.best_dice,
-                              "resumed_from": result.resumed_from}, indent=1))
+            answer = {"best": str(result.best_path), "last": str(result.last_path), "best_epoch": result.best_epoch,
+                      "best_validation_dice": result.best_dice, "resumed_from": result.resumed_from}
+            if args.install:
+                registry = _registry(args.registry_dir)
+                info = registry.register(result.best_path, curve_png=result.output_dir / "curve.png", activate=True)
+                answer["installed"] = f"{info.structure} {info.version}"
+            print(json.dumps(answer, indent=1))
     finally:
         ctx.close()
     return 0
@@ -196,7 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = _model(args)
     cases = _cases(args)
     directory = args.features_dir or default_training_features_dir()
-    progress = _Progress(args.quiet)
+    progress = _progress(args.quiet)
     settings = FeatureCacheSettings(directory=directory, host_bytes=0, storage_dtype=STORAGE_DTYPE,
                                     disk_bytes=parse_bytes(args.features_bytes, "--features-bytes"))
     dim = axis_dimension(args.axis)
@@ -207,7 +182,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     progress.close()
     family = get_family("desam")
     options = {"grid_size": args.grid_size, "min_region_area": args.min_region_area}
-    bar = _Progress(args.quiet)
+    bar = _progress(args.quiet)
     scores = evaluate_cases(model, family, cases, FeatureReader(model, directory, storage_dtype=STORAGE_DTYPE),
                             axis=args.axis, mode=args.mode, options=options, tolerance_mm=args.tolerance_mm,
                             progress=lambda d, t: bar({"event": "precompute", "done": d, "total": t}))
@@ -234,6 +209,12 @@ def add_training_parsers(sub, add_model_args) -> None:
     _add_data_args(tr)
     tr.add_argument("--output", type=Path, required=True, help="run folder: decoder files, state, curve")
     tr.add_argument("--restart", action="store_true", help="start over instead of resuming the folder's run")
+    tr.add_argument("--install", action="store_true",
+                    help="register the best decoder as the next version of its structure in the decoder registry "
+                         "(and make it the active one): the service serves it at its next start or registry change")
+    tr.add_argument("--registry-dir", type=Path, default=None,
+                    help="decoder registry (default: the service's registry_dir setting: DESAM_REGISTRY_DIR, "
+                         "the config file, else ~/.local/share/slicer-desam/decoders)")
     tr.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
 

@@ -123,3 +123,17 @@ def test_variants_change_the_feature_key_inputs():
     assert np.array_equal(flipped.mask, case.mask[:, :, ::-1])
     bright = apply_variant(case, AUGMENTATIONS["bright"])
     assert bright.volume_id == case.volume_id and bright.window.center < case.window.center
+
+
+def test_slice_step_thins_training_slices_only():
+    cases = phantom_cases(4, shape=(12, 40, 48))
+    split = split_cases(cases, validation_fraction=0.25, seed=0)
+    every = build_training_data(cases, split, empty_ratio=0.0, seed=0)
+    third = build_training_data(cases, split, empty_ratio=0.0, seed=0, slice_step=3)
+    for p in split.train:
+        positives = [r.index for r in every.train if r.case == p.case]
+        assert [r.index for r in third.train if r.case == p.case] == positives[::3]
+    assert third.validation_refs() == every.validation_refs()
+    assert third.summary()["slice_step"] == 3
+    with pytest.raises(ValueError, match="slice_step"):
+        build_training_data(cases, split, slice_step=0)

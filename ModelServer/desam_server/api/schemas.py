@@ -262,13 +262,15 @@ class TrainingOptionsBody(Strict):
     """The data side of a training run (``training.TrainingOptions``; defaults as there):
     the axis slices are taken along, the validation split (a fraction of the volumes, or
     ``slabs`` slabs with ``gap`` guard slices for a single-volume source), empty slices per
-    slice with the structure, the image-changing augmentations; ``config``: the rest."""
+    slice with the structure, every how many slices to train on, the image-changing
+    augmentations; ``config``: the rest."""
 
     axis: Axis = _OPTIONS.axis
     validation_fraction: float = Field(_OPTIONS.validation_fraction, gt=0, lt=1)
     slabs: int = Field(_OPTIONS.slabs, ge=1, le=64)
     gap: int | None = Field(_OPTIONS.gap, ge=0, le=2**31 - 1, description="default: the slab length")
     empty_ratio: float = Field(_OPTIONS.empty_ratio, ge=0, le=1000)
+    slice_step: int = Field(_OPTIONS.slice_step, ge=1, le=1024, description="train on every n-th slice")
     augmentations: list[Literal[tuple(AUGMENTATIONS)]] = Field(list(_OPTIONS.augmentations), max_length=16)
     config: TrainConfigBody = Field(default_factory=TrainConfigBody)
 

@@ -41,13 +41,14 @@ def default_training_features_dir() -> Path:
 class TrainingOptions:
     """The data side of a run (``config`` holds the optimisation side): axis to slice
     along; validation_fraction, slabs and gap (``split.split_cases``); empty_ratio
-    (``samples``); augmentations (``variants.AUGMENTATIONS`` names)."""
+    and slice_step (``samples``); augmentations (``variants.AUGMENTATIONS`` names)."""
 
     axis: str = "k"
     validation_fraction: float = 0.1
     slabs: int = 2
     gap: int | None = None
     empty_ratio: float = 0.3
+    slice_step: int = 1
     augmentations: tuple[str, ...] = ()
     config: TrainConfig = field(default_factory=TrainConfig)
 
@@ -78,7 +79,8 @@ def prepare_data(cases: Sequence[Case], options: TrainingOptions) -> TrainingDat
     split = split_cases(cases, axis=options.axis, validation_fraction=options.validation_fraction,
                         seed=options.config.seed, slabs=options.slabs, gap=options.gap)
     return build_training_data(cases, split, variants=parse_augmentations(options.augmentations),
-                               empty_ratio=options.empty_ratio, seed=options.config.seed)
+                               empty_ratio=options.empty_ratio, seed=options.config.seed,
+                               slice_step=options.slice_step)
 
 
 def run_training(model, cases: Sequence[Case], options: TrainingOptions, *, output_dir: Path,

@@ -1,8 +1,10 @@
 """The slices a training run uses.
 
-Training: every training slice that holds the structure, plus slices without it at
-``empty_ratio`` (empty slices per slice with the structure, drawn once with the seed), in
-every variant. Validation and evaluation: every slice of the validation portions (whole
+Training: every ``slice_step``-th training slice that holds the structure, plus slices
+without it at ``empty_ratio`` (empty slices per slice with the structure, drawn once with
+the seed from every ``slice_step``-th empty slice), in every variant. A step above 1 trades
+near-duplicate neighbours for fewer encoder passes and shorter epochs. Validation and
+evaluation: every slice of the validation portions (whole
 volumes, empty slices included; spec item 24), original cases only.
 """
 
@@ -40,6 +42,7 @@ class TrainingData:
     split: Split
     variants: tuple[Variant, ...]
     empty_ratio: float
+    slice_step: int = 1
 
     @property
     def structure(self) -> str:
@@ -63,6 +66,7 @@ class TrainingData:
             "split": self.split.to_json(),
             "augmentations": [v.name for v in self.variants],
             "empty_ratio": self.empty_ratio,
+            "slice_step": self.slice_step,
             "train_slices_with_structure": sum(r.positive for r in self.train),
             "train_slices_empty": sum(not r.positive for r in self.train),
             "validation_slices_with_structure": sum(r.positive for r in val),
@@ -71,7 +75,9 @@ class TrainingData:
 
 
 def build_training_data(cases: Sequence[Case], split: Split, *, variants: Sequence[Variant] = (),
-                        empty_ratio: float = 0.3, seed: int = 0) -> TrainingData:
+                        empty_ratio: float = 0.3, seed: int = 0, slice_step: int = 1) -> TrainingData:
+    if isinstance(slice_step, bool) or not isinstance(slice_step, int) or slice_step < 1:
+        raise ValueError(f"slice_step must be a positive integer, got {slice_step!r}")
     if empty_ratio < 0 or not math.isfinite(empty_ratio):
         raise ValueError(f"empty_ratio must be a non-negative number, got {empty_ratio}")
     axis, dim = split.axis, axis_dimension(split.axis)
@@ -86,8 +92,8 @@ def build_training_data(cases: Sequence[Case], split: Split, *, variants: Sequen
     for portion in split.train:
         case = cases[portion.case]
         present = case.mask.any(axis=tuple(d for d in range(3) if d != dim))
-        positives = [i for i in portion.indices if present[i]]
-        empties = [i for i in portion.indices if not present[i]]
+        positives = [i for i in portion.indices if present[i]][::slice_step]
+        empties = [i for i in portion.indices if not present[i]][::slice_step]
         n_empty = min(len(empties), math.ceil(empty_ratio * len(positives)))
         chosen = sorted(rng.choice(empties, size=n_empty, replace=False).tolist()) if n_empty else []
         indices = sorted(positives + chosen)
@@ -99,5 +105,5 @@ def build_training_data(cases: Sequence[Case], split: Split, *, variants: Sequen
             train.extend(SliceRef(number, axis, i, bool(present[i])) for i in indices)
     if not any(r.positive for r in train):
         raise ValueError("no training slice holds the structure: the split left every such slice to validation")
-    return TrainingData(all_cases, train, list(split.validation), split, tuple(variants), empty_ratio)
+    return TrainingData(all_cases, train, list(split.validation), split, tuple(variants), empty_ratio, slice_step)
 
