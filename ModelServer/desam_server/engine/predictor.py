@@ -22,10 +22,11 @@ from .runtime import Precision, choose_precision
 HOW_TO_GET_A_DECODER = (
     "DeSAM's automatic modes need a trained DeSAM decoder (PRIM + PDMM) for this encoder; "
     "PDMM starts from random weights and its output would be meaningless. None ships with "
-    "SlicerDeSAM and it has no training command yet: pass a decoder file trained for this "
-    "encoder (--decoder with `desam-server segment` or `desam-server serve`, "
-    "decoder_checkpoint=... in build_desam), or use the prompted mode (points or a box: "
-    "`desam-server segment --mode prompt`, POST /segment/prompt)."
+    "SlicerDeSAM: run `make decoders` (MobileSAM: head, brain) or `desam-server train` on your "
+    "cases, then pass the decoder file (--decoder with `desam-server segment` or `desam-server "
+    "serve`, decoder_checkpoint=... in build_desam; the service also serves its decoder "
+    "registry), or use the prompted mode (points or a box: `desam-server segment --mode "
+    "prompt`, POST /segment/prompt)."
 )
 
 

@@ -4,8 +4,8 @@ Training: every ``slice_step``-th training slice that holds the structure, plus 
 without it at ``empty_ratio`` (empty slices per slice with the structure, drawn once with
 the seed from every ``slice_step``-th empty slice), in every variant. A step above 1 trades
 near-duplicate neighbours for fewer encoder passes and shorter epochs. Validation and
-evaluation: every slice of the validation portions (whole
-volumes, empty slices included; spec item 24), original cases only.
+evaluation: every slice of the validation portions (whole volumes, empty slices included;
+spec item 24), original cases only.
 """
 
 from __future__ import annotations
