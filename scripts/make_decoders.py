@@ -77,8 +77,12 @@ def main(argv=None) -> int:
     parser.add_argument("--registry-dir", type=Path, default=None)
     parser.add_argument("--no-install", action="store_true")
     parser.add_argument("--json", type=Path, default=Path("out") / "decoders.json")
+    parser.add_argument("--slice-steps", default="",
+                        help="override the plans' slice steps, e.g. head=4,brain=8 (shorter runs)")
+    parser.add_argument("--validation-grid-size", type=int, default=9)
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
+    steps = dict(item.split("=") for item in args.slice_steps.split(",") if item)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_malloc()
     features_dir = args.features_dir or default_training_features_dir()
@@ -92,14 +96,17 @@ def main(argv=None) -> int:
         plan = PLANS[structure]
         t0 = time.perf_counter()
         model = model_for(args.seed)
-        config = TrainConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-        options = TrainingOptions(**plan["options"], config=config)
+        config = TrainConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                             validation_grid_size=args.validation_grid_size)
+        data_options = {**plan["options"], **({"slice_step": int(steps[structure])} if structure in steps else {})}
+        options = TrainingOptions(**data_options, config=config)
         progress = TrainingProgress(args.quiet)
         run_dir = args.work_dir / f"{structure}-{args.strategy}"
         result = run_training(model, plan["cases"](), options, output_dir=run_dir, features_dir=features_dir,
                               events=progress)
         progress.close()
-        entry = {"best_epoch": result.best_epoch, "best_validation_dice": result.best_dice,
+        entry = {"options": options.to_json(), "best_epoch": result.best_epoch,
+                 "best_validation_dice": result.best_dice,
                  "validation_dice_per_epoch": [h["validation_dice"] for h in result.history],
                  "train_seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir)}
         if registry is not None:
