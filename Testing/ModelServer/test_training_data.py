@@ -137,3 +137,21 @@ def test_slice_step_thins_training_slices_only():
     assert third.summary()["slice_step"] == 3
     with pytest.raises(ValueError, match="slice_step"):
         build_training_data(cases, split, slice_step=0)
+
+
+def test_volume_dice_and_surface_dice():
+    from desam_server.training.evaluate import dice_and_nsd, volume_dice
+
+    a = np.zeros((10, 20, 20), bool)
+    a[2:8, 5:15, 5:15] = True
+    b = np.roll(a, 1, axis=2)  # shifted by one voxel (1 mm along i)
+    assert volume_dice(a, a) == pytest.approx(1.0)
+    assert volume_dice(a, b) == pytest.approx(2 * 6 * 10 * 9 / (2 * 600))
+    spacing = (2.0, 1.0, 1.0)  # k, j, i in mm
+    dice, nsd = dice_and_nsd(a, b, spacing, tolerance_mm=1.5)
+    assert dice == pytest.approx(0.9) and nsd == pytest.approx(1.0)
+    _, tight = dice_and_nsd(a, b, spacing, tolerance_mm=0.5)
+    assert tight < 1.0
+    empty = np.zeros_like(a)
+    assert dice_and_nsd(empty, empty, spacing, 1.0) == (1.0, 1.0)
+    assert dice_and_nsd(a, empty, spacing, 1.0) == (0.0, 0.0)

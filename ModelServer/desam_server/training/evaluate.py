@@ -30,7 +30,7 @@ from .cases import Case
 from .family import ModelFamily
 from .features import FeatureReader
 
-__all__ = ["VolumeScore", "evaluate_cases", "write_evaluation", "dice_and_nsd"]
+__all__ = ["VolumeScore", "evaluate_cases", "write_evaluation", "dice_and_nsd", "volume_dice"]
 
 
 @dataclass
@@ -48,6 +48,15 @@ class VolumeScore:
                 "voxels_predicted": self.voxels_predicted}
 
 
+def volume_dice(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """3-D Dice (MONAI's ``compute_dice``) of two bool arrays; both empty: 1."""
+    if not predicted.any() and not truth.any():
+        return 1.0
+    y_pred = torch.as_tensor(predicted, dtype=torch.float32)[None, None]
+    y = torch.as_tensor(truth, dtype=torch.float32)[None, None]
+    return float(compute_dice(y_pred, y, include_background=True)[0, 0])
+
+
 def dice_and_nsd(predicted: np.ndarray, truth: np.ndarray, spacing: Sequence[float], tolerance_mm: float,
                  ) -> tuple[float, float]:
     """3-D Dice and NSD of bool K x J x I arrays; spacing in the array's axis order. Both
@@ -57,9 +66,9 @@ def dice_and_nsd(predicted: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
         return 1.0, 1.0
     if not p or not t:
         return 0.0, 0.0
+    dice = volume_dice(predicted, truth)
     y_pred = torch.as_tensor(predicted, dtype=torch.float32)[None, None]
     y = torch.as_tensor(truth, dtype=torch.float32)[None, None]
-    dice = float(compute_dice(y_pred, y, include_background=True)[0, 0])
     nsd = float(compute_surface_dice(torch.cat([1 - y_pred, y_pred], 1), torch.cat([1 - y, y], 1),
                                      class_thresholds=[float(tolerance_mm)], spacing=list(spacing))[0, 0])
     return dice, nsd

@@ -35,6 +35,7 @@ from ..io.slices import slice_view
 from .config import TrainConfig
 from .curve import write_curve
 from .distributed import DistributedContext
+from .evaluate import volume_dice
 from .family import ModelFamily, TrainItem
 from .features import FeatureReader
 from .samples import TrainingData
@@ -149,20 +150,20 @@ class Trainer:
         return out
 
     def validate(self) -> tuple[float, list[float]]:
-        """Mean Dice over validation volumes (3-D Dice over each volume's validation slices,
-        empty slices included; a volume without the structure predicted empty scores 1)."""
+        """Mean Dice over validation volumes: 3-D Dice (MONAI's) over each volume's
+        validation slices, empty slices included; a volume without the structure predicted
+        empty scores 1."""
         per_volume = []
         options = self.config.prediction_options()
+        axis = self.data.split.axis
         for portion in self.data.validation:
             case = self.data.cases[portion.case]
-            inter = total = 0
+            predicted, truth = [], []
             for index in portion.indices:
-                features = self.features.load(case, self.data.split.axis, index, self.device)
-                predicted = self.family.predict(self.model, features, self.config.strategy, options)
-                truth = np.asarray(slice_view(case.mask, self.data.split.axis, index))
-                inter += int(np.logical_and(predicted, truth).sum())
-                total += int(predicted.sum() + truth.sum())
-            per_volume.append(1.0 if total == 0 else 2.0 * inter / total)
+                features = self.features.load(case, axis, index, self.device)
+                predicted.append(self.family.predict(self.model, features, self.config.strategy, options))
+                truth.append(np.asarray(slice_view(case.mask, axis, index)))
+            per_volume.append(volume_dice(np.stack(predicted), np.stack(truth)))
         return float(np.mean(per_volume)), per_volume
 
     def _save_files(self, history, best_epoch, best_dice, *, is_best: bool) -> None:
