@@ -15,6 +15,7 @@ import torch
 
 from ..modeling.desam import DeSAM, ImageFeatures
 from ..modeling.fast_path import FastPath
+from .grid_mode import choose_lazily
 from .postprocess import grid_points, remove_small_regions
 from .preprocess import IntensityWindow, prepare_input, to_input_frame, to_rgb
 from .runtime import Precision, choose_precision
@@ -227,11 +228,12 @@ class SlicePredictor:
         mode 'box': one forward with the box covering the whole slice; no IoU filtering;
           holes and islands smaller than ``min_region_area`` pixels are removed.
         mode 'grid': grid_size x grid_size single positive points. The procedure (spec
-          item 22): drop predictions with IoU <= iou_threshold, threshold masks at logit 0,
-          remove holes and islands smaller than ``min_region_area``, drop empty masks, box
-          NMS at 0.7 ranked by IoU, return the top-ranked survivor. NMS always keeps the
-          highest-ranked box, so the result is the highest-IoU candidate whose cleaned mask
-          is non-empty. It is computed that way: PRIM scores every prompt (in chunks of
+          item 22, ``grid_mode``): drop predictions with IoU <= iou_threshold, threshold
+          masks at logit 0, remove holes and islands smaller than ``min_region_area``, drop
+          empty masks, box NMS at 0.7 ranked by IoU, return the top-ranked survivor. NMS
+          always keeps the highest-ranked box, so the result is the highest-IoU candidate
+          whose cleaned mask is non-empty. It is computed that way
+          (``grid_mode.choose_lazily``): PRIM scores every prompt (in chunks of
           ``chunk_size``), then PDMM decodes candidates in decreasing IoU order,
           ``decode_chunk`` at a time, until one survives. Same result, a fraction of the
           decoder work. ``chunk_size`` None: 16 on a GPU, 1 on a CPU (batched PRIM
@@ -276,24 +278,21 @@ class SlicePredictor:
                                                       state=feats.decoder_state)
             keep = iou > iou_threshold
             ious.append(iou)
-            # Only candidates can be decoded later; keep just their mask embeddings.
+            # Only candidates can be decoded later (``choose_lazily`` decodes prompts over the
+            # threshold only); keep just their mask embeddings.
             embeddings.extend(zip((start + keep.nonzero()[:, 0]).tolist(), mask_embedding[keep], strict=True))
         ious = torch.cat(ious)
         candidates = dict(embeddings)
-        # Decreasing IoU; ties keep grid order (stable sort), as NMS ranks them.
-        order = sorted(candidates, key=lambda i: -float(ious[i]))
-        decoded = 0
-        skips = self._skips(feats, between_steps) if order else None
-        for start in range(0, len(order), decode_chunk):
-            batch = order[start : start + decode_chunk]
-            logits = self.model.pdmm.decode(torch.stack([candidates[i] for i in batch]), skips,
+        skips: list[list[torch.Tensor]] = []  # PDMM's image part, computed when the first candidate is decoded
+
+        def decode(batch):
+            if not skips:
+                skips.append(self._skips(feats, between_steps))
+            logits = self.model.pdmm.decode(torch.stack([candidates[i] for i in batch]), skips[0],
                                             between_steps=between_steps)
-            masks = self._postprocess(logits, feats)[:, 0] > 0
-            decoded += len(batch)
-            for index, mask in zip(batch, masks.cpu().numpy(), strict=True):
-                cleaned = remove_small_regions(mask, min_region_area)
-                if cleaned.any():
-                    return AutoResult(mask=cleaned, iou=float(ious[index]), candidates=coords.shape[0],
-                                      passed=len(order), decoded=decoded)
-        return AutoResult(mask=np.zeros((h, w), bool), iou=float("nan"), candidates=coords.shape[0],
-                          passed=len(order), decoded=decoded)
+            return (self._postprocess(logits, feats)[:, 0] > 0).cpu().numpy()
+
+        choice = choose_lazily(ious, decode, iou_threshold=iou_threshold, min_region_area=min_region_area,
+                               shape=(h, w), decode_chunk=decode_chunk)
+        return AutoResult(mask=choice.mask, iou=choice.iou, candidates=coords.shape[0], passed=choice.passed,
+                          decoded=choice.decoded)

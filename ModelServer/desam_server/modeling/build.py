@@ -3,6 +3,7 @@ optional local checkpoint paths and otherwise returns randomly initialised weigh
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -121,15 +122,34 @@ def get_spec(name: str) -> EncoderSpec:
         raise ValueError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)}") from None
 
 
-def build_decoders(name: str) -> tuple[PRIM, PDMM]:
-    """PRIM and PDMM for an encoder, without building the encoder itself."""
+def build_decoders(name: str, *, fuse_mask_embedding: bool = True) -> tuple[PRIM, PDMM]:
+    """PRIM and PDMM for an encoder, without building the encoder itself.
+    fuse_mask_embedding: see ``PDMM`` (False only for the ablation)."""
     spec = get_spec(name)
     prim = PRIM(transformer_dim=PROMPT_EMBED_DIM)
     pdmm = PDMM(
         tap_channels=spec.tap_channels, tap_sizes=spec.tap_sizes,
         embedding_size=spec.embedding_size, embed_dim=PROMPT_EMBED_DIM,
+        fuse_mask_embedding=fuse_mask_embedding,
     )
     return prim, pdmm
+
+
+def without_fusion(model: DeSAM) -> DeSAM:
+    """The ablation model "PDMM without PRIM's mask-embedding fusion" beside ``model``: a
+    new DeSAM that shares ``model``'s frozen parts (encoder, prompt encoder, SAM's mask
+    decoder: the same module objects), with a copy of its PRIM and a new randomly
+    initialised PDMM built with ``fuse_mask_embedding=False``, on ``model``'s device, in
+    eval mode. ``model`` itself is not changed."""
+    _, pdmm = build_decoders(model.encoder_name, fuse_mask_embedding=False)
+    variant = DeSAM(
+        encoder_name=model.encoder_name, image_encoder=model.image_encoder, prompt_encoder=model.prompt_encoder,
+        mask_decoder=model.mask_decoder, prim=copy.deepcopy(model.prim), pdmm=pdmm.to(model.device),
+        convention=model.convention, tap_indices=model.tap_indices,
+    ).to(model.device)
+    variant.encoder_weights_sha256 = model.encoder_weights_sha256
+    variant.freeze_frozen_parts()
+    return variant.eval()
 
 
 def build_desam(

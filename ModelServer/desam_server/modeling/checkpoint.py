@@ -3,6 +3,12 @@
 A DeSAM decoder file holds PRIM + PDMM only (never the encoder) as safetensors, with one
 metadata entry ``desam`` whose value is JSON: format, format version, encoder name and
 weights hash, tap indices and widths, input convention, structure name, training summary.
+
+Other model families' trained parts (``training.family``) are written in the same
+container with a format name of their own (``save_modules`` / ``load_modules``), so that
+the service, which reads ``desam-decoder`` files only, refuses them with a clear message:
+``sam-mask-decoder`` (SAM's own mask decoder fine-tuned) and ``desam-decoder-no-fusion``
+(the ablation PDMM without PRIM's mask-embedding fusion).
 """
 
 from __future__ import annotations
@@ -24,6 +30,11 @@ from .desam import DeSAM
 
 DECODER_FORMAT = "desam-decoder"
 DECODER_FORMAT_VERSION = 1
+#: Formats of other families' files, and why the service cannot serve them.
+OTHER_FORMATS = {
+    "sam-mask-decoder": "SAM's own mask decoder fine-tuned (an evidence model, not a DeSAM decoder)",
+    "desam-decoder-no-fusion": "the ablation PDMM without PRIM's mask-embedding fusion (an evidence model)",
+}
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
 
@@ -79,17 +90,23 @@ def load_sam_checkpoint(model: DeSAM, path: str | os.PathLike, *, expected_sha25
     model.weights_changed()
 
 
-def decoder_state_dict(model: DeSAM) -> dict[str, torch.Tensor]:
+def modules_state_dict(modules: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """``name.key`` -> float32 CPU tensor for every entry of the modules' state dicts."""
     state = {}
-    for name, module in model.decoder_modules().items():
+    for name, module in modules.items():
         for key, value in module.state_dict().items():
             state[f"{name}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
     return state
 
 
-def decoder_metadata(model: DeSAM, *, structure: str, training: dict[str, Any] | None) -> dict[str, Any]:
+def decoder_state_dict(model: DeSAM) -> dict[str, torch.Tensor]:
+    return modules_state_dict(model.decoder_modules())
+
+
+def decoder_metadata(model: DeSAM, *, structure: str, training: dict[str, Any] | None,
+                     format: str = DECODER_FORMAT) -> dict[str, Any]:
     return {
-        "format": DECODER_FORMAT,
+        "format": format,
         "format_version": DECODER_FORMAT_VERSION,
         "encoder": model.encoder_name,
         "encoder_weights_sha256": model.encoder_weights_sha256,
@@ -101,20 +118,38 @@ def decoder_metadata(model: DeSAM, *, structure: str, training: dict[str, Any] |
     }
 
 
-def save_decoder(
-    model: DeSAM, path: str | os.PathLike, *, structure: str, training: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Write PRIM + PDMM and their metadata atomically; returns the metadata."""
+def _check_servable_layout(model: DeSAM, format: str) -> None:
+    if format == DECODER_FORMAT and not model.pdmm.fuse_mask_embedding:
+        raise ValueError("this model's PDMM has no mask-embedding fusion (the ablation): it cannot be written as a "
+                         f"{DECODER_FORMAT!r} file; use format 'desam-decoder-no-fusion'")
+
+
+def save_modules(model: DeSAM, path: str | os.PathLike, modules: Mapping[str, torch.nn.Module], *, format: str,
+                 structure: str, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``modules`` (tensors named ``name.key``) with the decoder metadata of ``model``
+    under ``format``, atomically; returns the metadata."""
     if not structure or not structure.strip():
         raise ValueError("a decoder file needs a structure name")
-    meta = decoder_metadata(model, structure=structure.strip(), training=training)
-    data = st_save(decoder_state_dict(model), metadata={"desam": json.dumps(meta, sort_keys=True)})
+    meta = decoder_metadata(model, structure=structure.strip(), training=training, format=format)
+    data = st_save(modules_state_dict(modules), metadata={"desam": json.dumps(meta, sort_keys=True)})
     atomic_write_bytes(Path(path), data)
     return meta
 
 
-def read_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and validate a decoder file's container and metadata (not yet the model fit)."""
+def save_decoder(
+    model: DeSAM, path: str | os.PathLike, *, structure: str, training: dict[str, Any] | None = None,
+    format: str = DECODER_FORMAT,
+) -> dict[str, Any]:
+    """Write PRIM + PDMM and their metadata atomically; returns the metadata. format: the
+    service's ``desam-decoder`` unless the model is the no-fusion ablation."""
+    _check_servable_layout(model, format)
+    return save_modules(model, path, model.decoder_modules(), format=format, structure=structure, training=training)
+
+
+def read_decoder(path: str | os.PathLike, *, format: str = DECODER_FORMAT,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read and validate a decoder file's container and metadata (not yet the model fit);
+    its format must be ``format``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: decoder file not found")
@@ -129,8 +164,10 @@ def read_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         meta = json.loads(header.get("__metadata__", {})["desam"])
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: no DeSAM metadata in this safetensors file") from exc
-    if meta.get("format") != DECODER_FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {DECODER_FORMAT!r}")
+    found = meta.get("format")
+    if found != format:
+        what = f" ({OTHER_FORMATS[found]})" if found in OTHER_FORMATS else ""
+        raise CheckpointError(f"{path}: format {found!r}{what} is not {format!r}")
     if meta.get("format_version") != DECODER_FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: decoder format version {meta.get('format_version')} is not supported "
@@ -139,11 +176,13 @@ def read_decoder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return tensors, meta
 
 
-def load_decoder(model: DeSAM, path: str | os.PathLike) -> dict[str, Any]:
-    """Load PRIM + PDMM from a decoder file after checking that it was made for this
-    encoder (name, tap layout and, when both are known, encoder weights hash)."""
+def load_modules(model: DeSAM, path: str | os.PathLike, modules: Mapping[str, torch.nn.Module], *,
+                 format: str) -> dict[str, Any]:
+    """Load ``modules`` from a file of ``format`` after checking that it was made for this
+    encoder (name, tap layout and, when both are known, encoder weights hash); returns the
+    file's metadata."""
     path = Path(path)
-    tensors, meta = read_decoder(path)
+    tensors, meta = read_decoder(path, format=format)
     if meta.get("encoder") != model.encoder_name:
         raise CheckpointError(
             f"{path}: decoder was trained for encoder {meta.get('encoder')!r}, "
@@ -157,15 +196,27 @@ def load_decoder(model: DeSAM, path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: decoder was trained on encoder weights {theirs or 'random (none)'}, "
             f"the loaded encoder weights are {ours or 'random (none)'}"
         )
-    expected = set(decoder_state_dict(model))
+    expected = set(modules_state_dict(modules))
     _check_keys(path, expected, set(tensors))
-    for name, module in model.decoder_modules().items():
+    for name, module in modules.items():
         prefix = name + "."
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             module.load_state_dict(sub, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: {name} does not fit: {exc}") from exc
-    model.decoder_metadata = meta
     model.weights_changed()
+    return meta
+
+
+def load_decoder(model: DeSAM, path: str | os.PathLike, *, format: str = DECODER_FORMAT) -> dict[str, Any]:
+    """Load PRIM + PDMM from a decoder file after checking that it was made for this
+    encoder (name, tap layout and, when both are known, encoder weights hash). format: the
+    service's ``desam-decoder``, or ``desam-decoder-no-fusion`` into the ablation model."""
+    path = Path(path)
+    if format == DECODER_FORMAT and not model.pdmm.fuse_mask_embedding:
+        raise CheckpointError(f"{path}: this model's PDMM has no mask-embedding fusion (the ablation); it loads "
+                              "'desam-decoder-no-fusion' files only")
+    meta = load_modules(model, path, model.decoder_modules(), format=format)
+    model.decoder_metadata = meta
     return meta

@@ -110,6 +110,11 @@ class PDMM(nn.Module):
       embed_dim: width of PRIM's mask embedding (256).
       widths: stage widths (256, 128, 64): stage d works at E * 2**d.
       out_channels: output logit channels (1: one binary head per structure).
+      fuse_mask_embedding: True (DeSAM, spec item 11): the fusion block reads PRIM's mask
+        embedding concatenated with stage 0's output (embed_dim + widths[0] channels).
+        False: the ablation "PDMM without PRIM's mask-embedding fusion": the fusion block
+        reads stage 0's output only (widths[0] channels), so the mask does not depend on
+        the prompt (PRIM then only scores prompts). Files of the two layouts differ.
 
     Stage d reads tap ``-(d + 1)``: stage 0 the deepest tap, stage 2 the shallowest.
     Output: B x out_channels x 4E x 4E logits (256 x 256 for E = 64). No interpolation.
@@ -124,6 +129,7 @@ class PDMM(nn.Module):
         embed_dim: int = 256,
         widths: Sequence[int] = (256, 128, 64),
         out_channels: int = 1,
+        fuse_mask_embedding: bool = True,
     ) -> None:
         super().__init__()
         if len(tap_channels) != 3 or len(tap_sizes) != 3 or len(widths) != 3:
@@ -143,7 +149,9 @@ class PDMM(nn.Module):
                 )
             stages.append(EncoderStage(tap_channels[tap], width, steps))
         self.stages = nn.ModuleList(stages)
-        self.fusion = SEResBlock(embed_dim + widths[0], widths[0])
+        self.fuse_mask_embedding = bool(fuse_mask_embedding)
+        fusion_in = embed_dim + widths[0] if self.fuse_mask_embedding else widths[0]
+        self.fusion = SEResBlock(fusion_in, widths[0])
         self.up1 = UpBlock(widths[0], widths[1])
         self.up2 = UpBlock(widths[1], widths[2])
         self.head = nn.Conv2d(widths[2], out_channels, kernel_size=1, bias=False)
@@ -168,8 +176,9 @@ class PDMM(nn.Module):
                between_steps: Callable[[], None] | None = None) -> torch.Tensor:
         """The prompt-dependent part.
 
-        mask_embedding: B x embed_dim x E x E from PRIM; skips: from ``encode_image`` with
-        batch 1 (shared by all prompts, broadcast here) or batch B. Returns B x out x 4E x 4E.
+        mask_embedding: B x embed_dim x E x E from PRIM (without fusion only its batch size
+        is read); skips: from ``encode_image`` with batch 1 (shared by all prompts,
+        broadcast here) or batch B. Returns B x out x 4E x 4E.
         between_steps: called before the fusion and each up-block (a caller's chance to run
         other work; the service serves clicks there during a batch job).
         """
@@ -180,7 +189,10 @@ class PDMM(nn.Module):
         batch = mask_embedding.shape[0]
         skips = [s.expand(batch, -1, -1, -1) if s.shape[0] == 1 else s for s in skips]
         step()
-        x = self.fusion(torch.cat([mask_embedding, skips[0]], dim=1))
+        if self.fuse_mask_embedding:
+            x = self.fusion(torch.cat([mask_embedding, skips[0]], dim=1))
+        else:
+            x = self.fusion(skips[0])
         step()
         x = self.up1(x, skips[1])
         step()

@@ -9,6 +9,11 @@ Strategies:
 - ``box``: the box covering the whole image region; Dice + cross-entropy only, the IoU
   head is frozen (not trained), and so are the parts that only feed it.
 
+``NoFusionFamily`` (``desam_no_fusion``) is the ablation "PDMM without PRIM's
+mask-embedding fusion" (``PDMM(fuse_mask_embedding=False)``): the same grid strategy, loss
+and grid procedure; PRIM only scores prompts, PDMM's mask does not depend on them. Its
+files have a format of their own, which the service refuses.
+
 Dice and cross-entropy are MONAI's ``DiceCELoss`` (sigmoid, per-sample Dice: an empty
 slice predicted empty costs nothing), the IoU term ``torch.nn.MSELoss``.
 Targets live in the logits' frame: the label resized like the image (longest side to the
@@ -29,13 +34,16 @@ from torch.nn import functional as F
 
 from ..engine.predictor import SlicePredictor
 from ..engine.preprocess import to_input_frame
-from ..modeling.checkpoint import save_decoder
+from ..modeling.build import without_fusion
+from ..modeling.checkpoint import load_decoder, save_decoder
 from ..modeling.desam import DeSAM, ImageFeatures
 from .family import TrainItem
 
-__all__ = ["DeSAMFamily", "DeSAMTrainingModule", "DeSAMLoss", "low_res_target", "sample_point"]
+__all__ = ["DeSAMFamily", "NoFusionFamily", "NO_FUSION_FORMAT", "DeSAMTrainingModule", "DeSAMLoss", "low_res_target",
+           "sample_point"]
 
 STRATEGIES = ("grid", "box")
+NO_FUSION_FORMAT = "desam-decoder-no-fusion"
 
 
 class DeSAMTrainingModule(nn.Module):
@@ -105,12 +113,27 @@ class DeSAMFamily:
     def __init__(self, loss: DeSAMLoss | None = None) -> None:
         self.loss_fn = loss or DeSAMLoss()
 
+    #: whether the family's PDMM fuses PRIM's mask embedding (False: the ablation)
+    fuses_mask_embedding = True
+
     def check_strategy(self, strategy: str) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; DeSAM trains 'grid' or 'box'")
+        if strategy not in self.strategies:
+            raise ValueError(f"unknown strategy {strategy!r}; the {self.name} family trains "
+                             f"{' or '.join(repr(s) for s in self.strategies)}")
+
+    def check_model(self, model: DeSAM) -> None:
+        if model.pdmm.fuse_mask_embedding != self.fuses_mask_embedding:
+            raise ValueError(f"the {self.name} family needs a PDMM "
+                             f"{'with' if self.fuses_mask_embedding else 'without'} mask-embedding fusion: "
+                             "pass the model through the family's prepare_model first")
+
+    def prepare_model(self, model: DeSAM) -> DeSAM:
+        """DeSAM trains the model as built (PRIM from SAM's decoder, PDMM random)."""
+        return model
 
     def training_module(self, model: DeSAM, strategy: str) -> DeSAMTrainingModule:
         self.check_strategy(strategy)
+        self.check_model(model)
         model.freeze_frozen_parts()
         for p in model.trainable_parameters():
             p.requires_grad_(True)
@@ -182,6 +205,30 @@ class DeSAMFamily:
 
     def save(self, model: DeSAM, path: Path, *, structure: str, training: dict[str, Any]) -> dict[str, Any]:
         return save_decoder(model, path, structure=structure, training=training)
+
+    def load(self, model: DeSAM, path: Path) -> dict[str, Any]:
+        return load_decoder(model, path)
+
+
+class NoFusionFamily(DeSAMFamily):
+    """The ablation: PRIM + PDMM without the mask-embedding fusion, grid strategy only (with
+    the whole box PRIM would get no gradient at all). ``prepare_model`` builds the variant
+    (``modeling.build.without_fusion``: the same frozen parts, PRIM copied, PDMM new)."""
+
+    name = "desam_no_fusion"
+    strategies = ("grid",)
+    fuses_mask_embedding = False
+
+    def prepare_model(self, model: DeSAM) -> DeSAM:
+        return model if not model.pdmm.fuse_mask_embedding else without_fusion(model)
+
+    def save(self, model: DeSAM, path: Path, *, structure: str, training: dict[str, Any]) -> dict[str, Any]:
+        self.check_model(model)
+        return save_decoder(model, path, structure=structure, training=training, format=NO_FUSION_FORMAT)
+
+    def load(self, model: DeSAM, path: Path) -> dict[str, Any]:
+        self.check_model(model)
+        return load_decoder(model, path, format=NO_FUSION_FORMAT)
 
 
 def model_module(module) -> DeSAMTrainingModule:

@@ -37,6 +37,12 @@ class ModelFamily(Protocol):
     name: str
     strategies: tuple[str, ...]
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The model this family trains and predicts with, made from a freshly built DeSAM
+        (``run_training`` calls it first and trains what it returns: ``TrainResult.model``).
+        DeSAM's and SAM's decoder families return ``model`` itself; the ablation returns a
+        variant sharing its frozen parts."""
+
     def training_module(self, model: nn.Module, strategy: str) -> nn.Module:
         """A module registering exactly the parameters that train (frozen parts are not
         registered: DDP must not broadcast them); its forward is what ``loss`` calls.
@@ -59,7 +65,12 @@ class ModelFamily(Protocol):
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None: ...
 
     def save(self, model: nn.Module, path: Path, *, structure: str, training: dict[str, Any]) -> dict[str, Any]:
-        """Write the trained part in the engine's format (atomically); returns its metadata."""
+        """Write the trained part in the family's file format (atomically); returns its
+        metadata. Only DeSAM's format (``desam-decoder``) is served by the service."""
+
+    def load(self, model: nn.Module, path: Path) -> dict[str, Any]:
+        """Load a file written by ``save`` into a model from ``prepare_model``; returns its
+        metadata (a file of another family is refused: ``CheckpointError``)."""
 
 
 def get_family(name: str) -> ModelFamily:
@@ -74,4 +85,20 @@ def _desam():
     return DeSAMFamily()
 
 
-FAMILIES = {"desam": _desam}
+def _sam_decoder():
+    from .sam_decoder_family import SAMDecoderFamily
+
+    return SAMDecoderFamily()
+
+
+def _desam_no_fusion():
+    from .desam_family import NoFusionFamily
+
+    return NoFusionFamily()
+
+
+#: desam: DeSAM (PRIM + PDMM; the service's decoders). The evidence's comparisons
+#: (scripts/evidence_training.py), trained through the same machinery but not served:
+#: sam_decoder (SAM's own mask decoder fine-tuned, grid strategy) and desam_no_fusion
+#: (PDMM without PRIM's mask-embedding fusion, grid strategy).
+FAMILIES = {"desam": _desam, "sam_decoder": _sam_decoder, "desam_no_fusion": _desam_no_fusion}

@@ -1,7 +1,9 @@
 """One training run from cases to decoder files: what ``desam-server train`` and the
 service's training job process both call.
 
-``run_training`` splits the cases, chooses the slices, precomputes the missing encoder
+``run_training`` lets the model family prepare its model (``ModelFamily.prepare_model``:
+DeSAM trains the given model; the no-fusion ablation a variant of it, returned in
+``TrainResult.model``), splits the cases, chooses the slices, precomputes the missing encoder
 features (event 'precompute' per slice; cancellable), then trains (``Trainer``; events
 'start', 'step', 'epoch'). Under torchrun, process 0 precomputes while the others wait.
 """
@@ -91,6 +93,7 @@ def run_training(model, cases: Sequence[Case], options: TrainingOptions, *, outp
     events = events or (lambda event: None)
     ctx = distributed or DistributedContext()
     family = get_family(options.config.family)
+    model = family.prepare_model(model)  # DeSAM: the model itself; see TrainResult.model
     data = prepare_data(cases, options)
     events({"event": "data", **data.summary()})
     directory = Path(features_dir) if features_dir is not None else default_training_features_dir()

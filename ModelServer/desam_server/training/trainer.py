@@ -43,7 +43,7 @@ from .train_state import TrainStateError, load_state, save_state
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "TrainResult", "TrainingCancelled", "EventSink"]
+__all__ = ["Trainer", "TrainResult", "TrainingCancelled", "EventSink", "validation_dice"]
 
 EventSink = Callable[[dict], None]
 
@@ -65,6 +65,8 @@ class TrainResult:
     best_dice: float
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
+    #: the model trained (the family's ``prepare_model`` result), with the last epoch's weights
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {"best_epoch": self.best_epoch, "best_dice": self.best_dice, "epochs": len(self.history),
@@ -86,6 +88,25 @@ def _autocast(device: torch.device, precision: str):
     if precision == "fp16":
         raise ValueError("fp16 training needs a CUDA device; use fp32 or bf16 on a CPU")
     return contextlib.nullcontext(), torch.float32
+
+
+def validation_dice(model, family: ModelFamily, data: TrainingData, features: FeatureReader, strategy: str,
+                    options: dict) -> tuple[float, list[float]]:
+    """Mean Dice over the validation volumes (3-D Dice, MONAI's, over each volume's
+    validation slices, empty slices included; a volume without the structure predicted
+    empty scores 1) of ``family.predict`` with ``strategy`` and ``options``, and the
+    per-volume values."""
+    per_volume = []
+    axis = data.split.axis
+    for portion in data.validation:
+        case = data.cases[portion.case]
+        predicted, truth = [], []
+        for index in portion.indices:
+            loaded = features.load(case, axis, index, model.device)
+            predicted.append(family.predict(model, loaded, strategy, options))
+            truth.append(np.asarray(slice_view(case.mask, axis, index)))
+        per_volume.append(volume_dice(np.stack(predicted), np.stack(truth)))
+    return float(np.mean(per_volume)), per_volume
 
 
 def _sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -150,21 +171,9 @@ class Trainer:
         return out
 
     def validate(self) -> tuple[float, list[float]]:
-        """Mean Dice over validation volumes: 3-D Dice (MONAI's) over each volume's
-        validation slices, empty slices included; a volume without the structure predicted
-        empty scores 1."""
-        per_volume = []
-        options = self.config.prediction_options()
-        axis = self.data.split.axis
-        for portion in self.data.validation:
-            case = self.data.cases[portion.case]
-            predicted, truth = [], []
-            for index in portion.indices:
-                features = self.features.load(case, axis, index, self.device)
-                predicted.append(self.family.predict(self.model, features, self.config.strategy, options))
-                truth.append(np.asarray(slice_view(case.mask, axis, index)))
-            per_volume.append(volume_dice(np.stack(predicted), np.stack(truth)))
-        return float(np.mean(per_volume)), per_volume
+        """``validation_dice`` of the model with the run's strategy and validation options."""
+        return validation_dice(self.model, self.family, self.data, self.features, self.config.strategy,
+                               self.config.prediction_options())
 
     def _save_files(self, history, best_epoch, best_dice, *, is_best: bool) -> None:
         record = self._record(history, best_epoch, best_dice)
@@ -264,7 +273,7 @@ class Trainer:
                                                                 validations_left=cfg.epochs - epoch)})
             ctx.barrier()
         return TrainResult(self.output_dir, self.paths["best.safetensors"], self.paths["last.safetensors"],
-                           best_epoch, best_dice, history, resumed_from)
+                           best_epoch, best_dice, history, resumed_from, self.model)
 
     def _seconds_left(self, step_seconds: list[float], validation_seconds: list[float], *, steps_left: int,
                       validations_left: int) -> float | None:
