@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     sample = fetch_cranium()
     common = ["--encoder", "mobile_sam", "--structure", "head", "--case", str(sample.volume), str(sample.head_mask),
-              "--window", f"{sample.window[0]},{sample.window[1]}", "--slice-step", "2", "--augment", "flip_lr",
+              f"--window={sample.window[0]},{sample.window[1]}", "--slice-step", "2", "--augment", "flip_lr",
               "--strategy", "box", "--epochs", "1", "--batch-size", str(args.batch_size)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
