@@ -414,7 +414,7 @@ def test_stateful_phase_follows_the_links(service, group):
             super().validate_response(response, case, [*(additional_checks or ()), state_dependent_422], **kwargs)
 
     try:
-        Workflow.run(settings=settings(max_examples=40, stateful_step_count=10, **FUZZ))
+        Workflow.run(settings=settings(max_examples=80, stateful_step_count=10, **FUZZ))
     finally:
         service.delete(volume_path)
     linked = [label for label in LINKED if re.match(LINK_GROUPS[group], label.split(" ", 1)[1])]
