@@ -207,14 +207,18 @@ class TrainingJob:
 class TrainingJobManager:
     """root: the jobs' folders (one per job, named by its id); process: what the job
     processes get; keep: ended jobs remembered; on_finished: called with a finished
-    job's ``TrainingOutputs`` on the job's own thread (an exception fails the job)."""
+    job's ``TrainingOutputs`` on the job's own thread (an exception fails the job);
+    on_process: called with True when a job process has started and False when its job
+    has ended (the service gives up CPU threads to it meanwhile)."""
 
     def __init__(self, root: Path, process: TrainingProcessSettings, *, keep: int,
-                 on_finished: Callable[[TrainingOutputs], Any] | None = None) -> None:
+                 on_finished: Callable[[TrainingOutputs], Any] | None = None,
+                 on_process: Callable[[bool], None] | None = None) -> None:
         self.root = Path(root)
         self.process = process
         self.keep = keep
         self.on_finished = on_finished
+        self.on_process = on_process
         self._lock = threading.Condition()
         self._jobs: dict[str, TrainingJob] = {}
         self._ended: collections.deque[str] = collections.deque()
@@ -418,6 +422,8 @@ class TrainingJobManager:
             self._note(job, f"job process started (pid {job.process.pid}, {self.process.threads} CPU thread(s))")
             self._publish(job, {"event": "status", **job.status()})
         log.info("training job %s running (pid %d)", job.id[:12], job.process.pid)
+        if self.on_process is not None:
+            self.on_process(True)
 
     def _follow(self, job: TrainingJob) -> None:
         process = job.process
@@ -530,3 +536,5 @@ class TrainingJobManager:
         for old in doomed:
             _remove_folder(old)
         log.info("training job %s %s", job.id[:12], state.value)
+        if job.process is not None and self.on_process is not None:
+            self.on_process(False)
