@@ -153,6 +153,20 @@ def test_cancel_stops_the_job_within_seconds(served):
     print(f"\ncancel to cancelled: {seconds:.1f} s")
 
 
+def test_the_compute_thread_leaves_the_training_process_its_cores(served):
+    client, service, ids, _ = served
+    import torch
+
+    before = service._on_worker(torch.get_num_threads)
+    job = client.start_training("organ", _cases(ids), LONG)
+    expected = max(1, before - service.settings.training_process_threads())
+    _wait_for(lambda: client.training_job(job["id"])["state"] == "running", 60, "job not running")
+    _wait_for(lambda: service._on_worker(torch.get_num_threads) == expected, 30, "threads not given up")
+    client.cancel_training(job["id"])
+    client.wait_training(job["id"], timeout=60, poll=0.1)
+    _wait_for(lambda: service._on_worker(torch.get_num_threads) == before, 30, "threads not taken back")
+
+
 def test_a_killed_job_process_fails_the_job_and_the_service_goes_on(served):
     client, service, ids, _ = served
     job = client.start_training("organ", _cases(ids), LONG)
