@@ -106,6 +106,21 @@ def sample_point(mask: np.ndarray, positive: bool, generator: torch.Generator) -
     return np.array([c + 0.5, r + 0.5]), float(inside)
 
 
+def point_prompts(items: Sequence[TrainItem], generators: Sequence[torch.Generator], img_size: int, device,
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The grid-points strategy's prompts of a batch: one ``sample_point`` per item as a
+    positive point in the input frame ((B x 1 x 2 coords, B x 1 labels)) and the IoU
+    targets (B)."""
+    coords, iou_target = [], []
+    for it, gen in zip(items, generators, strict=True):
+        xy, inside = sample_point(it.mask, it.positive, gen)
+        coords.append(to_input_frame(xy[None], it.features.original_size, img_size))
+        iou_target.append(inside)
+    pts = torch.as_tensor(np.stack(coords), dtype=torch.float32, device=device)
+    labels = torch.ones(pts.shape[:2], dtype=torch.int, device=device)
+    return (pts, labels), torch.tensor(iou_target, device=device)
+
+
 class DeSAMFamily:
     name = "desam"
     strategies = STRATEGIES
@@ -171,15 +186,9 @@ class DeSAMFamily:
             box_t = torch.as_tensor(np.stack(boxes), dtype=torch.float32, device=device)
             _, logits = module(embedding, taps, boxes=box_t)
             return self.loss_fn(logits, target)
-        coords, iou_target = [], []
-        for it, gen in zip(items, generators, strict=True):
-            xy, inside = sample_point(it.mask, it.positive, gen)
-            coords.append(to_input_frame(xy[None], it.features.original_size, img))
-            iou_target.append(inside)
-        pts = torch.as_tensor(np.stack(coords), dtype=torch.float32, device=device)
-        labels = torch.ones(pts.shape[:2], dtype=torch.int, device=device)
-        iou, logits = module(embedding, taps, points=(pts, labels))
-        return self.loss_fn(logits, target, iou, torch.tensor(iou_target, device=device))
+        points, iou_target = point_prompts(items, generators, img, device)
+        iou, logits = module(embedding, taps, points=points)
+        return self.loss_fn(logits, target, iou, iou_target)
 
     def after_step(self, model: DeSAM) -> None:
         model.weights_changed()

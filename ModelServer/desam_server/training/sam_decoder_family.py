@@ -34,7 +34,7 @@ from ..engine.preprocess import to_input_frame
 from ..modeling.checkpoint import load_modules, save_modules
 from ..modeling.desam import DeSAM, ImageFeatures
 from ..modeling.fast_path import FastPath
-from .desam_family import DeSAMLoss, low_res_target, sample_point
+from .desam_family import DeSAMLoss, low_res_target, model_module, point_prompts
 from .family import TrainItem
 
 __all__ = ["SAMDecoderFamily", "SAMDecoderTrainingModule", "SAM_DECODER_FORMAT", "sam_grid_predict"]
@@ -130,18 +130,12 @@ class SAMDecoderFamily:
     def loss(self, module, items: Sequence[TrainItem], strategy: str,
              generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, dict[str, float]]:
         self.check_strategy(strategy)
-        model = (module.module if hasattr(module, "module") else module).model
+        model = model_module(module).model
         device, img = model.device, model.img_size
         target = torch.stack([low_res_target(it.mask, it.features.input_size, img, device) for it in items])
-        coords, iou_target = [], []
-        for it, gen in zip(items, generators, strict=True):
-            xy, inside = sample_point(it.mask, it.positive, gen)
-            coords.append(to_input_frame(xy[None], it.features.original_size, img))
-            iou_target.append(inside)
-        pts = torch.as_tensor(np.stack(coords), dtype=torch.float32, device=device)
-        labels = torch.ones(pts.shape[:2], dtype=torch.int, device=device)
-        iou, logits = module([it.features.embedding for it in items], (pts, labels))
-        return self.loss_fn(logits, target, iou, torch.tensor(iou_target, device=device))
+        points, iou_target = point_prompts(items, generators, img, device)
+        iou, logits = module([it.features.embedding for it in items], points)
+        return self.loss_fn(logits, target, iou, iou_target)
 
     def after_step(self, model: DeSAM) -> None:
         model.weights_changed()  # the fast path's constants derive from the mask decoder's weights
