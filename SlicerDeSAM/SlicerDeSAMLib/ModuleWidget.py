@@ -1,0 +1,264 @@
+"""The module's panels put together: the session, the parameter node, the timer that polls
+the worker, the keyboard shortcuts and the geometry helpers the panels share.
+
+``SlicerDeSAM.SlicerDeSAMWidget`` (the entry file) creates one ``ModuleWidget`` in its
+``setup`` and forwards ``enter``/``exit``/``cleanup`` to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from slicer.util import VTKObservationMixin
+
+from SlicerDeSAMLib.CorrectPanel import CorrectPanel
+from SlicerDeSAMLib.SegmentPanel import SegmentPanel
+from SlicerDeSAMLib.ServerPanel import ServerPanel
+from SlicerDeSAMLib.Session import Session
+from SlicerDeSAMLib.TrainPanel import TrainPanel
+from SlicerDeSAMLib.ViewHint import ViewHint
+from SlicerDeSAMLib.VolumeGeometry import VolumeGeometry
+
+POLL_MS = 100
+SHORTCUTS = (  # key sequence, what it does (documented in docs/MODULE.md)
+    ("P", "positive"),
+    ("N", "negative"),
+    ("B", "box"),
+    ("Shift+P", "propagate"),
+    ("Ctrl+Shift+Z", "undo"),
+)
+
+
+class ModuleWidget(VTKObservationMixin):
+    """``resourcePath``: the entry widget's ``resourcePath``; ``layout``: where the panels go;
+    ``logic``: the entry's ``SlicerDeSAMLogic`` (gives the typed parameter node)."""
+
+    def __init__(self, resourcePath, layout, logic) -> None:
+        VTKObservationMixin.__init__(self)
+        self.logic = logic
+        self.session: Session | None = None
+        self.parameters = None
+        self._guiTags: list = []
+        self._shortcuts: list = []
+        self.panelWidgets = []
+        panels = []
+        for cls in (ServerPanel, SegmentPanel, CorrectPanel, TrainPanel):
+            uiWidget = slicer.util.loadUI(resourcePath(cls.UI_FILE))
+            uiWidget.setMRMLScene(slicer.mrmlScene)
+            layout.addWidget(uiWidget)
+            self.panelWidgets.append(uiWidget)
+            panels.append(cls(self, uiWidget))
+        self.serverPanel, self.segmentPanel, self.correctPanel, self.trainPanel = panels
+        self.panels = panels
+        layout.addStretch(1)
+        self.viewHint = ViewHint(self)
+        self.viewHint.observe()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.connect("timeout()", self.tick)
+        self.timer.start()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        self.initializeParameterNode()
+
+    # ---- session ------------------------------------------------------------------------------
+    def connectTo(self, url: str, token: str) -> None:
+        """Use the service at ``url`` (a new session when the URL or the token changed)."""
+        if self.session is not None and self.session.url == url.rstrip("/") and self.session.client.token == (
+                token or None):
+            return
+        old, self.session = self.session, Session(url, token)
+        if old is not None:
+            old.close()
+
+    def requireSession(self) -> Session:
+        if self.session is None:
+            self.connectTo(self.serverPanel.url(), self.serverPanel.token())
+        return self.session
+
+    def busy(self, key: str) -> bool:
+        return self.session is not None and self.session.worker.busy(key)
+
+    def describe(self, exc: BaseException) -> str:
+        return Session.describe(exc)
+
+    def serviceConnected(self) -> None:
+        """After a successful connection test: refresh the lists that come from the service."""
+        session = self.session
+        session.worker.submit(session.client.decoders,
+                              on_done=lambda decoders: self.segmentPanel.setDecoders([d["name"] for d in decoders]),
+                              on_error=lambda exc: None, key="decoders")
+        self.trainPanel.refreshVersions()
+
+    def showReview(self, axis: str, items) -> None:
+        self.segmentPanel.showReview(axis, items)
+
+    def tick(self) -> None:
+        """Main thread, every ``POLL_MS``: finished worker tasks' callbacks, then each panel's polls."""
+        if self.session is not None:
+            self.session.worker.poll()
+        for panel in self.panels:
+            panel.tick()
+        self.viewHint.tick()
+
+    # ---- parameter node -----------------------------------------------------------------------
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if self.parameters.volume is None:
+            self.parameters.volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self.correctPanel.ensureMarkups()
+
+    def setParameterNode(self, parameters) -> None:
+        if self.parameters is not None:
+            for tag in self._guiTags:
+                self.parameters.disconnectGui(tag)
+            self._guiTags = []
+            self.removeObserver(self.parameters.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParametersModified)
+        self.parameters = parameters
+        if parameters is not None:
+            for panel in self.panels:
+                self._guiTags.append(parameters.connectGui(panel.ui))
+            self.addObserver(parameters.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParametersModified)
+            self.onParametersModified()
+
+    def onParametersModified(self, caller=None, event=None) -> None:
+        volume = self.parameters.volume if self.parameters else None
+        if volume is not getattr(self, "_volume", None):
+            self._volume = volume
+            self.viewHint.volumeChanged()
+        self.segmentPanel.updateFromParameters()
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+        self.trainPanel.sceneClosed()
+
+    def onSceneEndClose(self, caller, event) -> None:
+        self.viewHint.observe()
+        if self.entered:
+            self.initializeParameterNode()
+
+    # ---- enter / exit / cleanup -----------------------------------------------------------------
+    entered = False
+
+    def enter(self) -> None:
+        self.entered = True
+        self.initializeParameterNode()
+        self.installShortcuts()
+
+    def exit(self) -> None:
+        self.entered = False
+        self.removeShortcuts()
+        if self.parameters is not None:
+            for tag in self._guiTags:
+                self.parameters.disconnectGui(tag)
+            self._guiTags = []
+
+    def installShortcuts(self) -> None:
+        self.removeShortcuts()
+        actions = {"positive": lambda: self.correctPanel.startPlacing("positive"),
+                   "negative": lambda: self.correctPanel.startPlacing("negative"),
+                   "box": lambda: self.correctPanel.startPlacing("box"),
+                   "propagate": self.correctPanel.onPropagateButton,
+                   "undo": self.correctPanel.onUndo}
+        for keys, action in SHORTCUTS:
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
+            shortcut.connect("activated()", actions[action])
+            self._shortcuts.append(shortcut)
+
+    def removeShortcuts(self) -> None:
+        for shortcut in self._shortcuts:
+            shortcut.disconnect("activated()")
+            shortcut.setParent(None)
+            shortcut.deleteLater()
+        self._shortcuts = []
+
+    def onAboutToQuit(self) -> None:
+        self.serverPanel.stopLocalServer()
+
+    def cleanup(self) -> None:
+        self.timer.stop()
+        self.removeShortcuts()
+        slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+        for panel in self.panels:
+            panel.cleanup()
+        self.viewHint.cleanup()
+        self.removeObservers()
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    # ---- geometry helpers (main thread) --------------------------------------------------------
+    @staticmethod
+    def geometryOf(volumeNode) -> VolumeGeometry:
+        """The volume's grid in world coordinates (its IJK-to-RAS and its parent transforms)."""
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise ValueError("Select a volume with image data first.")
+        shape = tuple(int(n) for n in slicer.util.arrayFromVolume(volumeNode).shape)
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(ijkToRas)
+        parentToWorld = None
+        parent = volumeNode.GetParentTransformNode()
+        if parent is not None:
+            m = vtk.vtkMatrix4x4()
+            if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(parent, None, m):
+                raise ValueError(f"The volume {volumeNode.GetName()!r} is under a non-linear transform: harden it "
+                                 "first (Transforms module) so its voxels have a fixed place.")
+            parentToWorld = slicer.util.arrayFromVTKMatrix(m)
+        return VolumeGeometry.from_matrices(shape, slicer.util.arrayFromVTKMatrix(ijkToRas), parentToWorld)
+
+    def sliceOf(self, volumeNode, sliceNode) -> tuple[str, int] | None:
+        """(axis, index) of the volume's slice that ``sliceNode`` shows; None when the view is
+        outside the volume."""
+        if sliceNode is None:
+            return None
+        m = sliceNode.GetSliceToRAS()
+        normal = np.array([m.GetElement(r, 2) for r in range(3)])
+        centre = np.array([m.GetElement(r, 3) for r in range(3)])
+        geometry = self.geometryOf(volumeNode)
+        axis = geometry.axis_for_normal(normal)
+        try:
+            return axis, geometry.slice_index(centre, axis)
+        except ValueError:
+            return None
+
+    def sliceInView(self, volumeNode, layoutName: str = "Red") -> tuple[str, int]:
+        where = self.sliceOf(volumeNode, slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{layoutName}"))
+        if where is None:
+            raise ValueError(f"The {layoutName} view does not show a slice of {volumeNode.GetName()!r}.")
+        return where
+
+    def axisForPoint(self, volumeNode, ras) -> str:
+        """The axis of the slice view a prompt was placed on: the shown view whose plane holds
+        the point (closest if several), its normal mapped to the volume's index axis."""
+        point = np.asarray(ras, dtype=float)
+        best, bestDistance = None, np.inf
+        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+            if not sliceNode.IsMappedInLayout():
+                continue
+            m = sliceNode.GetSliceToRAS()
+            normal = np.array([m.GetElement(r, 2) for r in range(3)])
+            centre = np.array([m.GetElement(r, 3) for r in range(3)])
+            distance = abs(float(np.dot(point - centre, normal)) / max(np.linalg.norm(normal), 1e-12))
+            if distance < bestDistance:
+                best, bestDistance = normal, distance
+        geometry = self.geometryOf(volumeNode)
+        return "k" if best is None else geometry.axis_for_normal(best)
+
+    def jumpToSlice(self, volumeNode, axis: str, index: int) -> None:
+        """Centre the slice views on the middle of the volume's slice ``index`` along ``axis``."""
+        geometry = self.geometryOf(volumeNode)
+        k, j, i = ((n - 1) / 2.0 for n in geometry.shape)
+        ijk = {"k": (i, j, index), "j": (i, index, k), "i": (index, j, k)}[axis]
+        r, a, s = (float(v) for v in geometry.ijk_to_world(np.array(ijk, dtype=float))[:3])
+        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+    @staticmethod
+    def displayWindow(volumeNode) -> tuple[float, float] | None:
+        """(center, width) of the volume's display window/level: the intensity window sent."""
+        displayNode = volumeNode.GetDisplayNode() if volumeNode is not None else None
+        if displayNode is None or not hasattr(displayNode, "GetWindow"):
+            return None
+        return float(displayNode.GetLevel()), float(displayNode.GetWindow())

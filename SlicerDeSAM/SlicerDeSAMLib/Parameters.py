@@ -1,0 +1,52 @@
+"""The module's parameter node: what the user chose, saved with the scene.
+
+Only scene-specific choices live here (nodes, segment, axis, ranges, thresholds, training
+options). The service URL and token are per machine and per user: they are kept in
+Slicer's settings (``qt.QSettings``, see ``ServerPanel``), never in the scene, so a saved
+scene carries no secret.
+
+Needs Slicer 5.4+ (``slicer.parameterNodeWrapper``); imported only inside Slicer.
+"""
+
+from typing import Annotated
+
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+
+# Axes of the volume's index grid, the service's names (wire.AXES): slices along K, J, I.
+AXES = ("k", "j", "i")
+AXIS_TITLES = {"k": "K (slices along the 3rd index axis)", "j": "J (2nd index axis)", "i": "I (1st index axis)"}
+
+
+@parameterNodeWrapper
+class SlicerDeSAMParameters:
+    """
+    volume - the volume to segment (its display window/level is the intensity window sent).
+    segmentation, segmentId - where results are written.
+    autoMode - DeSAM's automatic mode: "box" (whole-slice box) or "grid" (grid of points).
+    decoder - the service's decoder name ("" = the service's default).
+    axis - slicing axis of the volume's index grid ("k", "j" or "i"), see AXES.
+    wholeVolume - segment every slice along the axis; otherwise [firstSlice, lastSlice].
+    gridSize - points per side in grid mode.
+    iouThreshold - automatic mode: drop a slice's mask under this predicted IoU.
+    propagationIou, minArea - propagation stops, per direction, at the first slice whose
+        predicted IoU or mask area (pixels) falls under these.
+    trainStructure, trainStrategy, trainEpochs - the Train panel's options.
+    """
+
+    volume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+    segmentId: str = ""
+    autoMode: Annotated[str, Choice(["box", "grid"])] = "box"
+    decoder: str = ""
+    axis: Annotated[str, Choice(list(AXES))] = "k"
+    wholeVolume: bool = True
+    firstSlice: Annotated[int, WithinRange(0, 100000)] = 0
+    lastSlice: Annotated[int, WithinRange(0, 100000)] = 0
+    gridSize: Annotated[int, WithinRange(2, 32)] = 9
+    iouThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    propagationIou: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    minArea: Annotated[int, WithinRange(0, 100000)] = 20
+    trainStructure: str = ""
+    trainStrategy: Annotated[str, Choice(["grid", "box"])] = "grid"
+    trainEpochs: Annotated[int, WithinRange(1, 1000)] = 20
