@@ -38,7 +38,6 @@ class SegmentPanel:
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         self.ui.decoderComboBox.connect("currentIndexChanged(int)", self.onDecoderChanged)
-        self.ui.reviewTableWidget.setHorizontalHeaderLabels(["Slice", "Predicted IoU"])
         self.ui.reviewTableWidget.horizontalHeader().setStretchLastSection(True)
         self.ui.reviewTableWidget.connect("cellClicked(int,int)", self.onReviewClicked)
         self.ui.segmentProgressBar.setMaximum(1)

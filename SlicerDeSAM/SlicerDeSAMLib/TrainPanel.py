@@ -28,9 +28,7 @@ class TrainPanel:
         self.jobId: str | None = None
         self._lastPoll = 0.0
         self._versions: list[dict] = []
-        self.ui.casesTableWidget.setHorizontalHeaderLabels(["Volume", "Segment"])
         self.ui.casesTableWidget.horizontalHeader().setStretchLastSection(True)
-        self.ui.versionsTableWidget.setHorizontalHeaderLabels(["Structure", "Version", "Active", "Created"])
         self.ui.versionsTableWidget.horizontalHeader().setStretchLastSection(True)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
