@@ -150,7 +150,7 @@ class CorrectPanel(VTKObservationMixin):
             if p is None or p.volume is None or p.segmentation is None or not p.segmentId:
                 raise ValueError("Choose a volume, a segmentation and a segment in the Segment panel first.")
             session = self.module.requireSession()
-            axis, index = self._lastSlice or self.module.sliceInView(p.volume, "Red")
+            axis, index = self._lastSlice or self.module.sliceInRedView(p.volume)
             options = PropagationOptions(iou_threshold=p.propagationIou, min_area=p.minArea,
                                          decoder=p.decoder or "sam")
             request = session.segmentation.prepare_propagation(p.volume, p.segmentation, p.segmentId, axis, index,

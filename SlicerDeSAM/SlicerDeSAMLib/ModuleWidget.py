@@ -158,19 +158,21 @@ class ModuleWidget(VTKObservationMixin):
 
     def installShortcuts(self) -> None:
         self.removeShortcuts()
+        mainWindow = slicer.util.mainWindow()
+        if mainWindow is None:  # Slicer --no-main-window
+            return
         actions = {"positive": lambda: self.correctPanel.startPlacing("positive"),
                    "negative": lambda: self.correctPanel.startPlacing("negative"),
                    "box": lambda: self.correctPanel.startPlacing("box"),
                    "propagate": self.correctPanel.onPropagateButton,
                    "undo": self.correctPanel.onUndo}
         for keys, action in SHORTCUTS:
-            shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), mainWindow)
             shortcut.connect("activated()", actions[action])
             self._shortcuts.append(shortcut)
 
     def removeShortcuts(self) -> None:
         for shortcut in self._shortcuts:
-            shortcut.disconnect("activated()")
             shortcut.setParent(None)
             shortcut.deleteLater()
         self._shortcuts = []
@@ -224,10 +226,11 @@ class ModuleWidget(VTKObservationMixin):
         except ValueError:
             return None
 
-    def sliceInView(self, volumeNode, layoutName: str = "Red") -> tuple[str, int]:
-        where = self.sliceOf(volumeNode, slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{layoutName}"))
+    def sliceInRedView(self, volumeNode) -> tuple[str, int]:
+        """(axis, index) of the volume's slice the Red view shows."""
+        where = self.sliceOf(volumeNode, slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed"))
         if where is None:
-            raise ValueError(f"The {layoutName} view does not show a slice of {volumeNode.GetName()!r}.")
+            raise ValueError(f"The Red view does not show a slice of {volumeNode.GetName()!r}.")
         return where
 
     def axisForPoint(self, volumeNode, ras) -> str:

@@ -437,3 +437,41 @@ def test_module_passes_ruff():
     done = subprocess.run([str(ruff), "check", "SlicerDeSAM", "scripts/preview_panels.py", "scripts/draw_icons.py"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _string_constants(paths) -> list[str]:
+    out = []
+    for path in paths:
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                out.append(node.value)
+    return out
+
+
+def test_troubleshooting_headings_are_messages_the_user_can_see():
+    """docs/MODULE.md's Troubleshooting headings quote messages of the module (or the
+    service): every fixed part of each heading is in a string of that code."""
+    text = (ROOT / "docs" / "MODULE.md").read_text()
+    section = text.split("## Troubleshooting", 1)[1]
+    headings = re.findall(r"^### `(.+)`$", section, re.M)
+    assert len(headings) >= 10
+    strings = _string_constants([*PY_FILES, *(ROOT / "ModelServer" / "desam_server").rglob("*.py")])
+    missing = []
+    for heading in headings:
+        for fragment in re.split(r"'?\.\.\.'?", heading):
+            fragment = fragment.strip()
+            if len(fragment) > 3 and not any(fragment in s for s in strings):
+                missing.append(f"{fragment!r} (heading {heading!r})")
+    assert not missing, missing
+
+
+def test_module_widget_members_the_panels_use_exist():
+    members = _class_members("ModuleWidget.py", "ModuleWidget")
+    used = set()
+    for path in PY_FILES:
+        for chain in _attribute_chains(path, "self"):
+            if len(chain) >= 3 and chain[1] == "module":
+                used.add((chain[2], path.name))
+    assert used
+    missing = sorted(f"ModuleWidget.{m} ({f})" for m, f in used if m not in members)
+    assert not missing, missing
