@@ -164,7 +164,7 @@ class SlicerDeSAMTest(ScriptedLoadableModuleTest):
 
     # ---- tests ----------------------------------------------------------------------------------
     def test_automatic(self):
-        from SlicerDeSAMLib.SegmentationLogic import AutoOptions
+        from SlicerDeSAMLib.requests import AutoOptions
 
         session = self._session()
         volumeNode, segmentationNode, segmentId = self._scene()
@@ -174,14 +174,15 @@ class SlicerDeSAMTest(ScriptedLoadableModuleTest):
         ref = session.volume_ref(volumeNode)
         volumeId = self._run(session, session.resolve, ref)
         job = self._run(session, session.segmentation.request_auto, volumeId,
-                        AutoOptions(axis="k", mode="box", start=start, stop=stop))
+                        AutoOptions(axis="k", mode="box", start=start, stop=stop),
+                        session.segmentation.window_of(volumeNode))
         outcome = self._waitJob(session, job)
         session.segmentation.apply_auto(outcome, segmentationNode, segmentId, volumeNode)
         labels = self._segmentArray(segmentationNode, segmentId, volumeNode)
         self.assertEqual(labels.shape, slicer.util.arrayFromVolume(volumeNode).shape)
         self.assertGreater(int(labels[start:stop].sum()), 0, "the automatic run left the segment empty")
         self.assertEqual(int(labels[:start].sum()) + int(labels[stop:].sum()), 0, "slices outside the range changed")
-        review = session.segmentation.review_items(outcome)
+        review = session.segmentation.review_items(outcome, include_empty=True)
         self.assertEqual(sorted(index for index, _ in review), list(range(start, stop)))
         self.assertEqual([iou for _, iou in review], sorted(iou for _, iou in review))
         session.close()
@@ -208,7 +209,7 @@ class SlicerDeSAMTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Prompted segmentation and undo passed")
 
     def test_propagated(self):
-        from SlicerDeSAMLib.SegmentationLogic import PropagationOptions
+        from SlicerDeSAMLib.requests import PropagationOptions
 
         session = self._session()
         volumeNode, segmentationNode, segmentId = self._scene()

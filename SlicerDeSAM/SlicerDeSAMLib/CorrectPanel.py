@@ -16,7 +16,7 @@ import time
 import slicer
 from slicer.util import VTKObservationMixin
 
-from SlicerDeSAMLib.SegmentationLogic import PropagationOptions
+from SlicerDeSAMLib.requests import PropagationOptions
 
 JOB_POLL_S = 0.5
 ROLES = {  # role: (node name, colour, prompt label)

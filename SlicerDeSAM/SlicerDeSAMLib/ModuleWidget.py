@@ -13,7 +13,9 @@ import slicer
 import vtk
 from slicer.util import VTKObservationMixin
 
+from SlicerDeSAMLib import nodes
 from SlicerDeSAMLib.CorrectPanel import CorrectPanel
+from SlicerDeSAMLib.SegmentationLogic import SegmentationLogic
 from SlicerDeSAMLib.SegmentPanel import SegmentPanel
 from SlicerDeSAMLib.ServerPanel import ServerPanel
 from SlicerDeSAMLib.Session import Session
@@ -83,14 +85,12 @@ class ModuleWidget(VTKObservationMixin):
         return self.session is not None and self.session.worker.busy(key)
 
     def describe(self, exc: BaseException) -> str:
-        return Session.describe(exc)
+        return self.session.describe(exc) if self.session is not None else str(exc)
 
-    def serviceConnected(self) -> None:
-        """After a successful connection test: refresh the lists that come from the service."""
-        session = self.session
-        session.worker.submit(session.client.decoders,
-                              on_done=lambda decoders: self.segmentPanel.setDecoders([d["name"] for d in decoders]),
-                              on_error=lambda exc: None, key="decoders")
+    def serviceConnected(self, summary) -> None:
+        """After a successful connection test (``ServerSummary``): refresh the lists that
+        come from the service."""
+        self.segmentPanel.setDecoders(list(summary.decoder_names))
         self.trainPanel.refreshVersions()
 
     def showReview(self, axis: str, items) -> None:
@@ -99,7 +99,10 @@ class ModuleWidget(VTKObservationMixin):
     def tick(self) -> None:
         """Main thread, every ``POLL_MS``: finished worker tasks' callbacks, then each panel's polls."""
         if self.session is not None:
-            self.session.worker.poll()
+            try:
+                self.session.worker.poll()
+            except Exception as exc:  # noqa: BLE001 - a failed callback is shown; the timer must keep polling
+                slicer.util.errorDisplay(self.describe(exc), windowTitle="DeSAM")
         for panel in self.panels:
             panel.tick()
         self.viewHint.tick()
@@ -195,21 +198,11 @@ class ModuleWidget(VTKObservationMixin):
     # ---- geometry helpers (main thread) --------------------------------------------------------
     @staticmethod
     def geometryOf(volumeNode) -> VolumeGeometry:
-        """The volume's grid in world coordinates (its IJK-to-RAS and its parent transforms)."""
+        """The volume's grid in world coordinates (its IJK-to-RAS and its linear parent
+        transforms; a non-linear one is refused with a message naming it)."""
         if volumeNode is None or volumeNode.GetImageData() is None:
             raise ValueError("Select a volume with image data first.")
-        shape = tuple(int(n) for n in slicer.util.arrayFromVolume(volumeNode).shape)
-        ijkToRas = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRas)
-        parentToWorld = None
-        parent = volumeNode.GetParentTransformNode()
-        if parent is not None:
-            m = vtk.vtkMatrix4x4()
-            if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(parent, None, m):
-                raise ValueError(f"The volume {volumeNode.GetName()!r} is under a non-linear transform: harden it "
-                                 "first (Transforms module) so its voxels have a fixed place.")
-            parentToWorld = slicer.util.arrayFromVTKMatrix(m)
-        return VolumeGeometry.from_matrices(shape, slicer.util.arrayFromVTKMatrix(ijkToRas), parentToWorld)
+        return nodes.volume_geometry(volumeNode)
 
     def sliceOf(self, volumeNode, sliceNode) -> tuple[str, int] | None:
         """(axis, index) of the volume's slice that ``sliceNode`` shows; None when the view is
@@ -261,7 +254,4 @@ class ModuleWidget(VTKObservationMixin):
     @staticmethod
     def displayWindow(volumeNode) -> tuple[float, float] | None:
         """(center, width) of the volume's display window/level: the intensity window sent."""
-        displayNode = volumeNode.GetDisplayNode() if volumeNode is not None else None
-        if displayNode is None or not hasattr(displayNode, "GetWindow"):
-            return None
-        return float(displayNode.GetLevel()), float(displayNode.GetWindow())
+        return None if volumeNode is None else SegmentationLogic.window_of(volumeNode)

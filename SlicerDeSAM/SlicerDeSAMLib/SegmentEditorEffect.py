@@ -177,7 +177,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _failed(self, exc: BaseException) -> None:
         self._pending.clear()
-        message = Session.describe(exc)
+        message = self.session.describe(exc)
         self.statusLabel.text = message
         slicer.util.errorDisplay(f"DeSAM: {message}", windowTitle="DeSAM")
 

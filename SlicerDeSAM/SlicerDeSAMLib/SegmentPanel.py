@@ -16,7 +16,7 @@ import time
 import qt
 import slicer
 
-from SlicerDeSAMLib.SegmentationLogic import AutoOptions
+from SlicerDeSAMLib.requests import AutoOptions
 
 JOB_POLL_S = 0.5
 
@@ -115,16 +115,17 @@ class SegmentPanel:
             options = AutoOptions(axis=p.axis, mode=p.autoMode, decoder=p.decoder or None, start=start, stop=stop,
                                   grid_size=p.gridSize, iou_threshold=p.iouThreshold)
             ref = session.volume_ref(p.volume)
+            window = session.segmentation.window_of(p.volume)
             self._target = (p.volume, p.segmentation, p.segmentId)
             self.ui.segmentStatusLabel.text = "uploading the volume ..." if ref.volume_id is None else "starting ..."
-            session.worker.submit(self._startJob, session, ref, options, on_done=self._jobStarted,
+            session.worker.submit(self._startJob, session, ref, options, window, on_done=self._jobStarted,
                                   on_error=self._failed, key="auto")
             self._updateButton()
 
     @staticmethod
-    def _startJob(session, ref, options) -> dict:
-        """Worker thread: upload if needed, then start the job."""
-        return session.segmentation.request_auto(session.resolve(ref), options)
+    def _startJob(session, ref, options, window) -> dict:
+        """Worker thread: upload if needed, then start the job (in the volume's display window)."""
+        return session.segmentation.request_auto(session.resolve(ref), options, window)
 
     def _jobStarted(self, job: dict) -> None:
         self.jobId = job["id"]

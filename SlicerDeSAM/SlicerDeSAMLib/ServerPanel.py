@@ -36,11 +36,12 @@ class ServerPanel:
         self.localServer: LocalServer | None = None
         self._lastProgress = 0.0
         self._lastLog = 0.0
+        self._exitShown = True
         settings = qt.QSettings()
         self.ui.urlLineEdit.text = settings.value(SETTINGS_URL, DEFAULT_URL)
         self.ui.tokenLineEdit.text = settings.value(SETTINGS_TOKEN, "")
         self.ui.executablePathLineEdit.currentPath = settings.value(SETTINGS_EXECUTABLE, "")
-        self.ui.serverArgsLineEdit.text = settings.value(SETTINGS_ARGUMENTS, "serve")
+        self.ui.serverArgsLineEdit.text = settings.value(SETTINGS_ARGUMENTS, "")
         self.ui.urlLineEdit.connect("editingFinished()", self.onConnectionEdited)
         self.ui.tokenLineEdit.connect("editingFinished()", self.onConnectionEdited)
         self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
@@ -77,7 +78,7 @@ class ServerPanel:
         self.ui.deviceLabel.text = summary.device
         self.ui.decodersLabel.text = summary.decoders
         self.ui.cacheLabel.text = summary.cache
-        self.module.serviceConnected()
+        self.module.serviceConnected(summary)
 
     def _showConnectionError(self, exc: BaseException) -> None:
         message = self.module.session.describe(exc)
@@ -98,12 +99,14 @@ class ServerPanel:
             settings.setValue(SETTINGS_ARGUMENTS, self.ui.serverArgsLineEdit.text)
             if self.localServer is not None and self.localServer.is_running():
                 raise RuntimeError("The local DeSAM service is already running; stop it first.")
-            self.localServer = LocalServer(executable, args=args)
-            self.localServer.start()
-            if self.localServer.url and self.localServer.url != self.url():
-                self.ui.urlLineEdit.text = self.localServer.url
-                self.onConnectionEdited()
+            # Listens where the Service URL points; Slicer's launcher settings are not passed on.
+            self.localServer = LocalServer.for_url(executable, self.url(), args=args,
+                                                   env=slicer.util.startupEnvironment())
+            self.onConnectionEdited()
             self.ui.serverLogPlainTextEdit.clear()
+            self.localServer.start()
+            self._exitShown = False
+            self.ui.connectionStatusLabel.text = f"local service starting at {self.localServer.url} ..."
             self._updateServerButtons()
 
     def onStopServer(self) -> None:
@@ -126,6 +129,11 @@ class ServerPanel:
     def _showLog(self) -> None:
         if self.localServer is None:
             return
+        if not self._exitShown and not self.localServer.is_running():
+            self._exitShown = True
+            self.ui.connectionStatusLabel.text = self.localServer.exit_message() or "the local service has stopped"
+            if self.module.session is not None:
+                self.module.session.forget_volumes()
         lines = self.localServer.log_tail(lines=200)
         text = "\n".join(lines)
         if self.ui.serverLogPlainTextEdit.toPlainText() != text:

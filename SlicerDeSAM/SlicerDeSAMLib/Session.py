@@ -16,6 +16,7 @@ import threading
 import vtk
 
 from SlicerDeSAMLib.BackgroundWorker import BackgroundWorker
+from SlicerDeSAMLib.DeSAMError import DeSAMError
 from SlicerDeSAMLib.EditorLogic import EditorLogic
 from SlicerDeSAMLib.SegmentationLogic import SegmentationLogic
 from SlicerDeSAMLib.ServerClient import ServerClient, ServerError
@@ -84,17 +85,15 @@ class Session:
             self._volumes.clear()
 
     # ---- errors -----------------------------------------------------------------------------
-    @staticmethod
-    def describe(exc: BaseException) -> str:
-        """A message for the user: the service's own words when it answered one."""
-        if isinstance(exc, ServerError):
-            if exc.status == 0:
-                return f"Cannot reach the DeSAM service: {exc.message}. Is it running? See the Server panel."
+    def describe(self, exc: BaseException) -> str:
+        """A message for the user: the service's own words when it answered one (the same
+        fixed first words as the logic's ``DeSAMError``, which the README quotes)."""
+        if isinstance(exc, DeSAMError):
             return exc.message
-        if isinstance(exc, ConnectionRefusedError):
-            return "Cannot reach the DeSAM service (connection refused). Is it running? See the Server panel."
-        if isinstance(exc, OSError):
-            return f"The DeSAM service went away or cannot be reached: {exc}"
+        if isinstance(exc, ServerError):
+            return DeSAMError.from_server_error(exc, self.url, "The DeSAM service answered an error").message
+        if isinstance(exc, ValueError | RuntimeError | TimeoutError):
+            return str(exc)
         return f"{type(exc).__name__}: {exc}"
 
     def close(self) -> None:

@@ -78,7 +78,8 @@ class TrainPanel:
         if self.jobId is not None:
             with slicer.util.tryWithErrorDisplay("Failed to cancel the training.", waitCursor=False):
                 session = self.module.requireSession()
-                session.worker.submit(session.training.cancel, self.jobId, on_error=self._failed, key="train-cancel")
+                session.worker.submit(session.training.cancel, self.jobId, on_done=self._showStatus,
+                                      on_error=self._failed, key="train-cancel")
                 self.ui.trainingStatusLabel.text = "cancelling ..."
             return
         with slicer.util.tryWithErrorDisplay("Failed to start the training.", waitCursor=True):
@@ -126,25 +127,22 @@ class TrainPanel:
                               on_error=self._failed, key="train")
 
     def _showStatus(self, status) -> None:
-        epochs = max(1, int(status.epochs or 1))
-        self.ui.trainingProgressBar.setMaximum(epochs)
-        self.ui.trainingProgressBar.setValue(int(status.epoch or 0))
+        """``status``: a ``TrainingStatus`` (its ``message`` is the status line)."""
+        self.ui.trainingProgressBar.setMaximum(1000)
+        self.ui.trainingProgressBar.setValue(int(round(1000 * status.fraction)))
+        self.ui.trainingProgressBar.format = f"epoch {status.epoch} / {status.epochs}" if status.epochs else "%p%"
         self.ui.lossLabel.text = "-" if status.loss is None else f"{status.loss:.4f}"
-        self.ui.diceLabel.text = "-" if status.dice is None else f"{status.dice:.3f}"
-        self.ui.timeLeftLabel.text = "-" if status.time_left_s is None else _duration(status.time_left_s)
-        if status.state in ("queued", "running"):
-            self.ui.trainingStatusLabel.text = status.state
+        self.ui.diceLabel.text = "-" if status.validation_dice is None else f"{status.validation_dice:.3f}"
+        self.ui.timeLeftLabel.text = "-" if status.seconds_left is None else _duration(status.seconds_left)
+        self.ui.trainingStatusLabel.text = status.message
+        if status.active:
             return
         self.jobId = None
         self.ui.startTrainingButton.text = "Start training"
         if status.state == "finished":
-            self.ui.trainingStatusLabel.text = "finished: the new decoder version is registered"
             self.refreshVersions()
         elif status.state == "failed":
-            self.ui.trainingStatusLabel.text = f"failed: {status.reason}"
-            slicer.util.errorDisplay(f"Training failed: {status.reason}", windowTitle="DeSAM")
-        else:
-            self.ui.trainingStatusLabel.text = f"{status.state}" + (f": {status.reason}" if status.reason else "")
+            slicer.util.errorDisplay(status.message, windowTitle="DeSAM")
 
     def _failed(self, exc: BaseException) -> None:
         message = self.module.describe(exc)
