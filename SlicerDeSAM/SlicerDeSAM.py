@@ -156,9 +156,9 @@ class SlicerDeSAMTest(ScriptedLoadableModuleTest):
         return slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
 
     def _centreRas(self, volumeNode, k):
-        from SlicerDeSAMLib.ModuleWidget import ModuleWidget
+        from SlicerDeSAMLib.SliceViews import SliceViews
 
-        geometry = ModuleWidget.geometryOf(volumeNode)
+        geometry = SliceViews.geometry(volumeNode)
         _, rows, columns = geometry.shape
         return tuple(float(v) for v in geometry.ijk_to_world([(columns - 1) / 2, (rows - 1) / 2, k])[:3])
 

@@ -7,18 +7,17 @@ the worker, the keyboard shortcuts and the geometry helpers the panels share.
 
 from __future__ import annotations
 
-import numpy as np
 import qt
 import slicer
 import vtk
 from slicer.util import VTKObservationMixin
 
-from SlicerDeSAMLib import nodes
 from SlicerDeSAMLib.CorrectPanel import CorrectPanel
 from SlicerDeSAMLib.SegmentationLogic import SegmentationLogic
 from SlicerDeSAMLib.SegmentPanel import SegmentPanel
 from SlicerDeSAMLib.ServerPanel import ServerPanel
 from SlicerDeSAMLib.Session import Session
+from SlicerDeSAMLib.SliceViews import SliceViews
 from SlicerDeSAMLib.TrainPanel import TrainPanel
 from SlicerDeSAMLib.ViewHint import ViewHint
 from SlicerDeSAMLib.VolumeGeometry import VolumeGeometry
@@ -195,61 +194,26 @@ class ModuleWidget(VTKObservationMixin):
             self.session.close()
             self.session = None
 
-    # ---- geometry helpers (main thread) --------------------------------------------------------
+    # ---- geometry helpers (main thread; SliceViews is MRML-only and tested on slicer-core) ----
     @staticmethod
     def geometryOf(volumeNode) -> VolumeGeometry:
-        """The volume's grid in world coordinates (its IJK-to-RAS and its linear parent
-        transforms; a non-linear one is refused with a message naming it)."""
-        if volumeNode is None or volumeNode.GetImageData() is None:
-            raise ValueError("Select a volume with image data first.")
-        return nodes.volume_geometry(volumeNode)
+        return SliceViews.geometry(volumeNode)
 
-    def sliceOf(self, volumeNode, sliceNode) -> tuple[str, int] | None:
-        """(axis, index) of the volume's slice that ``sliceNode`` shows; None when the view is
-        outside the volume."""
-        if sliceNode is None:
-            return None
-        m = sliceNode.GetSliceToRAS()
-        normal = np.array([m.GetElement(r, 2) for r in range(3)])
-        centre = np.array([m.GetElement(r, 3) for r in range(3)])
-        geometry = self.geometryOf(volumeNode)
-        axis = geometry.axis_for_normal(normal)
-        try:
-            return axis, geometry.slice_index(centre, axis)
-        except ValueError:
-            return None
+    @staticmethod
+    def sliceOf(volumeNode, sliceNode) -> tuple[str, int] | None:
+        return None if sliceNode is None else SliceViews.slice_of(volumeNode, sliceNode)
 
-    def sliceInRedView(self, volumeNode) -> tuple[str, int]:
-        """(axis, index) of the volume's slice the Red view shows."""
-        where = self.sliceOf(volumeNode, slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed"))
-        if where is None:
-            raise ValueError(f"The Red view does not show a slice of {volumeNode.GetName()!r}.")
-        return where
+    @staticmethod
+    def sliceInRedView(volumeNode) -> tuple[str, int]:
+        return SliceViews.red_slice(slicer.mrmlScene, volumeNode)
 
-    def axisForPoint(self, volumeNode, ras) -> str:
-        """The axis of the slice view a prompt was placed on: the shown view whose plane holds
-        the point (closest if several), its normal mapped to the volume's index axis."""
-        point = np.asarray(ras, dtype=float)
-        best, bestDistance = None, np.inf
-        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
-            if not sliceNode.IsMappedInLayout():
-                continue
-            m = sliceNode.GetSliceToRAS()
-            normal = np.array([m.GetElement(r, 2) for r in range(3)])
-            centre = np.array([m.GetElement(r, 3) for r in range(3)])
-            distance = abs(float(np.dot(point - centre, normal)) / max(np.linalg.norm(normal), 1e-12))
-            if distance < bestDistance:
-                best, bestDistance = normal, distance
-        geometry = self.geometryOf(volumeNode)
-        return "k" if best is None else geometry.axis_for_normal(best)
+    @staticmethod
+    def axisForPoint(volumeNode, ras) -> str:
+        return SliceViews.axis_for_point(slicer.mrmlScene, volumeNode, ras)
 
-    def jumpToSlice(self, volumeNode, axis: str, index: int) -> None:
-        """Centre the slice views on the middle of the volume's slice ``index`` along ``axis``."""
-        geometry = self.geometryOf(volumeNode)
-        k, j, i = ((n - 1) / 2.0 for n in geometry.shape)
-        ijk = {"k": (i, j, index), "j": (i, index, k), "i": (index, j, k)}[axis]
-        r, a, s = (float(v) for v in geometry.ijk_to_world(np.array(ijk, dtype=float))[:3])
-        slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    @staticmethod
+    def jumpToSlice(volumeNode, axis: str, index: int) -> None:
+        SliceViews.jump_to_slice(slicer.mrmlScene, volumeNode, axis, index)
 
     @staticmethod
     def displayWindow(volumeNode) -> tuple[float, float] | None:

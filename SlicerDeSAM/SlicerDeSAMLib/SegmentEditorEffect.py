@@ -24,6 +24,7 @@ from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 from SlicerDeSAMLib.ServerClient import DEFAULT_URL
 from SlicerDeSAMLib.ServerPanel import SETTINGS_TOKEN, SETTINGS_URL
 from SlicerDeSAMLib.Session import Session
+from SlicerDeSAMLib.SliceViews import SliceViews
 
 POLL_MS = 50
 
@@ -149,9 +150,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             segmentId = editorNode.GetSelectedSegmentID()
             if volumeNode is None or segmentationNode is None or not segmentId:
                 raise ValueError("Choose a source volume and select a segment first.")
-            from SlicerDeSAMLib.ModuleWidget import ModuleWidget
-
-            axis = ModuleWidget.geometryOf(volumeNode).axis_for_normal(np.array(normal))
+            axis = SliceViews.geometry(volumeNode).axis_for_normal(np.array(normal))
             session = self._session()
             request = session.segmentation.prepare_prompt(volumeNode, segmentationNode, segmentId, points, labels,
                                                           box_world=box, axis=axis)

@@ -372,6 +372,8 @@ def test_imported_names_exist_in_the_lib():
                 defined = {n.name for n in _tree(source).body if isinstance(n, ast.ClassDef | ast.FunctionDef)}
                 defined |= {t.id for n in _tree(source).body if isinstance(n, ast.Assign) for t in n.targets
                             if isinstance(t, ast.Name)}
+                defined |= {a.asname or a.name for n in _tree(source).body if isinstance(n, ast.ImportFrom)
+                            for a in n.names}  # re-exported
                 missing += [f"{a.name} from {node.module} ({path.name})" for a in node.names if a.name not in defined]
     assert not missing, missing
 
