@@ -41,6 +41,7 @@ class ModuleWidget(VTKObservationMixin):
         self.logic = logic
         self.session: Session | None = None
         self.parameters = None
+        self._volume = None  # the parameter node's volume last seen (view hint on change)
         self._guiTags: list = []
         self._shortcuts: list = []
         self.panelWidgets = []
@@ -128,7 +129,7 @@ class ModuleWidget(VTKObservationMixin):
 
     def onParametersModified(self, caller=None, event=None) -> None:
         volume = self.parameters.volume if self.parameters else None
-        if volume is not getattr(self, "_volume", None):
+        if volume is not self._volume:
             self._volume = volume
             self.viewHint.volumeChanged()
         self.segmentPanel.updateFromParameters()
