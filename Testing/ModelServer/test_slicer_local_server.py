@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import socket
 import sys
 
@@ -117,3 +118,30 @@ def test_a_taken_port_is_refused_before_starting(tmp_path):
             server.start()
     assert str(error.value).startswith(f"Port {port} on 127.0.0.1 is already in use")
     assert server.pid is None
+
+
+def test_a_parent_that_exits_without_stop_ends_the_child(tmp_path):
+    """A process that started the service and exits without calling stop(): the atexit
+    fallback ends the child."""
+    import subprocess
+    import textwrap
+
+    server = tiny_server(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys
+        from SlicerDeSAMLib.LocalServer import LocalServer
+        server = LocalServer({server.executable!r}, {server.args!r}, env={server.env!r}, port={server.port})
+        server.start()
+        print(server.pid, flush=True)
+        sys.exit(0)
+    """)
+    parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert parent.returncode == 0, parent.stderr
+    pid = int(parent.stdout.split()[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return                              # ended with its parent
+    os.kill(pid, signal.SIGKILL)            # don't leave it behind
+    pytest.fail(f"the service (process {pid}) outlived the process that started it")
