@@ -23,6 +23,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 
 from .DeSAMError import DeSAMError
@@ -36,17 +37,20 @@ _PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONNOUSERS
 
 class LocalServer:
     """``executable``: the ``desam-server`` program (a path, or a name on PATH); ``args``:
-    its arguments before ``--host``/``--port`` (default ``("serve",)``: add e.g.
-    ``--encoder``, ``--device``); ``env``: the child's whole environment (inside Slicer
-    ``slicer.util.startupEnvironment()``, which has none of Slicer's launcher settings),
-    default this process's environment without Slicer's Python variables; ``host``,
-    ``port``: where it listens (passed as flags); ``log_lines``: lines of output kept."""
+    ``serve``'s options (e.g. ``--encoder vit_b --device cuda``); ``env``: the child's whole
+    environment (inside Slicer ``slicer.util.startupEnvironment()``, which has none of
+    Slicer's launcher settings), default this process's environment without Slicer's Python
+    variables; ``host``, ``port``: where it listens (passed as ``--host``/``--port``, after
+    ``args``); ``prefix``: arguments before ``serve`` (``("-m", "desam_server.cli")`` when
+    ``executable`` is a Python interpreter); ``log_lines``: lines of output kept.
+    The command: ``executable *prefix serve *args --host HOST --port PORT``."""
 
-    def __init__(self, executable: str | os.PathLike, args: Sequence[str] = ("serve",),
+    def __init__(self, executable: str | os.PathLike, args: Sequence[str] = (),
                  env: Mapping[str, str] | None = None, *, host: str = "127.0.0.1", port: int = 8765,
-                 scheme: str = "http", log_lines: int = 2000) -> None:
+                 scheme: str = "http", prefix: Sequence[str] = (), log_lines: int = 2000) -> None:
         self.executable = os.fspath(executable)
         self.args = tuple(str(a) for a in args)
+        self.prefix = tuple(str(a) for a in prefix)
         self.env = None if env is None else dict(env)
         self.host, self.port, self.scheme = host, int(port), scheme
         self._log: collections.deque[str] = collections.deque(maxlen=log_lines)
@@ -55,6 +59,17 @@ class LocalServer:
         self._reader: threading.Thread | None = None
         self._atexit_registered = False
 
+    @classmethod
+    def for_url(cls, executable: str | os.PathLike, url: str, args: Sequence[str] = (),
+                env: Mapping[str, str] | None = None, **kwargs) -> LocalServer:
+        """A local service for the Server panel's URL (``http(s)://host:port``; port 8765
+        when the URL has none)."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise DeSAMError(f"The service URL must be http://host:port, got {url!r}.")
+        return cls(executable, args, env, host=parts.hostname, port=parts.port or 8765, scheme=parts.scheme,
+                   **kwargs)
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -62,7 +77,7 @@ class LocalServer:
 
     @property
     def command(self) -> list[str]:
-        return [self._resolve(), *self.args, "--host", self.host, "--port", str(self.port)]
+        return [self._resolve(), *self.prefix, "serve", *self.args, "--host", self.host, "--port", str(self.port)]
 
     @property
     def pid(self) -> int | None:

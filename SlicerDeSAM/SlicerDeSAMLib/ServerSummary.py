@@ -20,8 +20,8 @@ def _bytes(n: int | float) -> str:
 @dataclass(frozen=True)
 class ServerSummary:
     """``model``: e.g. "mobile_sam (weights sam-mobile, sha256 1a2b3c4d5e6f)"; ``device``:
-    e.g. "cuda, bf16"; ``decoders``: one line per trained decoder served ("liver v3
-    (registry)"); ``decoder_names``: the names a request's ``decoder`` takes;
+    e.g. "cuda, bf16"; ``decoders``: the trained decoders served ("liver v3 (registry);
+    phantom (file)"), or "none (...)"; ``decoder_names``: the names a request's ``decoder`` takes;
     ``structures``: the structures they segment; ``cache``: feature cache per tier;
     ``training``: training jobs running or queued. ``info``, ``decoders_raw``,
     ``registry``: the service's answers (GET /info, /decoders, /registry)."""
@@ -30,7 +30,7 @@ class ServerSummary:
     version: str
     model: str
     device: str
-    decoders: tuple[str, ...]
+    decoders: str
     decoder_names: tuple[str, ...]
     structures: tuple[str, ...]
     cache: str
@@ -64,12 +64,12 @@ class ServerSummary:
         return cls(url=url, version=str(info.get("version", "?")),
                    model=f"{model.get('encoder', '?')} ({weights})",
                    device=f"{model.get('device', '?')}, {model.get('precision', '?')}",
-                   decoders=tuple(lines), decoder_names=tuple(names), structures=tuple(structures), cache=cache,
+                   decoders="; ".join(lines) or "none (train one in the Train panel)",
+                   decoder_names=tuple(names), structures=tuple(structures), cache=cache,
                    training=training_text, auth=bool(info.get("settings", {}).get("auth")), info=info,
                    decoders_raw=tuple(decoders), registry=tuple(registry))
 
     def lines(self) -> list[str]:
         """The summary as label lines for the Server panel."""
-        decoders = ", ".join(self.decoders) if self.decoders else "none (train one in the Train panel)"
         return [f"Service {self.version} at {self.url}", f"Model: {self.model}", f"Device: {self.device}",
-                f"Decoders: {decoders}", f"Feature cache: {self.cache}", f"Training: {self.training}"]
+                f"Decoders: {self.decoders}", f"Feature cache: {self.cache}", f"Training: {self.training}"]

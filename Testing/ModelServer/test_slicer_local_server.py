@@ -27,14 +27,15 @@ def service_environment(tmp_path) -> dict:
 
 
 def tiny_server(tmp_path, *more: str, port: int | None = None) -> LocalServer:
-    args = ("-m", "desam_server.cli", "serve", "--encoder", "tiny", "--device", "cpu",
-            "--volume-dir", str(tmp_path / "volumes"), *more)
-    return LocalServer(sys.executable, args, env=service_environment(tmp_path), port=port or free_port())
+    args = ("--encoder", "tiny", "--device", "cpu", "--volume-dir", str(tmp_path / "volumes"), *more)
+    return LocalServer(sys.executable, args, env=service_environment(tmp_path), port=port or free_port(),
+                       prefix=("-m", "desam_server.cli"))
 
 
 def test_start_wait_log_and_stop_the_real_service(tmp_path):
     server = tiny_server(tmp_path)
     assert server.url == f"http://127.0.0.1:{server.port}"
+    assert server.command[1:4] == ["-m", "desam_server.cli", "serve"]
     assert server.command[-4:] == ["--host", "127.0.0.1", "--port", str(server.port)]
     server.start()
     try:
@@ -80,6 +81,14 @@ def test_the_atexit_fallback_ends_the_child(tmp_path):
         assert not server.is_running()
     finally:
         server.stop()
+
+
+def test_for_url_takes_host_port_and_scheme():
+    server = LocalServer.for_url("desam-server", "http://localhost:9000", ["--device", "cuda"])
+    assert (server.host, server.port, server.url) == ("localhost", 9000, "http://localhost:9000")
+    assert LocalServer.for_url("desam-server", "https://127.0.0.1").url == "https://127.0.0.1:8765"
+    with pytest.raises(DeSAMError, match="must be http://host:port"):
+        LocalServer.for_url("desam-server", "127.0.0.1:8765")
 
 
 def test_missing_executable_is_a_clear_message(tmp_path):
@@ -130,7 +139,8 @@ def test_a_parent_that_exits_without_stop_ends_the_child(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         from SlicerDeSAMLib.LocalServer import LocalServer
-        server = LocalServer({server.executable!r}, {server.args!r}, env={server.env!r}, port={server.port})
+        server = LocalServer({server.executable!r}, {server.args!r}, env={server.env!r}, port={server.port},
+                             prefix={server.prefix!r})
         server.start()
         print(server.pid, flush=True)
         sys.exit(0)

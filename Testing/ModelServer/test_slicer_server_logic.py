@@ -30,7 +30,7 @@ def test_connection_summary(service):
     assert summary.url == service and summary.version
     assert summary.model == "tiny (weights test)"
     assert summary.device == "cpu, fp32"
-    assert summary.decoders == ("phantom (file)",)
+    assert summary.decoders == "phantom (file)"
     assert summary.decoder_names == ("phantom",) and summary.structures == ("phantom",)
     assert summary.cache.startswith("host 0 slices, 0 B of 64.0 MiB; disk 0 slices"), summary.cache
     assert summary.training == "none running" and summary.auth is False
@@ -97,7 +97,7 @@ def test_token_refused_message(tmp_path):
                                         "the Server panel.")
             assert error.value.status == 401
         summary = ServerLogic(ServerClient(url, token=TOKEN)).test_connection()
-        assert summary.auth is True and summary.decoders == ()
+        assert summary.auth is True and summary.decoders == "none (train one in the Train panel)"
         assert "Decoders: none (train one in the Train panel)" in summary.lines()
 
 

@@ -243,7 +243,8 @@ def test_upload_train_poll_list_roll_back_and_activate(service, scene_cases):
     versions = logic.versions("organ")
     assert [(v["version"], v["active"]) for v in versions] == [("v1", True)]
     assert logic.versions() == versions
-    assert "organ v1 (registry)" in ServerLogic(client).test_connection().decoders
+    summary = ServerLogic(client).test_connection()
+    assert "organ v1 (registry)" in summary.decoders.split("; ") and "organ" in summary.structures
 
     second = logic.start("organ", refs, {**OPTIONS, "seed": 1})
     with worker_scope() as poller:
@@ -308,12 +309,12 @@ def test_status_estimates_the_time_left_from_the_epochs():
 def test_a_service_that_goes_away_mid_job_is_reported_and_usable_again(tmp_path, tiny_sam_checkpoint, scene_cases):
     _, _, cases = scene_cases
     port = free_port()
-    args = ("-m", "desam_server.cli", "serve", "--encoder", "tiny", "--device", "cpu", "--sam-checkpoint",
-            str(tiny_sam_checkpoint[0]), "--volume-dir", str(tmp_path / "volumes"))
+    args = ("--encoder", "tiny", "--device", "cpu", "--sam-checkpoint", str(tiny_sam_checkpoint[0]),
+            "--volume-dir", str(tmp_path / "volumes"))
     env = {**os.environ, "DESAM_CACHE_DIR": str(tmp_path / "features"),
            "DESAM_REGISTRY_DIR": str(tmp_path / "registry"), "DESAM_TRAINING_DIR": str(tmp_path / "training-jobs"),
            "DESAM_TRAINING_FEATURES_DIR": str(tmp_path / "training-features"), "DESAM_TRAINING_THREADS": "1"}
-    server = LocalServer(sys.executable, args, env=env, port=port)
+    server = LocalServer(sys.executable, args, env=env, port=port, prefix=("-m", "desam_server.cli"))
     server.start()
     try:
         server.wait_until_ready(timeout=180)
