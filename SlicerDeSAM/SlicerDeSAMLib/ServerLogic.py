@@ -12,8 +12,13 @@ __all__ = ["ServerLogic"]
 
 
 class ServerLogic:
-    def __init__(self, client: ServerClient) -> None:
+    """``client``: the session's client; ``timeout``: seconds each of these short requests
+    may take (a service that hangs is reported after it, not waited for the client's
+    longer timeout)."""
+
+    def __init__(self, client: ServerClient, timeout: float = 10.0) -> None:
         self.client = client
+        self._quick = ServerClient(client.url, token=client.token, timeout=timeout, ca_file=client.ca_file)
 
     @property
     def url(self) -> str:
@@ -22,8 +27,8 @@ class ServerLogic:
     def test_connection(self) -> ServerSummary:
         """GET /info (and /registry when the service has a decoder registry) as a summary."""
         try:
-            info = self.client.info()
-            registry = self.client.registry() if info.get("decoder_registry") else []
+            info = self._quick.info()
+            registry = self._quick.registry() if info.get("decoder_registry") else []
         except ServerError as exc:
             raise DeSAMError.from_server_error(exc, self.url, "The DeSAM service answered an error") from None
         return ServerSummary.from_answers(self.url, info, registry)
@@ -32,7 +37,7 @@ class ServerLogic:
         """(slices cached, slices of the axis) for ``window`` (center, width; None: the
         volume's default window), for the progress bar."""
         try:
-            progress = self.client.progress(volume_id, axis, window)
+            progress = self._quick.progress(volume_id, axis, window)
         except ServerError as exc:
             raise DeSAMError.from_server_error(exc, self.url, "Could not read the encoding progress") from None
         return int(progress["cached"]), int(progress["total"])

@@ -29,8 +29,12 @@ CONFIG_KEYS = ("family", "strategy", "epochs", "batch_size", "learning_rate", "p
 
 
 class TrainingLogic:
-    def __init__(self, client: ServerClient) -> None:
+    """``client``: the session's client (uploads, start, registry); ``poll_timeout``:
+    seconds a status poll may take, so that a service that hangs is reported within it."""
+
+    def __init__(self, client: ServerClient, poll_timeout: float = 10.0) -> None:
         self.client = client
+        self._poll = ServerClient(client.url, token=client.token, timeout=poll_timeout, ca_file=client.ca_file)
 
     @property
     def url(self) -> str:
@@ -116,8 +120,8 @@ class TrainingLogic:
         ``Cannot reach the DeSAM service at ...``; one restarted since (jobs do not survive
         a restart) says so."""
         try:
-            job = self.client.training_job(job_id)
-            metrics = self.client.training_metrics(job_id)
+            job = self._poll.training_job(job_id)
+            metrics = self._poll.training_metrics(job_id)
         except ServerError as exc:
             if exc.status == 404:
                 raise DeSAMError(f"The DeSAM service at {self.url} no longer knows training job {job_id[:8]}: it was "

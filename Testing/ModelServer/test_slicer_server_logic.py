@@ -114,3 +114,18 @@ def test_busy_and_other_answers_keep_the_service_message():
     assert str(other) == "Could not start training: training job 1234 is running (409)" and other.status == 409
     lost = DeSAMError.from_server_error(ServerError(0, "no answer within 5 s"), url, "x")
     assert str(lost).startswith(f"Cannot reach the DeSAM service at {url}: no answer within 5 s. ")
+
+
+def test_a_service_that_does_not_answer_is_reported_after_the_short_timeout():
+    import socket
+
+    with socket.socket() as silent:              # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        logic = ServerLogic(ServerClient(url, timeout=60), timeout=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(DeSAMError) as error:
+            logic.test_connection()
+        assert time.monotonic() - t0 < 5
+    assert str(error.value).startswith(f"Cannot reach the DeSAM service at {url}: no answer within 1 s.")

@@ -29,6 +29,7 @@ from SlicerDeSAMLib.DeSAMError import DeSAMError
 from SlicerDeSAMLib.LocalServer import LocalServer
 from SlicerDeSAMLib.ServerClient import ServerClient
 from SlicerDeSAMLib.ServerLogic import ServerLogic
+from SlicerDeSAMLib.TrainingCase import TrainingCase
 from SlicerDeSAMLib.TrainingLogic import TrainingLogic
 from SlicerDeSAMLib.TrainingStatus import TrainingStatus
 
@@ -277,6 +278,21 @@ def test_cancel_stops_a_job_within_seconds(service, scene_cases):
     print(f"\ncancel to cancelled through TrainingLogic: {seconds:.1f} s")
 
 
+def test_an_encoder_with_random_weights_refuses_training(tmp_path):
+    """The service's own 409 message reaches the user."""
+    volume = VOLUMES[0]
+    case = TrainingCase(name="Phantom / organ", structure="organ", array=volume, label=volume > 30, **LPS)
+    with live_server(tiny_settings(tmp_path, decoder=False)) as (url, _):
+        logic = TrainingLogic(ServerClient(url))
+        refs = logic.upload_cases([case])
+        with pytest.raises(DeSAMError) as error:
+            logic.start("organ", refs, OPTIONS)
+    assert str(error.value).startswith("Could not start training: the service's encoder has random weights")
+    assert str(error.value).endswith("(409)")
+    with pytest.raises(DeSAMError, match="^Add at least one training case"):
+        logic.start("organ", [], OPTIONS)
+
+
 def test_a_failed_job_reports_its_reason(service, scene_cases):
     url, served = service
     logic = TrainingLogic(ServerClient(url, timeout=60))
@@ -318,11 +334,21 @@ def test_a_service_that_goes_away_mid_job_is_reported_and_usable_again(tmp_path,
     server.start()
     try:
         server.wait_until_ready(timeout=180)
-        logic = TrainingLogic(ServerClient(server.url, timeout=10))
+        logic = TrainingLogic(ServerClient(server.url, timeout=10), poll_timeout=2.0)
         refs = logic.upload_cases(cases)
         job = logic.start("organ", refs, LONG)
         with worker_scope() as worker:
             _poll(worker, logic, job["id"], timeout=120, until=lambda s: s.state == "running")
+        os.kill(server.pid, signal.SIGSTOP)          # a service that hangs: reported within the poll timeout
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(DeSAMError) as hung:
+                logic.status(job["id"])
+            assert time.monotonic() - t0 < 6
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert str(hung.value).startswith(f"Cannot reach the DeSAM service at {server.url}: no answer within 2 s.")
+        assert logic.status(job["id"]).state == "running"     # and the next poll works again
         server.stop(timeout=60)                      # the service goes away (it cancels its job)
         t0 = time.monotonic()
         with pytest.raises(DeSAMError) as gone:
