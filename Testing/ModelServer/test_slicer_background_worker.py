@@ -162,3 +162,22 @@ def test_the_worker_thread_is_a_daemon():
         assert worker.thread.daemon and worker.thread.is_alive()
     finally:
         worker.shutdown()
+
+
+def test_the_logic_modules_import_without_slicer_vtk_or_qt():
+    """BackgroundWorker, LocalServer, ServerLogic, TrainingLogic and their dataclasses are
+    importable where slicer, vtk and qt cannot be imported (a worker thread never needs them)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('slicer', 'vtk', 'qt', 'ctk', 'PythonQt'):\n"
+            "    sys.modules[name] = None\n"
+            "import SlicerDeSAMLib.BackgroundWorker, SlicerDeSAMLib.LocalServer, SlicerDeSAMLib.ServerLogic\n"
+            "import SlicerDeSAMLib.TrainingLogic, SlicerDeSAMLib.TrainingCase, SlicerDeSAMLib.TrainingStatus\n"
+            "import SlicerDeSAMLib.ServerSummary, SlicerDeSAMLib.DeSAMError\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -186,7 +186,7 @@ def test_the_label_is_read_on_the_volume_grid_through_a_parent_transform(scene_c
 
 
 def test_prepare_case_refuses_an_empty_segment_and_missing_choices(scene_cases):
-    _, nodes, _ = scene_cases
+    scene, nodes, _ = scene_cases
     vol_node, seg_node, _, empty = nodes[0]
     with pytest.raises(DeSAMError) as error:
         TrainingLogic.prepare_case(vol_node, seg_node, empty)
@@ -197,6 +197,12 @@ def test_prepare_case_refuses_an_empty_segment_and_missing_choices(scene_cases):
     assert str(error.value) == "The segmentation 'Phantom 0 segmentation' has no segment 'no-such-id'."
     with pytest.raises(DeSAMError, match="^Choose a volume, a segmentation and a segment"):
         TrainingLogic.prepare_case(None, seg_node, empty)
+    colour = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "Photo")
+    slicer.util.updateVolumeFromArray(colour, np.zeros((3, 48, 64, 3), np.uint8))
+    with pytest.raises(DeSAMError) as error:
+        TrainingLogic.prepare_case(colour, seg_node, nodes[0][2])
+    assert str(error.value) == ("Training case Photo / organ: 'Photo' is not a scalar 3D volume (voxel array "
+                                "(3, 48, 64, 3)).")
 
 
 def test_training_options_nest_the_loop_configuration():
@@ -281,12 +287,14 @@ def test_cancel_stops_a_job_within_seconds(service, scene_cases):
 def test_an_encoder_with_random_weights_refuses_training(tmp_path):
     """The service's own 409 message reaches the user."""
     volume = VOLUMES[0]
-    case = TrainingCase(name="Phantom / organ", structure="organ", array=volume, label=volume > 30, **LPS)
+    case = TrainingCase(name="Phantom / kidney", structure="Left kidney", array=volume, label=volume > 30, **LPS)
     with live_server(tiny_settings(tmp_path, decoder=False)) as (url, _):
         logic = TrainingLogic(ServerClient(url))
         refs = logic.upload_cases([case])
+        assert refs[0]["structure"] == "Left kidney" and refs[0]["voxels"] == case.voxels
+        assert ServerClient(url).list_labels(case.volume_id)["labels"][0]["structure"] == "Left kidney"
         with pytest.raises(DeSAMError) as error:
-            logic.start("organ", refs, OPTIONS)
+            logic.start("Left kidney", refs, OPTIONS)
     assert str(error.value).startswith("Could not start training: the service's encoder has random weights")
     assert str(error.value).endswith("(409)")
     with pytest.raises(DeSAMError, match="^Add at least one training case"):
