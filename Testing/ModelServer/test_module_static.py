@@ -494,3 +494,84 @@ def test_module_widget_members_the_panels_use_exist():
     assert used
     missing = sorted(f"ModuleWidget.{m} ({f})" for m, f in used if m not in members)
     assert not missing, missing
+
+
+# ---- call signatures against the logic's definitions ------------------------------------------------
+def _lib_classes() -> dict[str, ast.ClassDef]:
+    classes = {}
+    for path in sorted(LIB.glob("*.py")):
+        for node in _tree(path).body:
+            if isinstance(node, ast.ClassDef):
+                classes.setdefault(node.name, node)
+    return classes
+
+
+def _signature(cls: ast.ClassDef, method: str):
+    """(positional names, names with defaults or keyword-only, accepts *args, accepts **kwargs)
+    of ``cls.method`` (``__init__``: the dataclass fields when there is none); None if unknown."""
+    for item in cls.body:
+        if isinstance(item, ast.FunctionDef) and item.name == method:
+            args = item.args
+            positional = [a.arg for a in args.posonlyargs + args.args]
+            decorators = {d.id for d in item.decorator_list if isinstance(d, ast.Name)}
+            if "staticmethod" not in decorators and positional:
+                positional = positional[1:]  # self / cls
+            names = set(positional) | {a.arg for a in args.kwonlyargs}
+            return positional, names, args.vararg is not None, args.kwarg is not None
+    if method == "__init__" and any("dataclass" in ast.unparse(d) for d in cls.decorator_list):
+        fields = [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
+        return fields, set(fields), False, False
+    return None
+
+
+def _check_call(call: ast.Call, sig, what: str, extra_positional: int = 0) -> list[str]:
+    positional, names, varargs, varkw = sig
+    problems = []
+    count = len(call.args) + extra_positional
+    if any(isinstance(a, ast.Starred) for a in call.args):
+        return problems
+    if count > len(positional) and not varargs:
+        problems.append(f"{what}: {count} positional arguments, takes {len(positional)}")
+    for keyword in call.keywords:
+        if keyword.arg is not None and keyword.arg not in names and not varkw:
+            problems.append(f"{what}: no parameter {keyword.arg!r}")
+    return problems
+
+
+def test_calls_match_the_logic_signatures():
+    classes = _lib_classes()
+    targets = {attr: classes.get(cls) for attr, (_, cls) in COLLABORATORS.items()}
+    problems, checked = [], 0
+    for path in PY_FILES:
+        imported = {a.asname or a.name for n in ast.walk(_tree(path)) if isinstance(n, ast.ImportFrom)
+                    and n.module and n.module.startswith("SlicerDeSAMLib") for a in n.names}
+        for node in ast.walk(_tree(path)):
+            if not isinstance(node, ast.Call):
+                continue
+            chain = _chain(node.func)
+            if not chain:
+                continue
+            where = f"{path.name}:{node.lineno}"
+            resolved = None
+            if len(chain) >= 3 and chain[-3].endswith("session") and chain[-2] in targets:
+                resolved = (targets[chain[-2]], chain[-1])
+            elif len(chain) == 1 and chain[0] in imported and chain[0] in classes:
+                resolved = (classes[chain[0]], "__init__")
+            elif len(chain) == 2 and chain[0] in imported and chain[0] in classes:
+                resolved = (classes[chain[0]], chain[1])
+            if resolved and resolved[0] is not None:
+                sig = _signature(*resolved)
+                if sig is not None:
+                    checked += 1
+                    problems += _check_call(node, sig, f"{where} {resolved[0].name}.{resolved[1]}")
+            # worker.submit(fn, *args): the args go to fn
+            if chain[-1] == "submit" and node.args:
+                fn = _chain(node.args[0])
+                if fn and len(fn) >= 3 and fn[-3].endswith("session") and fn[-2] in targets and targets[fn[-2]]:
+                    sig = _signature(targets[fn[-2]], fn[-1])
+                    if sig is not None:
+                        checked += 1
+                        inner = ast.Call(func=node.args[0], args=node.args[1:], keywords=[])
+                        problems += _check_call(inner, sig, f"{where} submit({targets[fn[-2]].name}.{fn[-1]})")
+    assert checked >= 10, checked
+    assert not problems, problems
