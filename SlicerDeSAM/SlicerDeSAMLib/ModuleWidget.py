@@ -85,13 +85,15 @@ class ModuleWidget(VTKObservationMixin):
         return self.session is not None and self.session.worker.busy(key)
 
     def describe(self, exc: BaseException) -> str:
-        return self.session.describe(exc) if self.session is not None else str(exc)
+        return self.session.report(exc) if self.session is not None else str(exc)
 
     def serviceConnected(self, summary) -> None:
         """After a successful connection test (``ServerSummary``): refresh the lists that
         come from the service."""
         self.segmentPanel.setDecoders(list(summary.decoder_names))
         self.trainPanel.refreshVersions()
+        with slicer.util.tryWithErrorDisplay("Failed to send the volume to the service.", waitCursor=False):
+            self.viewHint.volumeChanged()
 
     def showReview(self, axis: str, items) -> None:
         self.segmentPanel.showReview(axis, items)
@@ -131,7 +133,8 @@ class ModuleWidget(VTKObservationMixin):
         volume = self.parameters.volume if self.parameters else None
         if volume is not self._volume:
             self._volume = volume
-            self.viewHint.volumeChanged()
+            with slicer.util.tryWithErrorDisplay("Failed to send the volume to the service.", waitCursor=False):
+                self.viewHint.volumeChanged()
         self.segmentPanel.updateFromParameters()
 
     def onSceneStartClose(self, caller, event) -> None:

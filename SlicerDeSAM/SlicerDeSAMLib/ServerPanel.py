@@ -73,6 +73,7 @@ class ServerPanel:
                                   on_error=self._showConnectionError, key="server")
 
     def _showSummary(self, summary) -> None:
+        self.module.session.connected = True
         self.ui.connectionStatusLabel.text = "connected"
         self.ui.modelLabel.text = summary.model
         self.ui.deviceLabel.text = summary.device
@@ -81,7 +82,7 @@ class ServerPanel:
         self.module.serviceConnected(summary)
 
     def _showConnectionError(self, exc: BaseException) -> None:
-        message = self.module.session.describe(exc)
+        message = self.module.describe(exc)
         self.ui.connectionStatusLabel.text = message
         for label in (self.ui.modelLabel, self.ui.deviceLabel, self.ui.decodersLabel, self.ui.cacheLabel):
             label.text = "-"
@@ -163,7 +164,7 @@ class ServerPanel:
 
     def _progressFailed(self, exc: BaseException) -> None:
         # Shown in the status line, not a dialog: this poll repeats every few seconds.
-        self.ui.connectionStatusLabel.text = self.module.session.describe(exc)
+        self.ui.connectionStatusLabel.text = self.module.describe(exc)
 
     def tick(self) -> None:
         """Called by the module's timer on the main thread."""

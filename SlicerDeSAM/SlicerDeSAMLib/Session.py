@@ -37,6 +37,7 @@ class Session:
         self.worker = BackgroundWorker()
         self._volumes: dict[tuple, str] = {}
         self._lock = threading.Lock()
+        self.connected = False  # set by the Server panel after a successful Test connection
 
     @property
     def url(self) -> str:
@@ -95,6 +96,17 @@ class Session:
         if isinstance(exc, ValueError | RuntimeError | TimeoutError):
             return str(exc)
         return f"{type(exc).__name__}: {exc}"
+
+    def report(self, exc: BaseException) -> str:
+        """``describe(exc)``, and when the service has gone away (not reachable) or no longer
+        knows a volume (404: restarted, or its cache was cleared), forget the volumes it was
+        sent, so the next action uploads again: the user recovers by repeating the action."""
+        status = getattr(exc, "status", None)
+        if status in (0, 404):
+            self.forget_volumes()
+            if status == 0:
+                self.connected = False
+        return self.describe(exc)
 
     def close(self) -> None:
         self.worker.shutdown(wait=False)

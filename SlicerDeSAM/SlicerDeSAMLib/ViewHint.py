@@ -2,9 +2,10 @@
 
 Observes every slice node (Red, Yellow, Green, ...). When one moves, the next timer tick
 works out which slice of the chosen volume it shows (the view's normal gives the axis, its
-centre the index) and, if that changed, sends ``ServerClient.set_view`` on the worker. A
-volume the service does not have yet is not uploaded for this: the hint starts once the
-volume is there (after Segment, a prompt or a connection test with the volume chosen).
+centre the index) and, if that changed, sends ``ServerClient.set_view`` on the worker.
+When the chosen volume changes while the service is connected (a successful Test
+connection), the volume is uploaded in the background and the Red view's slice hinted, so
+encoding starts before the first click.
 """
 
 from __future__ import annotations
@@ -38,7 +39,19 @@ class ViewHint(VTKObservationMixin):
         self._moved = caller
 
     def volumeChanged(self) -> None:
-        """The chosen volume changed: hint the slice the Red view shows."""
+        """The chosen volume changed (or the service was connected): upload it if the
+        service is connected and lacks it, then hint the slice the Red view shows."""
+        self._sent = None
+        self._moved = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+        session, p = self.module.session, self.module.parameters
+        if session is None or not session.connected or p is None or p.volume is None:
+            return
+        if session.known_volume_id(p.volume) is None and not session.worker.busy("upload"):
+            ref = session.volume_ref(p.volume)
+            session.worker.submit(session.resolve, ref, on_done=lambda _: self.volumeUploaded(),
+                                  on_error=self._hintFailed, key="upload")
+
+    def volumeUploaded(self) -> None:
         self._sent = None
         self._moved = slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
 

@@ -193,3 +193,20 @@ def test_an_unreachable_service_is_named_in_the_message():
         assert "Check that it is running" in message
     finally:
         session.close()
+
+
+def test_a_lost_volume_or_service_is_uploaded_again_on_the_next_action(scene, volume, url):
+    session = Session(url)
+    try:
+        session.connected = True
+        volume_id = _run(session, session.resolve, session.volume_ref(volume))
+        message = session.report(ServerError(404, f"no volume {volume_id}", method="GET", path="/volumes"))
+        assert message.endswith("(404)") and volume_id in message
+        assert session.known_volume_id(volume) is None and session.connected  # reachable: still connected
+        _run(session, session.resolve, session.volume_ref(volume))
+        assert session.known_volume_id(volume) == volume_id  # same content, same id
+        session.report(ServerError(0, "connection refused", method="GET", path="/health"))
+        assert session.known_volume_id(volume) is None and not session.connected
+        assert session.report(ValueError("Choose a volume first.")) == "Choose a volume first."
+    finally:
+        session.close()
