@@ -26,7 +26,7 @@ POLL_MS = 100
 SHORTCUTS = (  # key sequence, what it does (documented in docs/MODULE.md)
     ("P", "positive"),
     ("N", "negative"),
-    ("B", "box"),
+    ("X", "box"),  # not B: b/f move a slice view's slice in Slicer
     ("Shift+P", "propagate"),
     ("Ctrl+Shift+Z", "undo"),
 )

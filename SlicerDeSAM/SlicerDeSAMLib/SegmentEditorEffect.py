@@ -1,9 +1,10 @@
 """Segment Editor effect "DeSAM": SAM prompts on the selected segment, inside the editor.
 
-Click on a slice view: a positive point (Shift+click: negative), or drag a box with the Box
-option. The answer replaces the selected segment on that slice only, refining its current
-mask there, and goes through the editor's own write path, so its editable area, masking
-(intensity range, "editable area" segments) and overwrite settings apply: one
+Choose Positive, Negative or Box, then click on a slice view (Ctrl+click: a point of the
+other label; Shift+drag still pans the view), or drag a box. The answer replaces the
+selected segment on that slice only, refining its current mask there, and goes through the
+editor's own write path, so its editable area, masking (intensity range, "editable area"
+segments) and overwrite settings apply: one
 ``saveStateForUndo()`` per prompt, then ``modifySelectedSegmentByLabelmap`` with
 ``Remove`` (the slice's box) and ``Add`` (the mask) — one Undo step per prompt.
 
@@ -57,39 +58,43 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def helpText(self):
         return ("<html>Segment with SAM prompts from the DeSAM service.<p>"
-                "<b>Click</b>: positive point. <b>Shift+click</b>: negative point. "
-                "With <b>Box</b> chosen, <b>drag</b> a box. Each prompt refines the selected segment on that slice "
-                "only, within the editable area and masking settings; Undo removes one prompt.<p>"
+                "Choose <b>Positive</b>, <b>Negative</b> or <b>Box</b>. <b>Click</b>: a point of that label "
+                "(<b>Ctrl+click</b>: of the other label). With <b>Box</b>, <b>drag</b> a box. Each prompt "
+                "refines the selected segment on that slice only, within the editable area and masking "
+                "settings; Undo removes one prompt.<p>"
                 "The service address is set in the SlicerDeSAM module's Server panel.</html>")
 
     # ---- options --------------------------------------------------------------------------------
     def setupOptionsFrame(self):
-        self.pointRadioButton = qt.QRadioButton("Points")
-        self.pointRadioButton.toolTip = "Click: positive point; Shift+click: negative point"
-        self.boxRadioButton = qt.QRadioButton("Box")
-        self.boxRadioButton.toolTip = "Drag a box around the structure"
-        self.pointRadioButton.checked = True
+        self.modeButtons = {}
         row = qt.QHBoxLayout()
-        row.addWidget(self.pointRadioButton)
-        row.addWidget(self.boxRadioButton)
+        for mode, text, tip in (("positive", "Positive", "Click: a point inside the structure (Ctrl+click: outside)"),
+                                ("negative", "Negative", "Click: a point outside the structure (Ctrl+click: inside)"),
+                                ("box", "Box", "Drag a box around the structure")):
+            button = qt.QRadioButton(text)
+            button.toolTip = tip
+            button.connect("toggled(bool)", self.updateMRMLFromGUI)
+            row.addWidget(button)
+            self.modeButtons[mode] = button
         self.scriptedEffect.addLabeledOptionsWidget("Prompt:", row)
         self.statusLabel = qt.QLabel("")
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addOptionsWidget(self.statusLabel)
-        self.pointRadioButton.connect("toggled(bool)", self.updateMRMLFromGUI)
 
     def setMRMLDefaults(self):
-        self.scriptedEffect.setParameterDefault("PromptMode", "points")
+        self.scriptedEffect.setParameterDefault("PromptMode", "positive")
 
     def updateGUIFromMRML(self):
-        box = self.scriptedEffect.parameter("PromptMode") == "box"
-        for button, checked in ((self.pointRadioButton, not box), (self.boxRadioButton, box)):
+        mode = self.scriptedEffect.parameter("PromptMode")
+        for name, button in self.modeButtons.items():
             wasBlocked = button.blockSignals(True)
-            button.checked = checked
+            button.checked = name == mode
             button.blockSignals(wasBlocked)
 
     def updateMRMLFromGUI(self):
-        self.scriptedEffect.setParameter("PromptMode", "box" if self.boxRadioButton.checked else "points")
+        for name, button in self.modeButtons.items():
+            if button.checked:
+                self.scriptedEffect.setParameter("PromptMode", name)
 
     def activate(self):
         self.timer.start()
@@ -109,15 +114,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
         xy = callerInteractor.GetEventPosition()
-        box = self.scriptedEffect.parameter("PromptMode") == "box"
+        mode = self.scriptedEffect.parameter("PromptMode")
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
-            if box:
+            if mode == "box":
                 self._boxStart = self.xyToRas(xy, viewWidget)
             else:
-                label = 0 if callerInteractor.GetShiftKey() else 1
+                label = 1 if mode == "positive" else 0
+                if callerInteractor.GetControlKey():  # Ctrl+click: the other label
+                    label = 1 - label
                 self.prompt(viewWidget, [tuple(self.xyToRas(xy, viewWidget))], [label], None)
             return True
-        if eventId == vtk.vtkCommand.LeftButtonReleaseEvent and box and self._boxStart is not None:
+        if eventId == vtk.vtkCommand.LeftButtonReleaseEvent and mode == "box" and self._boxStart is not None:
             start, self._boxStart = self._boxStart, None
             self.prompt(viewWidget, [], [], (tuple(start), tuple(self.xyToRas(xy, viewWidget))))
             return True
