@@ -35,19 +35,16 @@ PY_FILES = sorted(MODULE.rglob("*.py"))
 # Names of the Slicer application (not in slicer-core), each with where Slicer defines it.
 GUI_ONLY = {
     "slicer.app": "Base/Python/slicerqt.py (setattr(slicer, 'app', ...)); class Base/QTGUI/qSlicerApplication.h",
-    "slicer.modules": "Base/Python/slicerqt.py (module proxies set on startup)",
     "slicer.ScriptedLoadableModule": "Base/Python/slicer/ScriptedLoadableModule.py",
     "slicer.parameterNodeWrapper": "Base/Python/slicer/parameterNodeWrapper/__init__.py",
     "slicer.i18n": "Base/Python/slicer/i18n.py",
-    "slicer.testing": "Base/Python/slicer/testing.py",
     "slicer.qSlicerMarkupsPlaceWidget": "Modules/Loadable/Markups/Widgets/qSlicerMarkupsPlaceWidget.h",
     "slicer.qSlicerSegmentEditorAbstractEffect":
         "Modules/Loadable/Segmentations/EditorEffects/qSlicerSegmentEditorAbstractEffect.h",
 }
 # Modules the Slicer application provides (besides slicer, vtk, numpy and the standard library).
 GUI_MODULES = {
-    "qt": "PythonQt's Qt wrapping (Base/Python/slicerqt.py imports it)",
-    "ctk": "CTK's Python wrapping (Base/Python/ctk/__init__.py)",
+    "qt": "PythonQt's Qt wrapping, set up with Slicer's application (Base/Python/slicerqt.py imports it)",
     "SegmentEditorEffects": "Modules/Loadable/Segmentations/EditorEffects/Python/SegmentEditorEffects/__init__.py",
     "qSlicerSegmentationsEditorEffectsPythonQt":
         "PythonQt wrapping of Modules/Loadable/Segmentations/EditorEffects/qSlicerSegmentEditorScriptedEffect.h",
@@ -130,8 +127,7 @@ def test_gui_only_list_is_used_and_short():
     used = _slicer_names()
     unused = [g for g in GUI_ONLY if not any(n == g or n.startswith(g + ".") for n in used)]
     assert len(GUI_ONLY) <= 12
-    # slicer.modules and slicer.testing are listed for the documented self-test commands only
-    assert set(unused) <= {"slicer.modules", "slicer.testing"}, unused
+    assert not unused, unused
 
 
 def test_qt_names_exist_in_qt():
