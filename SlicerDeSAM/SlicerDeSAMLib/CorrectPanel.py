@@ -151,8 +151,8 @@ class CorrectPanel(VTKObservationMixin):
                 raise ValueError("Choose a volume, a segmentation and a segment in the Segment panel first.")
             session = self.module.requireSession()
             axis, index = self._lastSlice or self.module.sliceInRedView(p.volume)
-            options = PropagationOptions(iou_threshold=p.propagationIou, min_area=p.minArea,
-                                         decoder=p.decoder or "sam")
+            # SAM's prompted decoder, as for the prompts (the Segment panel's decoder is DeSAM's).
+            options = PropagationOptions(iou_threshold=p.propagationIou, min_area=p.minArea)
             request = session.segmentation.prepare_propagation(p.volume, p.segmentation, p.segmentId, axis, index,
                                                                options)
             ref = session.volume_ref(p.volume)

@@ -54,8 +54,10 @@ class TrainPanel:
             self._showCases()
 
     def onRemoveCase(self) -> None:
-        row = self.ui.casesTableWidget.currentRow()
-        if 0 <= row < len(self.cases):
+        with slicer.util.tryWithErrorDisplay("Failed to remove the training case.", waitCursor=False):
+            row = self.ui.casesTableWidget.currentRow()
+            if not 0 <= row < len(self.cases):
+                raise ValueError("Select a training case in the list first.")
             del self.cases[row]
             self._showCases()
 
