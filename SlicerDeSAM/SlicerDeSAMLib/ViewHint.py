@@ -66,8 +66,13 @@ class ViewHint(VTKObservationMixin):
         if session is None or p is None or p.volume is None or session.worker.busy("view"):
             return
         volumeId = session.known_volume_id(p.volume)
-        where = self.module.sliceOf(p.volume, sliceNode)
-        if volumeId is None or where is None:
+        if volumeId is None:
+            return
+        try:
+            where = self.module.sliceOf(p.volume, sliceNode)
+        except ValueError:  # e.g. a non-linear transform: the actions themselves say so
+            return
+        if where is None:
             return
         hint = (volumeId, *where)
         if hint == self._sent:
