@@ -46,7 +46,7 @@ class SlicerDeSAMParameters:
     gridSize: Annotated[int, WithinRange(2, 32)] = 9
     iouThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     propagationIou: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    minArea: Annotated[int, WithinRange(0, 100000)] = 20
+    minArea: Annotated[int, WithinRange(1, 100000)] = 20
     trainStructure: str = ""
     trainStrategy: Annotated[str, Choice(["grid", "box"])] = "grid"
     trainEpochs: Annotated[int, WithinRange(1, 1000)] = 20

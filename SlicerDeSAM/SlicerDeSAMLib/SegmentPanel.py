@@ -195,8 +195,9 @@ class SegmentPanel:
         self._reviewIndices = [int(index) for index, _ in items]
         table.setRowCount(len(self._reviewIndices))
         for row, (index, iou) in enumerate(items):
+            known = iou is not None and iou == iou  # None / NaN: no prediction (e.g. a propagation's seed)
             table.setItem(row, 0, qt.QTableWidgetItem(str(int(index))))
-            table.setItem(row, 1, qt.QTableWidgetItem(f"{float(iou):.3f}"))
+            table.setItem(row, 1, qt.QTableWidgetItem(f"{float(iou):.3f}" if known else "-"))
 
     def onReviewClicked(self, row: int, column: int) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to show the slice.", waitCursor=False):
