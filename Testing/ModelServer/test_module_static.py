@@ -571,3 +571,30 @@ def test_calls_match_the_logic_signatures():
                         problems += _check_call(inner, sig, f"{where} submit({targets[fn[-2]].name}.{fn[-1]})")
     assert checked >= 10, checked
     assert not problems, problems
+
+
+def test_bound_widgets_can_show_their_parameter():
+    """Each widget bound with SlicerParameterName is one parameterNodeWrapper's connectors
+    take for that parameter's type (Base/Python/slicer/parameterNodeWrapper/guiConnectors.py)."""
+    annotations = {}
+    for node in ast.walk(_tree(LIB / "Parameters.py")):
+        if isinstance(node, ast.ClassDef) and node.name == "SlicerDeSAMParameters":
+            annotations = {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
+    def widget_for(annotation: str) -> set[str]:
+        if annotation.startswith("vtkMRML"):
+            return {"qMRMLNodeComboBox"}
+        if "Choice(" in annotation:
+            return {"QComboBox"}
+        base = annotation.removeprefix("Annotated[").split(",")[0].strip()
+        return {"bool": {"QCheckBox"}, "int": {"QSpinBox"}, "float": {"QDoubleSpinBox"},
+                "str": {"QLineEdit"}}[base]
+    problems = []
+    for path in UI_DIR.glob("*.ui"):
+        for widget in ET.parse(path).getroot().iter("widget"):
+            for prop in widget.findall("property"):
+                if prop.get("name") == "SlicerParameterName":
+                    name = prop.findtext("string")
+                    if widget.get("class") not in widget_for(annotations[name]):
+                        problems.append(f"{path.name}: {widget.get('name')} ({widget.get('class')}) for {name}: "
+                                        f"{annotations[name]}")
+    assert not problems, problems
