@@ -402,7 +402,8 @@ LINKED = ["GET /volumes/{volume_id}", "DELETE /volumes/{volume_id}", "PUT /volum
 # The state machine runs per group of operations (a group's links stay inside it): over the
 # whole schema, operations that need no id (the registry's) take most of the steps and
 # some links are left unexplored within the budget.
-LINK_GROUPS = {"volumes": "^/(volumes|segment|jobs|health|info|decoders)", "registry": "^/registry"}
+LINK_GROUPS = {"volumes": "^/(volumes|health|info|decoders)", "segment": r"^/(volumes(/\{volume_id\})?$|segment/|jobs)",
+               "registry": "^/registry"}
 LINKED_VOLUME = phantom_volume(seed=7)  # not the module's volume, which the other tests need
 JOB_WAIT_S = 60
 

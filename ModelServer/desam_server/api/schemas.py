@@ -33,8 +33,25 @@ ID_PATTERN = r"^[0-9a-f]{64}$"
 MIN_VOLUME_PAYLOAD_BYTES = 318
 
 
+def _holds_a_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, list | tuple) and any(map(_holds_a_bool, value)))
+
+
 class Strict(BaseModel):
+    """A request body: no unknown fields, no infinities or NaN, and no true or false where
+    a number (or a list of numbers) is expected (pydantic would read them as 1 and 0).
+    Nested request models check their own fields."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if field.annotation is not bool and name in data and _holds_a_bool(data[name]):
+                    raise ValueError(f"{name}: true and false are not numbers")
+        return data
 
 
 class Window(Strict):
