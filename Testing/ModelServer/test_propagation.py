@@ -263,3 +263,26 @@ def test_bad_input_gets_a_clear_4xx_and_the_service_keeps_running(served, change
     assert r.status_code == status, r.text
     assert text in str(r.json()["detail"])
     assert client.get("/health").status_code == 200
+
+
+def test_clicks_are_answered_while_a_propagation_runs(served):
+    """The job's decoder passes wait behind clicks (not urgent, on the compute thread): a
+    click during the walk is answered while the job is still running."""
+    client, _ = served
+    volume = phantom_volume(k=96, seed=4)
+    vid = client.post("/volumes", content=payload_of(volume)).json()["volume_id"]
+    seed = np.zeros((48, 64), bool)
+    seed[16:32, 20:44] = True
+    r = client.post("/segment/propagate", json={"volume_id": vid, "index": 48, "mask": encoded(seed, index=48),
+                                                **PERMISSIVE})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["progress"]["done"] >= 3, interval=0.01)
+    for index in (5, 90):
+        click = client.post("/segment/prompt", json={"volume_id": vid, "axis": "k", "index": index,
+                                                     "points": [[30.5, 24.5]], "labels": [1]})
+        assert click.status_code == 200, click.text
+    status = client.get(f"/jobs/{job_id}").json()
+    assert status["state"] == "running" and status["progress"]["done"] < 96, "the walk ended before the clicks"
+    job = client.app.state.service.jobs.wait(job_id, timeout=120)
+    assert job.state == "succeeded" and job.reached == (0, 95), job.error
