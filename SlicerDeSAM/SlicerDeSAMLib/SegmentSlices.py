@@ -78,20 +78,67 @@ class SegmentSlices:
         slab = np.asarray(slab)
         if slab.ndim != 3:
             raise ValueError(f"a slab is N x H x W, got shape {slab.shape}")
-        _segment(segmentation_node, segment_id)
+        segment = _segment(segmentation_node, segment_id)
+        shape = _volume_shape(volume_node)
+        extent = slab_extent(shape, axis, offset, slab.shape[0])
+        block = slab_to_block(slab, axis)
+        if block.shape != _extent_shape(extent):
+            raise ValueError(f"a slab of {slab.shape[0]} slices along axis {axis} of a {shape} volume is "
+                             f"{block_to_slab(np.empty(_extent_shape(extent)), axis).shape}, got {slab.shape}")
+        grid = volume_ijk_to_segmentation(volume_node, segmentation_node)
+        with _modify(segmentation_node):
+            if not self._write_in_layer(segmentation_node, segment, grid, shape, extent, block != 0):
+                self._write_merged(segmentation_node, segment_id, volume_node, axis, offset, slab)
+
+    def _write_in_layer(self, segmentation_node, segment, grid, shape, extent, block) -> bool:
+        """Write the block straight into the segment's labelmap layer (numpy, O(slab)) when
+        the layer is on the volume's grid and nothing of another segment sharing the layer
+        would be overwritten; False (nothing written) otherwise. The layer is first padded
+        to the whole volume when the slab reaches outside it (once)."""
+        layer = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        if layer is None:
+            return False
+        whole = [0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1]
+        if layer.GetPointData().GetScalars() is None or _empty_extent(layer.GetExtent()):
+            if not _same_grid(_reference_grid(segmentation_node), grid):
+                return False
+            _reset_layer(layer, whole, grid)          # no voxel of any segment in it: start on the volume's grid
+        elif not _same_grid(_image_to_world(layer), grid):
+            return False
+        label = segment.GetLabelValue()
+        if _contains(layer.GetExtent(), extent):
+            region = _view(layer, extent)
+            if np.any(block & (region != 0) & (region != label)):
+                return False                          # overlaps a segment sharing the layer: Slicer separates them
+        else:
+            current = _crop(layer, extent)
+            if np.any(block & (current != 0) & (current != label)):
+                return False
+            _pad_layer(layer, _union(layer.GetExtent(), whole))
+            region = _view(layer, extent)
+        surface = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+        derived = [surface] if segment.GetRepresentation(surface) is not None else []
+        region[region == label] = 0
+        region[block] = label
+        layer.Modified()
+        segment.Modified()
+        for name in derived:       # as SetBinaryLabelmapToSegment does: rebuild what the change invalidated
+            segmentation_node.GetSegmentation().CreateRepresentation(name)
+        return True
+
+    def _write_merged(self, segmentation_node, segment_id, volume_node, axis, offset, slab) -> None:
+        """Slicer's general path (any grid, overlaps): MODE_MERGE_MIN with zeros, then
+        MODE_MERGE_MAX with the slab; O(segment) per call."""
         zeros = self.labelmap(segmentation_node, volume_node, axis, offset, np.zeros(slab.shape, np.uint8))
         values = self.labelmap(segmentation_node, volume_node, axis, offset, slab)
         extent = list(values.GetExtent())
         logic = slicer.vtkSlicerSegmentationsModuleLogic
-        with _modify(segmentation_node):
-            if not logic.SetBinaryLabelmapToSegment(zeros, segmentation_node, segment_id, logic.MODE_MERGE_MIN,
-                                                    extent):
-                raise RuntimeError(f"Slicer could not clear slices {offset} .. {offset + slab.shape[0] - 1} of the "
-                                   "segment")
-            if slab.any() and not logic.SetBinaryLabelmapToSegment(values, segmentation_node, segment_id,
-                                                                   logic.MODE_MERGE_MAX, extent):
-                raise RuntimeError(f"Slicer could not write slices {offset} .. {offset + slab.shape[0] - 1} of the "
-                                   "segment")
+        last = offset + slab.shape[0] - 1
+        if not logic.SetBinaryLabelmapToSegment(zeros, segmentation_node, segment_id, logic.MODE_MERGE_MIN, extent):
+            raise RuntimeError(f"Slicer could not clear slices {offset} .. {last} of the segment")
+        if slab.any() and not logic.SetBinaryLabelmapToSegment(values, segmentation_node, segment_id,
+                                                               logic.MODE_MERGE_MAX, extent):
+            raise RuntimeError(f"Slicer could not write slices {offset} .. {last} of the segment")
 
     def labelmap(self, segmentation_node, volume_node, axis: str, offset: int,
                  slab: np.ndarray) -> slicer.vtkOrientedImageData:
@@ -165,6 +212,54 @@ def _same_grid(a: np.ndarray, b: np.ndarray) -> bool:
     relative to the voxel size)."""
     size = float(np.min(np.linalg.norm(b[:3, :3], axis=0)))
     return bool(np.max(np.abs(a - b)) <= _GRID_TOLERANCE * max(size, 1e-12))
+
+
+def _reference_grid(segmentation_node) -> np.ndarray | None:
+    """The image-to-segmentation matrix of the segmentation's reference geometry, None without one."""
+    text = segmentation_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    if not text:
+        return None
+    image = slicer.vtkOrientedImageData()
+    if not slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, image, False):
+        return None
+    return _image_to_world(image)
+
+
+def _reset_layer(layer, extent, grid) -> None:
+    """Make an empty layer an all-zero unsigned char image of ``extent`` on ``grid``."""
+    layer.SetExtent(*extent)
+    layer.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars())[:] = 0
+    layer.SetImageToWorldMatrix(array_to_matrix(grid))
+
+
+def _pad_layer(layer, extent) -> None:
+    """Grow ``layer`` (in place, same grid and scalar type) to ``extent``, new voxels 0."""
+    old = _crop(layer, extent)
+    grown = slicer.vtkOrientedImageData()
+    grown.SetExtent(*extent)
+    grown.AllocateScalars(layer.GetScalarType(), 1)
+    numpy_support.vtk_to_numpy(grown.GetPointData().GetScalars())[:] = old.reshape(-1)
+    matrix = vtk.vtkMatrix4x4()
+    layer.GetImageToWorldMatrix(matrix)
+    grown.SetImageToWorldMatrix(matrix)
+    layer.DeepCopy(grown)
+
+
+def _contains(outer, inner) -> bool:
+    return all(outer[2 * a] <= inner[2 * a] and inner[2 * a + 1] <= outer[2 * a + 1] for a in range(3))
+
+
+def _union(a, b) -> list[int]:
+    return [min(a[n], b[n]) if n % 2 == 0 else max(a[n], b[n]) for n in range(6)]
+
+
+def _view(image, extent) -> np.ndarray:
+    """The voxels of ``image`` inside ``extent`` (which it contains) as a writable K x J x I view."""
+    have = image.GetExtent()
+    data = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(_extent_shape(have))
+    return data[tuple(slice(extent[2 * a] - have[2 * a], extent[2 * a + 1] - have[2 * a] + 1) for a in (2, 1, 0))]
 
 
 def _empty_extent(extent) -> bool:
