@@ -52,7 +52,7 @@ class SegmentationLogic:
 
     # ---- volume -------------------------------------------------------------------------------
     def prepare_volume(self, volume_node) -> VolumeInput:
-        """Main thread: the volume's voxels (a copy), geometry and display window."""
+        """Main thread: the volume's voxels (a read-only copy), geometry and display window."""
         geometry = nodes.volume_geometry(volume_node)
         array = slicer.util.arrayFromVolume(volume_node)
         if array.ndim != 3:
@@ -62,7 +62,7 @@ class SegmentationLogic:
             array = array.astype(np.float32)
         ijk = geometry.local_ijk_to_ras
         key = (volume_node.GetID(), volume_node.GetImageData().GetMTime(), ijk.tobytes())
-        return VolumeInput(array=np.array(array, copy=True), geometry=geometry, window=self.window_of(volume_node),
+        return VolumeInput(array=array, geometry=geometry, window=self.window_of(volume_node),
                            key=key, name=volume_node.GetName() or "")
 
     @staticmethod

@@ -43,6 +43,9 @@ class VolumeInput:
     key: tuple
     name: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "array", _frozen(self.array))
+
 
 @dataclass(frozen=True)
 class AutoOptions:
