@@ -14,7 +14,7 @@ import slicer
 import vtk
 
 from SlicerDeSAMLib import nodes
-from SlicerDeSAMLib.requests import AutoOptions
+from SlicerDeSAMLib.requests import AutoOptions, PropagationOptions
 from SlicerDeSAMLib.SegmentationLogic import SegmentationLogic
 from SlicerDeSAMLib.ServerClient import ServerClient
 
@@ -133,3 +133,33 @@ def test_automatic_run_with_the_head_decoder(url, scene, head):
         items = logic.review_items(outcome)
         assert [iou for _, iou in items] == sorted(iou for _, iou in items)
         assert {index for index, _ in items} <= set(range(start, stop))
+
+
+@pytest.mark.skipif(not hasattr(ServerClient, "segment_propagate"),
+                    reason="this client has no segment_propagate yet (the service branch's POST /segment/propagate)")
+def test_click_then_propagate_over_neighbouring_slices(url, scene, head):
+    volume, sample = load_cranium(scene.scene)
+    index = sample.reference_slice
+    segmentation, segment_id = add_segmentation(scene.scene, volume, "Head")
+    logic = SegmentationLogic(ServerClient(url, timeout=300))
+    markups = click_on_reference_slice(scene, volume, head, index)
+    logic.apply_prompt(prompt_from_markups(logic, volume, segmentation, segment_id, markups), segmentation,
+                       segment_id, volume)
+    start, stop = index - 4, index + 5
+    seed = logic.prepare_propagation(volume, segmentation, segment_id, "k", index,
+                                     PropagationOptions(start=start, stop=stop))
+    volume_id = logic.request_upload(logic.prepare_volume(volume))
+    job = logic.request_propagation(volume_id, seed)
+    deadline = time.monotonic() + 600
+    while logic.request_job(job["id"])["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    outcome = logic.request_job_result(job["id"])
+    first, last = outcome.reached
+    assert start <= first <= index <= last <= stop - 1
+    assert last - first >= 4, f"propagation reached only slices {first} .. {last}"
+    logic.apply_auto(outcome, segmentation, segment_id, volume)
+    labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, volume) > 0
+    score = dice(labelmap[first:last + 1], head[first:last + 1])
+    assert score > 0.9, f"Dice {score:.3f} over slices {first} .. {last}"
+    assert not labelmap[:first].any() and not labelmap[last + 1:].any()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from SlicerDeSAMLib import nodes, slices
-from SlicerDeSAMLib.requests import AutoOptions, PromptOutcome
+from SlicerDeSAMLib.requests import AutoOptions, PromptOutcome, PropagationOptions
 from SlicerDeSAMLib.SegmentationLogic import SegmentationLogic
 from SlicerDeSAMLib.ServerClient import ServerClient, ServerError
 
@@ -196,3 +196,33 @@ def test_errors_say_what_is_wrong(url, case, tmp_path):
     gone = SegmentationLogic(ServerClient("http://127.0.0.1:9", timeout=2))
     with pytest.raises(ServerError, match="cannot reach the service"):
         gone.request_upload(gone.prepare_volume(volume))
+
+
+@pytest.mark.skipif(not hasattr(ServerClient, "segment_propagate"),
+                    reason="this client has no segment_propagate yet (the service branch's POST /segment/propagate)")
+def test_propagation_job_applied_and_undone(url, case):
+    volume, segmentation, segment_id = case
+    logic = SegmentationLogic(ServerClient(url))
+    volume_id = logic.request_upload(logic.prepare_volume(volume))
+    seed_mask = np.zeros((48, 64), bool)
+    seed_mask[15:35, 25:45] = True
+    logic.slices.write_slice(segmentation, segment_id, volume, "k", 3, seed_mask)
+    logic.accept()
+    seed = logic.prepare_propagation(volume, segmentation, segment_id, "k", 3,
+                                     PropagationOptions(iou_threshold=0.0, min_area=0, min_area_ratio=0.0))
+    np.testing.assert_array_equal(seed.mask, seed_mask)
+    job = logic.request_propagation(volume_id, seed)
+    assert wait_done(logic, job["id"])["state"] == "succeeded"
+    outcome = logic.request_job_result(job["id"])
+    assert outcome.kind == "propagate" and outcome.axis == "k"
+    first, last = outcome.reached
+    assert first <= 3 <= last and outcome.offset == first and outcome.slab.shape[0] == last - first + 1
+    assert 3 in outcome.ious
+    logic.apply_auto(outcome, segmentation, segment_id, volume)
+    expected = np.zeros((6, 48, 64), bool)
+    expected[3] = seed_mask
+    slices.put_slab(expected, "k", first, outcome.slab)
+    np.testing.assert_array_equal(logic.slices.read_slab(segmentation, segment_id, volume, "k", 0, 6), expected)
+    logic.undo_last(segmentation)
+    after = logic.slices.read_slab(segmentation, segment_id, volume, "k", 0, 6)
+    np.testing.assert_array_equal(after, np.where(np.arange(6)[:, None, None] == 3, seed_mask, False))
