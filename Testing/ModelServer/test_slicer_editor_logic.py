@@ -135,3 +135,15 @@ def test_without_a_selected_segment_it_says_so(editor):
     logic.SetCurrentSegmentID("")
     with pytest.raises(ValueError, match="no segment selected"):
         EditorLogic().apply_prompt_in_editor(logic, outcome(2, box(5, 15, 5, 15)))
+
+
+@pytest.mark.parametrize("visible", [True, False])
+def test_overwrite_visible_segments_spares_hidden_ones(editor, visible):
+    logic, node, volume, segmentation, a, b = editor
+    SegmentSlices().write_slice(segmentation, b, volume, "k", 2, box(0, 10, 0, 24))
+    segmentation.GetDisplayNode().SetSegmentVisibility(b, visible)
+    node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteVisibleSegments)
+    EditorLogic().apply_prompt_in_editor(logic, outcome(2, box(5, 15, 5, 15)))
+    np.testing.assert_array_equal(read(segmentation, a, volume, 2), box(5, 15, 5, 15))
+    expected = box(0, 10, 0, 24) & ~box(5, 15, 5, 15) if visible else box(0, 10, 0, 24)
+    np.testing.assert_array_equal(read(segmentation, b, volume, 2), expected)

@@ -205,3 +205,23 @@ def test_slab_round_trip_and_vtk_order(axis):
     block = out[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1]
     np.testing.assert_array_equal(block, slices.slab_to_block(slab, axis))
     np.testing.assert_array_equal(slices.block_to_slab(block, axis), slab)
+
+
+def test_slicer_free_files_import_only_stdlib_numpy_and_each_other():
+    import ast
+    import sys
+    from pathlib import Path
+
+    lib = Path(__file__).resolve().parents[2] / "SlicerDeSAM" / "SlicerDeSAMLib"
+    allowed = {"numpy", "__future__"} | set(sys.stdlib_module_names)
+    for name in ("VolumeGeometry.py", "slices.py", "requests.py"):
+        for node in ast.walk(ast.parse((lib / name).read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = set() if node.level else {(node.module or "").split(".")[0]}
+                if node.level:
+                    assert node.module in ("wire", "VolumeGeometry"), (name, node.module)
+            else:
+                continue
+            assert roots <= allowed, (name, roots)
