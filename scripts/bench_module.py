@@ -106,6 +106,8 @@ def click_benchmark(client, clicks: int) -> dict:
         for key in ("prepare_ms", "round_trip_ms", "apply_ms", "module_ms", "total_ms", "server_total_ms"):
             out[key] = lib.summary(r[key] for r in timed)
         out["cached_share"] = float(np.mean([r["cached"] for r in timed]))
+        # In click order (round trip, the service's own time): this machine's speed drifts.
+        out["series_ms"] = [[round(r["round_trip_ms"], 1), round(r["server_total_ms"], 1)] for r in timed]
         out["slice_io"] = slice_io_benchmark(logic.slices, segmentation, segment_id, volume, index)
         out["module_target_ms"] = 10.0
         out["module_target_met"] = out["module_ms"]["p50"] < 10.0

@@ -33,6 +33,7 @@ from .requests import (
     VolumeInput,
 )
 from .SegmentSlices import SegmentSlices
+from .ServerClient import ServerError
 from .wire import DTYPES
 
 __all__ = ["SegmentationLogic"]
@@ -47,6 +48,7 @@ class SegmentationLogic:
         self.slices = slices if slices is not None else SegmentSlices()
         self.max_undo = max_undo
         self._history: list[UndoStep] = []
+        self._answers: dict[tuple, PromptOutcome] = {}      # the last answer written on each slice
         self._uploaded: dict[tuple, str] = {}
         self._lock = threading.Lock()
 
@@ -149,21 +151,33 @@ class SegmentationLogic:
         box = None if box_world is None else geometry.slice_box(box_world[0], box_world[1], axis, index)
         self.slices.ensure_reference_geometry(segmentation_node, volume_node)
         current = self.slices.read_slice(segmentation_node, segment_id, volume_node, axis, index)
+        last = self._answers.get(self._slice_key(segmentation_node, segment_id, volume_node, axis, index))
+        unchanged = last is not None and last.logits_id and np.array_equal(last.mask, current)
         return PromptInput(axis=axis, index=index, shape=geometry.slice_shape(axis), points=points, labels=labels,
                            box=box, mask=current if current.any() else None, window=self.window_of(volume_node),
-                           decoder=decoder)
+                           decoder=decoder, logits_id=last.logits_id if unchanged else None)
 
     def request_prompt(self, volume_id: str, prompt: PromptInput) -> PromptOutcome:
-        """Worker: the service's best mask for the prompt (the slice's current mask as
-        mask input when it has one and the decoder is SAM's)."""
+        """Worker: the service's best mask for the prompt, refining the slice's current
+        mask (SAM's decoder only): by the logits of the answer that is still there
+        (``logits_id``), else (or when the service has forgotten them) by the mask itself."""
+        refine = prompt.decoder == "sam"
+        logits_id = prompt.logits_id if refine else None
+        try:
+            return self._prompt(volume_id, prompt, logits_id, prompt.mask if refine else None)
+        except ServerError as exc:
+            if logits_id is None or exc.status not in (404, 422):
+                raise
+            return self._prompt(volume_id, prompt, None, prompt.mask)      # the logits expired: send the mask
+
+    def _prompt(self, volume_id: str, prompt: PromptInput, logits_id: str | None, mask) -> PromptOutcome:
         points = None if prompt.points is None else prompt.points.tolist()
-        mask = prompt.mask if prompt.decoder == "sam" else None
         single_point = points is not None and len(points) == 1 and prompt.box is None and mask is None
         started = time.perf_counter()
         answer = self.client.segment_prompt(volume_id, prompt.axis, prompt.index, points=points,
                                             labels=list(prompt.labels) if points is not None else None,
-                                            box=prompt.box, mask=mask, multimask=single_point,
-                                            decoder=prompt.decoder, window=prompt.window)
+                                            box=prompt.box, logits_id=logits_id, mask=None if logits_id else mask,
+                                            multimask=single_point, decoder=prompt.decoder, window=prompt.window)
         round_trip = time.perf_counter() - started
         best = int(answer.best)
         chosen = answer.masks[best]
@@ -176,8 +190,15 @@ class SegmentationLogic:
 
     def apply_prompt(self, outcome: PromptOutcome, segmentation_node, segment_id: str, volume_node) -> UndoStep:
         """Main thread: set that slice of the segment to the mask (one undo step)."""
-        return self._replace(f"prompt on slice {outcome.index}", segmentation_node, segment_id, volume_node,
+        step = self._replace(f"prompt on slice {outcome.index}", segmentation_node, segment_id, volume_node,
                              outcome.axis, outcome.index, outcome.mask[None])
+        key = self._slice_key(segmentation_node, segment_id, volume_node, outcome.axis, outcome.index)
+        self._answers[key] = outcome
+        return step
+
+    @staticmethod
+    def _slice_key(segmentation_node, segment_id: str, volume_node, axis: str, index: int) -> tuple:
+        return segmentation_node.GetID(), segment_id, volume_node.GetID(), axis, int(index)
 
     # ---- propagation ------------------------------------------------------------------------------
     def prepare_propagation(self, volume_node, segmentation_node, segment_id: str, axis: str, index: int,
@@ -224,6 +245,7 @@ class SegmentationLogic:
     def accept(self) -> None:
         """Keep the results: forget the undo history."""
         self._history.clear()
+        self._answers.clear()
 
     def _replace(self, action: str, segmentation_node, segment_id: str, volume_node, axis: str, offset: int,
                  slab: np.ndarray) -> UndoStep:

@@ -92,7 +92,9 @@ class PromptInput:
     """One prompt on slice ``index`` along ``axis``, in the service's slice frame:
     ``points`` P x 2 (x, y) with ``labels`` (1 foreground, 0 background), ``box`` (x0, y0,
     x1, y1), ``mask`` the segment's current H x W mask on that slice to refine (None when
-    empty), ``shape`` (H, W), ``window`` and ``decoder``."""
+    empty), ``logits_id`` the service's logits of that mask when it is still the answer
+    this logic wrote there (SAM's own refinement input; ``mask`` is the fallback),
+    ``shape`` (H, W), ``window`` and ``decoder``."""
 
     axis: str
     index: int
@@ -103,6 +105,7 @@ class PromptInput:
     mask: np.ndarray | None = None
     window: Window | None = None
     decoder: str = "sam"
+    logits_id: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "points", _frozen(self.points, np.float64))

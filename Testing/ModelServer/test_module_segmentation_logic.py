@@ -226,3 +226,28 @@ def test_propagation_job_applied_and_undone(url, case):
     logic.undo_last(segmentation)
     after = logic.slices.read_slab(segmentation, segment_id, volume, "k", 0, 6)
     np.testing.assert_array_equal(after, np.where(np.arange(6)[:, None, None] == 3, seed_mask, False))
+
+
+def test_refinement_uses_the_answers_logits_while_the_slice_is_unchanged(url, case):
+    from dataclasses import replace
+
+    volume, segmentation, segment_id = case
+    logic = SegmentationLogic(ServerClient(url))
+    volume_id = logic.request_upload(logic.prepare_volume(volume))
+    geometry = nodes.volume_geometry(volume)
+    click = [geometry.slice_pixel_to_world(30.5, 20.5, "k", 2)]
+    first = logic.prepare_prompt(volume, segmentation, segment_id, click, [1])
+    assert first.mask is None and first.logits_id is None
+    answer = logic.request_prompt(volume_id, first)
+    logic.apply_prompt(answer, segmentation, segment_id, volume)
+    again = logic.prepare_prompt(volume, segmentation, segment_id, click, [1])
+    assert again.logits_id == answer.logits_id is not None
+    assert logic.request_prompt(volume_id, again).mask.shape == (48, 64)
+    expired = replace(again, logits_id="f" * 32, mask=np.ones((48, 64), bool))
+    assert logic.request_prompt(volume_id, expired).mask.shape == (48, 64)       # fell back to the mask
+    edited = answer.mask.copy()
+    edited[:4, :4] = ~edited[:4, :4]
+    logic.slices.write_slice(segmentation, segment_id, volume, "k", 2, edited)   # the user edited the slice
+    after_edit = logic.prepare_prompt(volume, segmentation, segment_id, click, [1])
+    assert after_edit.logits_id is None
+    np.testing.assert_array_equal(after_edit.mask, edited)
