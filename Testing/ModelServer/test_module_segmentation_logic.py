@@ -251,3 +251,42 @@ def test_refinement_uses_the_answers_logits_while_the_slice_is_unchanged(url, ca
     after_edit = logic.prepare_prompt(volume, segmentation, segment_id, click, [1])
     assert after_edit.logits_id is None
     np.testing.assert_array_equal(after_edit.mask, edited)
+
+
+def test_prompt_through_the_background_worker(url, case):
+    """The panels' way: prepare on the main thread, request on the worker thread, apply in
+    the callback that ``poll()`` runs on the main thread."""
+    import threading
+
+    from SlicerDeSAMLib.BackgroundWorker import BackgroundWorker
+
+    volume, segmentation, segment_id = case
+    logic = SegmentationLogic(ServerClient(url))
+    geometry = nodes.volume_geometry(volume)
+    main = threading.current_thread()
+    threads, applied = [], []
+
+    def upload_and_prompt(volume_input, prompt):
+        threads.append(threading.current_thread())
+        return logic.request_prompt(logic.request_upload(volume_input), prompt)
+
+    def apply(outcome):
+        assert threading.current_thread() is main
+        applied.append(logic.apply_prompt(outcome, segmentation, segment_id, volume))
+
+    prompt = logic.prepare_prompt(volume, segmentation, segment_id,
+                                  [geometry.slice_pixel_to_world(20.5, 30.5, "k", 4)], [1])
+    worker = BackgroundWorker()
+    try:
+        worker.submit(upload_and_prompt, logic.prepare_volume(volume), prompt, on_done=apply, key="prompt")
+        deadline = time.monotonic() + 60
+        while not applied:
+            worker.poll()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        worker.shutdown()
+    assert threads and threads[0] is not main
+    assert not worker.busy("prompt")
+    assert applied[0].offset == 4
+    assert logic.slices.read_slice(segmentation, segment_id, volume, "k", 4).shape == (48, 64)
