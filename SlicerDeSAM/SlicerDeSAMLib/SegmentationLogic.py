@@ -112,7 +112,8 @@ class SegmentationLogic:
             raise RuntimeError(f"the job {job_id[:8]} {job['state']}: {reason}")
         decoded = self.client.job_result(job_id)
         slab = decoded.mask if decoded.mask.ndim == 3 else decoded.mask[None]
-        scores = tuple(sorted((int(s["index"]), float(s["iou"]), int(s["area"])) for s in job.get("slices") or ()))
+        scores = tuple(sorted((int(s["index"]), None if s.get("iou") is None else float(s["iou"]), int(s["area"]))
+                              for s in job.get("slices") or ()))
         reached = job.get("reached")
         return AutoOutcome(job_id=job_id, kind=job.get("kind", "auto"), axis=decoded.axis, offset=decoded.offset,
                            slab=slab, slices=scores, reached=None if reached is None else tuple(reached))
@@ -126,8 +127,9 @@ class SegmentationLogic:
     def review_items(outcome: AutoOutcome, include_empty: bool = False) -> list[tuple[int, float]]:
         """(slice index, predicted IoU), lowest IoU first (ties by index): the slices to
         check first. Slices where nothing was found (area 0) are left out unless
-        ``include_empty``."""
-        items = [(index, iou) for index, iou, area in outcome.slices if include_empty or area > 0]
+        ``include_empty``, and so is a propagation's seed (its mask was the user's: no IoU)."""
+        items = [(index, iou) for index, iou, area in outcome.slices
+                 if iou is not None and (include_empty or area > 0)]
         return sorted(items, key=lambda item: (item[1], item[0]))
 
     # ---- prompts --------------------------------------------------------------------------------
@@ -215,8 +217,8 @@ class SegmentationLogic:
         """Worker: start the propagation job; returns its JSON. Poll it with
         ``request_job``, fetch it with ``request_job_result``, write it with ``apply_auto``."""
         o = seed.options
-        extra = {name: value for name, value in (("min_area", o.min_area), ("min_area_ratio", o.min_area_ratio))
-                 if value is not None}
+        limits = (("min_area", o.min_area), ("min_area_ratio", o.min_area_ratio), ("max_area_ratio", o.max_area_ratio))
+        extra = {name: value for name, value in limits if value is not None}
         return self.client.segment_propagate(volume_id, seed.axis, seed.index, seed.mask, decoder=o.decoder,
                                              start=o.start, stop=o.stop, iou_threshold=o.iou_threshold,
                                              window=seed.window, **extra)

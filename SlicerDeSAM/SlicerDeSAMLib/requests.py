@@ -67,22 +67,23 @@ class AutoOptions:
 class AutoOutcome:
     """A finished job's result: ``slab`` N x H x W bool (read-only) from slice ``offset``
     along ``axis``; ``slices``: (index, predicted IoU, area in pixels) of each slice the job
-    reports; ``kind`` 'auto' or 'propagate'; ``reached``: the first and last slice a
-    propagation reached (None for 'auto')."""
+    reports (IoU None for a propagation's seed, whose mask the user gave); ``kind`` 'auto'
+    or 'propagate'; ``reached``: the first and last slice a propagation reached (None for
+    'auto')."""
 
     job_id: str
     kind: str
     axis: str
     offset: int
     slab: np.ndarray
-    slices: tuple[tuple[int, float, int], ...] = ()
+    slices: tuple[tuple[int, float | None, int], ...] = ()
     reached: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slab", _frozen(self.slab, bool))
 
     @property
-    def ious(self) -> dict[int, float]:
+    def ious(self) -> dict[int, float | None]:
         """Predicted IoU by slice index."""
         return {index: iou for index, iou, _ in self.slices}
 
@@ -135,9 +136,9 @@ class PromptOutcome:
 @dataclass(frozen=True)
 class PropagationOptions:
     """Propagation from a seed slice (``POST /segment/propagate``): stop where the
-    predicted IoU falls below ``iou_threshold`` or the area below ``min_area`` pixels or
-    ``min_area_ratio`` of the neighbour's (None: the service's default), or at
-    [start, stop) (None: the volume's ends)."""
+    predicted IoU falls below ``iou_threshold``, the area below ``min_area`` pixels, the
+    area relative to the neighbour's below ``min_area_ratio`` or above ``max_area_ratio``
+    (None: the service's defaults), or at [start, stop) (None: the volume's ends)."""
 
     decoder: str = "sam"
     start: int | None = None
@@ -145,6 +146,7 @@ class PropagationOptions:
     iou_threshold: float = 0.5
     min_area: int | None = None
     min_area_ratio: float | None = None
+    max_area_ratio: float | None = None
 
 
 @dataclass(frozen=True, eq=False)

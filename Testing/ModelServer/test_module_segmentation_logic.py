@@ -168,10 +168,10 @@ def test_review_items_lowest_iou_first_without_empty_slices():
     from SlicerDeSAMLib.requests import AutoOutcome
 
     outcome = AutoOutcome(job_id="j", kind="auto", axis="k", offset=3, slab=np.zeros((4, 2, 2), bool),
-                          slices=((3, 0.9, 10), (4, 0.4, 12), (5, 0.1, 0), (6, 0.4, 3)))
+                          slices=((2, None, 30), (3, 0.9, 10), (4, 0.4, 12), (5, 0.1, 0), (6, 0.4, 3)))
     assert SegmentationLogic.review_items(outcome) == [(4, 0.4), (6, 0.4), (3, 0.9)]
     assert SegmentationLogic.review_items(outcome, include_empty=True)[0] == (5, 0.1)
-    assert outcome.ious == {3: 0.9, 4: 0.4, 5: 0.1, 6: 0.4}
+    assert outcome.ious == {2: None, 3: 0.9, 4: 0.4, 5: 0.1, 6: 0.4}
 
 
 def test_errors_say_what_is_wrong(url, case, tmp_path):
