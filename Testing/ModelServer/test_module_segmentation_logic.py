@@ -208,8 +208,8 @@ def test_propagation_job_applied_and_undone(url, case):
     seed_mask[15:35, 25:45] = True
     logic.slices.write_slice(segmentation, segment_id, volume, "k", 3, seed_mask)
     logic.accept()
-    seed = logic.prepare_propagation(volume, segmentation, segment_id, "k", 3,
-                                     PropagationOptions(iou_threshold=0.0, min_area=0, min_area_ratio=0.0))
+    anything = PropagationOptions(iou_threshold=0.0, min_area=1, min_area_ratio=0.0, max_area_ratio=1e6)
+    seed = logic.prepare_propagation(volume, segmentation, segment_id, "k", 3, anything)
     np.testing.assert_array_equal(seed.mask, seed_mask)
     job = logic.request_propagation(volume_id, seed)
     assert wait_done(logic, job["id"])["state"] == "succeeded"
