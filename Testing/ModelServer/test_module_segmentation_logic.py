@@ -290,3 +290,18 @@ def test_prompt_through_the_background_worker(url, case):
     assert not worker.busy("prompt")
     assert applied[0].offset == 4
     assert logic.slices.read_slice(segmentation, segment_id, volume, "k", 4).shape == (48, 64)
+
+
+def test_cancelled_job_reports_why_and_writes_nothing(url, scene):
+    volume = add_volume(scene.scene, phantom_volume(k=40, h=48, w=64, seed=9), IJK_TO_RAS)
+    segmentation, segment_id = add_segmentation(scene.scene, volume)
+    logic = SegmentationLogic(ServerClient(url))
+    volume_id = logic.request_upload(logic.prepare_volume(volume))
+    job = logic.request_auto(volume_id, AutoOptions(decoder="phantom", mode="grid", grid_size=9))
+    logic.cancel(job["id"])
+    final = wait_done(logic, job["id"])
+    assert final["state"] == "cancelled", f"the job ended {final['state']} before the cancel reached it"
+    with pytest.raises(RuntimeError, match="cancelled: cancelled on request"):
+        logic.request_job_result(job["id"])
+    assert not logic.can_undo(segmentation)
+    assert not logic.slices.read_slab(segmentation, segment_id, volume, "k", 0, 40).any()

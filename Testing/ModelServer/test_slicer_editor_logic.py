@@ -147,3 +147,24 @@ def test_overwrite_visible_segments_spares_hidden_ones(editor, visible):
     np.testing.assert_array_equal(read(segmentation, a, volume, 2), box(5, 15, 5, 15))
     expected = box(0, 10, 0, 24) & ~box(5, 15, 5, 15) if visible else box(0, 10, 0, 24)
     np.testing.assert_array_equal(read(segmentation, b, volume, 2), expected)
+
+
+@pytest.mark.parametrize("axis", ["j", "i"])
+def test_prompts_on_other_axes_write_that_slice_only(editor, axis):
+    logic, _, volume, segmentation, a, _ = editor
+    shape = {"j": (SHAPE[0], SHAPE[2]), "i": SHAPE[:2]}[axis]
+    mask = np.zeros(shape, bool)
+    mask[1:4, 3:12] = True
+    SegmentSlices().write_slice(segmentation, a, volume, "k", 2, box(0, 20, 0, 24))
+    EditorLogic().apply_prompt_in_editor(logic, PromptOutcome(axis=axis, index=7, mask=mask, iou=0.9, area=27))
+    io = SegmentSlices()
+    np.testing.assert_array_equal(io.read_slice(segmentation, a, volume, axis, 7), mask)
+    expected_k2 = box(0, 20, 0, 24)
+    if axis == "j":
+        expected_k2[7] = mask[2]
+    else:
+        expected_k2[:, 7] = mask[2]
+    np.testing.assert_array_equal(read(segmentation, a, volume, 2), expected_k2)
+    neighbour = np.zeros(shape, bool)
+    neighbour[2] = True                                   # only the k = 2 slice filled earlier crosses it
+    np.testing.assert_array_equal(io.read_slice(segmentation, a, volume, axis, 6), neighbour)
