@@ -246,3 +246,16 @@ def test_a_write_notifies_slicer_and_updates_the_closed_surface(scene):
     assert seen, "no SourceRepresentationModified event"
     assert segmentation.GetClosedSurfaceRepresentation(segment_id, surface), "the closed surface was not rebuilt"
     assert surface.GetNumberOfPoints() > before
+
+
+def test_a_segmentation_without_reference_geometry_takes_the_first_slice_as_written(scene):
+    volume = add_volume(scene.scene, np.zeros(SHAPE, np.int16), IJK_TO_RAS)
+    segmentation = scene.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "S")
+    io = SegmentSlices()
+    first, second = mask_for("k", 12), mask_for("k", 13)
+    io.write_slice(segmentation, segment_id, volume, "k", 4, first)
+    io.write_slice(segmentation, segment_id, volume, "k", 6, second)
+    expected = np.zeros(SHAPE, bool)
+    expected[4], expected[6] = first, second
+    np.testing.assert_array_equal(voxels_in_volume_grid(segmentation, segment_id, volume), expected)
