@@ -23,91 +23,25 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import wire
+from .PromptResult import PromptResult
+from .ServerError import ServerError
+from .TrainingJobsClient import TRAINING_FINAL_EVENTS, TrainingJobsClient, parse_event_stream
 
 __all__ = ["ServerClient", "ServerError", "PromptResult", "parse_event_stream", "TRAINING_FINAL_EVENTS"]
-
-#: The events that end a training job's event stream (its final state).
-TRAINING_FINAL_EVENTS = ("finished", "failed", "cancelled")
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 _HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH = 62, 64    # OpenSSL's X509_V_ERR_* verify codes
 
 
-class ServerError(Exception):
-    """The service answered with an error status, or could not be reached (status 0)."""
-
-    def __init__(self, status: int, message: str, *, retry_after: float | None = None, method: str = "",
-                 path: str = "") -> None:
-        super().__init__(f"{method} {path}: {status} {message}".strip() if status else f"{method} {path}: {message}")
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
-
-
-@dataclass
-class PromptResult:
-    """masks: C x H x W bool (this slice only); ious: C; logits_ids: C (refine a mask by
-    passing its id as ``logits_id`` in the next call on this slice); best: argmax IoU."""
-
-    axis: str
-    index: int
-    masks: np.ndarray
-    ious: np.ndarray
-    areas: list[int]
-    logits_ids: list[str | None]
-    best: int
-    decoder: str
-    timing: dict = field(default_factory=dict)
-
-    @property
-    def mask(self) -> np.ndarray:
-        """The best mask, H x W bool."""
-        return self.masks[self.best]
-
-
 def _segment(text: str) -> str:
     """``text`` as one URL path segment."""
     return urllib.parse.quote(str(text), safe="")
-
-
-def parse_event_stream(lines: Iterable[bytes | str]) -> Iterator[dict]:
-    """Server-sent events (the WHATWG format) from the stream's lines: one dict per event,
-    its ``data`` parsed as JSON (an object; other data comes as ``{"data": ...}``), with
-    ``event`` (default 'message') and ``id`` (the last one seen) set. Comment lines
-    (keep-alive pings) and ``retry`` fields are skipped."""
-    event, data, last_id = None, [], None
-    for raw in lines:
-        line = (raw.decode("utf-8") if isinstance(raw, bytes) else raw).rstrip("\r\n")
-        if not line:
-            if data:
-                text = "\n".join(data)
-                try:
-                    item = json.loads(text)
-                except ValueError:
-                    item = text
-                item = dict(item) if isinstance(item, dict) else {"data": item}
-                item.setdefault("event", event or "message")
-                item["id"] = last_id
-                yield item
-            event, data = None, []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            event = value
-        elif name == "data":
-            data.append(value)
-        elif name == "id":
-            last_id = value
 
 
 def _window(window) -> dict | None:
@@ -117,7 +51,7 @@ def _window(window) -> dict | None:
     return {"center": float(center), "width": float(width)}
 
 
-class ServerClient:
+class ServerClient(TrainingJobsClient):
     """``url``: the service (default http://127.0.0.1:8765); ``token``: its API token, if
     it has one; ``timeout``: seconds per request (uploads and results get
     ``upload_timeout``); ``ca_file``: for an ``https://`` URL, a PEM file of the CA
@@ -151,13 +85,22 @@ class ServerClient:
         self._local = threading.local()
 
     # ---- transport --------------------------------------------------------------------------
+    def _new_connection(self, timeout: float) -> http.client.HTTPConnection:
+        """A connection to the service (https with the client's verifying context)."""
+        if self._ssl_context is not None:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl_context)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _headers(self, accept: str = "application/json") -> dict[str, str]:
+        headers = {"Accept": accept}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
     def _connection(self, timeout: float) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self._ssl_context is not None:
-                conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl_context)
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            conn = self._new_connection(timeout)
             self._local.conn = conn
         conn.timeout = timeout
         if conn.sock is not None:
@@ -173,9 +116,7 @@ class ServerClient:
 
     def _request(self, method: str, path: str, *, body: bytes | None = None, json_body: Any = None,
                  content_type: str | None = None, timeout: float | None = None) -> tuple[int, dict, bytes]:
-        headers = {"Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        headers = self._headers()
         if json_body is not None:
             body = json.dumps(json_body, allow_nan=False).encode("utf-8")
             content_type = "application/json"
@@ -386,6 +327,26 @@ class ServerClient:
             "window": _window(window), "grid_size": grid_size, "iou_threshold": iou_threshold,
             "min_region_area": min_region_area})
 
+    def segment_propagate(self, volume_id: str, axis: str, index: int, mask: np.ndarray, *, decoder: str = "sam",
+                          start: int | None = None, stop: int | None = None, iou_threshold: float = 0.5,
+                          min_area: int = 16, min_area_ratio: float = 0.2, max_area_ratio: float = 3.0,
+                          window=None) -> dict:
+        """Start a propagation job from slice ``index`` of ``axis`` whose mask (H x W bool,
+        not empty) is given: each neighbour in both directions is prompted by the box around
+        its neighbour's mask, until the predicted IoU falls below ``iou_threshold``, the area
+        below ``min_area`` pixels, the area relative to the previous slice's below
+        ``min_area_ratio`` or above ``max_area_ratio``, or at the bounds [start, stop).
+        Returns the job's status; follow it with ``wait_job`` (``slices``, ``reached``) and
+        fetch the slab from the first to the last slice reached with ``job_result``."""
+        payload = wire.encode_mask(np.asarray(mask, bool), axis=axis, offset=int(index), volume_id=volume_id)
+        return self._json("POST", "/segment/propagate", {
+            "volume_id": volume_id, "axis": axis, "index": int(index),
+            "mask": base64.b64encode(payload).decode("ascii"), "decoder": decoder,
+            "start": None if start is None else int(start), "stop": None if stop is None else int(stop),
+            "iou_threshold": float(iou_threshold), "min_area": int(min_area),
+            "min_area_ratio": float(min_area_ratio), "max_area_ratio": float(max_area_ratio),
+            "window": _window(window)})
+
     # ---- labels (training data) -------------------------------------------------------------------
     @staticmethod
     def _label_path(volume_id: str, structure: str) -> str:
@@ -444,84 +405,4 @@ class ServerClient:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id[:8]} still {job['state']} after {timeout} s")
-            time.sleep(poll)
-
-
-    # ---- training jobs ----------------------------------------------------------------------------
-    def start_training(self, structure: str, cases: Sequence, options: dict | None = None) -> dict:
-        """Start training a decoder for ``structure``. ``cases``: (volume_id, label
-        structure) pairs or ``{"volume_id", "structure"}`` dicts of uploaded volumes with
-        uploaded label volumes; ``options``: training options (docs/API.md). Returns the
-        job's status (``id``); 409 while another training job is active."""
-        refs = [dict(c) if isinstance(c, dict) else {"volume_id": c[0], "structure": c[1]} for c in cases]
-        body = {"structure": structure, "cases": refs}
-        if options is not None:
-            body["options"] = options
-        return self._json("POST", "/training", body)
-
-    def training_jobs(self) -> list[dict]:
-        return self._json("GET", "/training")["jobs"]
-
-    def training_job(self, job_id: str) -> dict:
-        return self._json("GET", f"/training/{job_id}")
-
-    def training_log(self, job_id: str, lines: int = 100) -> list[str]:
-        return self._json("GET", f"/training/{job_id}/log?lines={int(lines)}")["lines"]
-
-    def training_metrics(self, job_id: str) -> list[dict]:
-        """One entry per finished epoch (loss, validation_dice, ...)."""
-        return self._json("GET", f"/training/{job_id}/metrics")["epochs"]
-
-    def cancel_training(self, job_id: str) -> dict:
-        return self._json("POST", f"/training/{job_id}/cancel")
-
-    def training_events(self, job_id: str, *, timeout: float = 60.0) -> Iterator[dict]:
-        """The job's server-sent events as dicts (``event``: 'status' first, then
-        'precompute', 'start', 'step', 'epoch', ..., last 'finished', 'failed' or
-        'cancelled', after which the iteration ends). A connection of its own; ``timeout``:
-        the longest silence (the service pings every 15 s)."""
-        if self._ssl_context is not None:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._ssl_context)
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-        path = f"/training/{job_id}/events"
-        headers = {"Accept": "text/event-stream"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        try:
-            try:
-                conn.request("GET", self._base + path, headers=headers)
-                response = conn.getresponse()
-            except TimeoutError:
-                raise ServerError(0, f"no answer within {timeout:g} s", method="GET", path=path) from None
-            except OSError as exc:
-                raise ServerError(0, f"cannot reach the service at {self.url}: {exc}", method="GET",
-                                  path=path) from None
-            if response.status >= 400:
-                raise self._error(response, response.read(), "GET", path)
-            lines = iter(response.readline, b"")
-            try:
-                for event in parse_event_stream(lines):
-                    yield event
-                    if event["event"] in TRAINING_FINAL_EVENTS:
-                        return
-            except TimeoutError:
-                raise ServerError(0, f"the event stream was silent for {timeout:g} s", method="GET",
-                                  path=path) from None
-            raise ServerError(0, "the event stream ended before the job's final event", method="GET", path=path)
-        finally:
-            conn.close()
-
-    def wait_training(self, job_id: str, *, timeout: float | None = None, poll: float = 1.0,
-                      on_progress: Callable[[dict], None] | None = None) -> dict:
-        """Poll the job's status until it has ended (for callers that cannot hold a stream)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.training_job(job_id)
-            if on_progress is not None:
-                on_progress(job)
-            if job["state"] not in ("queued", "running"):
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"training job {job_id[:8]} still {job['state']} after {timeout} s")
             time.sleep(poll)

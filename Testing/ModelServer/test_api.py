@@ -157,6 +157,11 @@ def test_desam_decoder_with_a_prompt(client, volume):
     ({"index": 99, "box": [1, 1, 5, 5]}, 422, "outside"),
     ({"axis": "x", "box": [1, 1, 5, 5]}, 422, ""),
     ({"box": [1, 1, 5, 5], "unknown": 1}, 422, ""),
+    # JSON's true and false are not numbers (pydantic alone would read them as 1 and 0).
+    ({"box": [1, 1, 5, True]}, 422, "box: true and false are not numbers"),
+    ({"points": [[1, 1]], "labels": [True]}, 422, "labels: true and false are not numbers"),
+    ({"index": True, "box": [1, 1, 5, 5]}, 422, "index: true and false are not numbers"),
+    ({"box": [1, 1, 5, 5], "window": {"center": False, "width": 400}}, 422, "center: true and false are not"),
 ])
 def test_bad_prompts_get_clear_4xx(client, volume, body, status, text):
     _, vid = volume

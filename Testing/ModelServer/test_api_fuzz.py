@@ -25,6 +25,7 @@ derandomized (the same requests in every run), no deadline, every wait with a ti
 
 from __future__ import annotations
 
+import base64
 import collections
 import math
 import re
@@ -95,6 +96,9 @@ STATE_DEPENDENT = {
         "points and labels must come together and have the same length",  # nor two lengths
         "mask_input.mask", "logits_id belongs to another slice"],  # a wire mask's contents, an earlier answer
     "POST /segment/auto": [r"slice range \[[0-9]+, [0-9]+\) is not within"],  # start < stop <= the extent
+    "POST /segment/propagate": [  # the extent, the seed within the bounds, the wire mask's contents
+        SLICE, r"slice range \[[0-9]+, [0-9]+\) is not within", "the seed slice [0-9]+ is outside the range",
+        "^mask", "the seed mask is empty"],
     "PUT /volumes/{volume_id}/labels/{structure}": [  # the mask payload's bytes, and its fit to the volume
         "label payload rejected: ", "does not match the volume's shape", "a label is the whole volume along",
         "the label of .* is empty", "the label payload belongs to volume"],
@@ -162,10 +166,20 @@ def _fold(value):
     return value % 5 if _is_number(value) else value
 
 
+def seed_mask(axis: str, index: int) -> str:
+    """A propagation's seed: base64 of a wire mask of slice ``index`` along ``axis`` (of the
+    phantom's shape) with a block in its middle."""
+    h, w = wire.mask_slice_shape(VOLUME.shape, axis)
+    mask = np.zeros((h, w), bool)
+    mask[h // 4: max(h // 2, h // 4 + 1), w // 4: w // 2] = True
+    return base64.b64encode(wire.encode_mask(mask, axis=axis, offset=index)).decode("ascii")
+
+
 def _aimed(label: str, body: dict) -> dict:
     """The body of a ``label`` request made to reach the model, its volume id left as it is:
     slice numbers in range; a job becomes one slice in box mode with the decoder file's decoder
-    (a 32 x 32 grid costs seconds a slice on a CPU); a prompt goes to SAM's decoder with a
+    (a 32 x 32 grid costs seconds a slice on a CPU); a propagation gets a real seed mask of
+    its slice and bounds of at most three slices around it; a prompt goes to SAM's decoder with a
     label per point, its coordinates folded into the slice, a box with x1 > x0 and y1 > y0
     (or [1, 1, 5, 5] when it has neither points nor a box) and no mask_input (a generated
     logits id or mask is never a real one; the requests not aimed try those)."""
@@ -175,6 +189,13 @@ def _aimed(label: str, body: dict) -> dict:
     if label == "POST /segment/auto":
         start = int(body["start"]) % SLICES if _is_int(body.get("start")) else 0
         body.update(start=start, stop=start + 1, mode="box", decoder="phantom")
+    elif label == "POST /segment/propagate":
+        axis = body.get("axis", "k")
+        if axis in wire.AXES and _is_int(body.get("index")):
+            index = body["index"]
+            extent = VOLUME.shape[wire.AXES.index(axis)]
+            body.update(mask=seed_mask(axis, index), start=max(0, index - 1), stop=min(extent, index + 2),
+                        decoder="sam")
     elif label == "POST /segment/prompt":
         body.update(decoder="sam", mask_input=None)
         points, box = body.get("points"), body.get("box")
@@ -313,6 +334,18 @@ def test_valid_requests_conform_to_the_schema(service):
     wait_for_jobs()
     job = call("GET", "/jobs/{job_id}", path_parameters={"job_id": job["id"]})
     assert job["state"] == "succeeded", job
+    assert job["kind"] == "auto" and [s["index"] for s in job["slices"]] == [1, 2] and job["reached"] is None
+    propagation = call("POST", "/segment/propagate", body={**vid, "axis": "k", "index": 3, "mask": seed_mask("k", 3),
+                                                          "iou_threshold": 0, "min_area": 1, "min_area_ratio": 0,
+                                                          "max_area_ratio": 1e6, "window": {"center": 40,
+                                                                                            "width": 400}})
+    wait_for_jobs()
+    propagation = call("GET", "/jobs/{job_id}", path_parameters={"job_id": propagation["id"]})
+    assert propagation["state"] == "succeeded" and propagation["kind"] == "propagate", propagation
+    assert propagation["reached"][0] <= 3 <= propagation["reached"][1]
+    call("POST", "/segment/propagate", body={**vid, "axis": "j", "index": 20, "mask": seed_mask("j", 20),
+                                             "decoder": STRUCTURE, "start": 19, "stop": 22})
+    wait_for_jobs()
     result = schema["/jobs/{job_id}/result"]["GET"].Case(path_parameters={"job_id": job["id"]}).call_and_validate()
     assert result.headers.get("content-type") == ["application/octet-stream"] and result.content
     call("POST", "/jobs/{job_id}/cancel", path_parameters={"job_id": job["id"]})
@@ -360,7 +393,8 @@ def test_valid_requests_conform_to_the_schema(service):
 # Operations that only an id from another answer (an OpenAPI link) gets past 404.
 LINKED = ["GET /volumes/{volume_id}", "DELETE /volumes/{volume_id}", "PUT /volumes/{volume_id}/view",
           "POST /volumes/{volume_id}/precompute", "GET /volumes/{volume_id}/progress", "POST /segment/prompt",
-          "POST /segment/auto", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel", "GET /jobs/{job_id}/result",
+          "POST /segment/auto", "POST /segment/propagate", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel",
+          "GET /jobs/{job_id}/result",
           "GET /volumes/{volume_id}/labels", PUT_LABEL, "GET /volumes/{volume_id}/labels/{structure}",
           "DELETE /volumes/{volume_id}/labels/{structure}",
           "GET /registry/{structure}", "GET /registry/{structure}/versions/{version}",
@@ -368,7 +402,8 @@ LINKED = ["GET /volumes/{volume_id}", "DELETE /volumes/{volume_id}", "PUT /volum
 # The state machine runs per group of operations (a group's links stay inside it): over the
 # whole schema, operations that need no id (the registry's) take most of the steps and
 # some links are left unexplored within the budget.
-LINK_GROUPS = {"volumes": "^/(volumes|segment|jobs|health|info|decoders)", "registry": "^/registry"}
+LINK_GROUPS = {"volumes": "^/(volumes|health|info|decoders)", "segment": r"^/(volumes(/\{volume_id\})?$|segment/|jobs)",
+               "registry": "^/registry"}
 LINKED_VOLUME = phantom_volume(seed=7)  # not the module's volume, which the other tests need
 JOB_WAIT_S = 60
 
@@ -407,7 +442,8 @@ def test_stateful_phase_follows_the_links(service, group):
         def after_call(self, response, case):
             super().after_call(response, case)
             statuses[case.operation.label][response.status_code] += 1
-            if case.operation.label == "POST /segment/auto" and response.status_code == 202:
+            if case.operation.label in ("POST /segment/auto", "POST /segment/propagate") and (
+                    response.status_code == 202):
                 jobs.wait(response.json()["id"], timeout=JOB_WAIT_S)
 
         def validate_response(self, response, case, additional_checks=None, **kwargs):

@@ -39,7 +39,7 @@ def upload(client, vol):
 
 def test_client_imports_only_stdlib_numpy_and_wire():
     allowed = {"numpy"} | set(__import__("sys").stdlib_module_names)
-    for name in ("ServerClient.py", "wire.py"):
+    for name in ("ServerClient.py", "ServerError.py", "PromptResult.py", "TrainingJobsClient.py", "wire.py"):
         tree = ast.parse((LIB / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -86,6 +86,32 @@ def test_round_trip_through_the_client(server):
     assert c.precompute(vid, "i", window=(40, 400), cancel=True)["total"] == 64
     c.delete_volume(vid)
     assert not c.has_volume(vid)
+
+
+def test_propagation_through_the_client(server):
+    url, _ = server
+    c = ServerClient(url, timeout=60)
+    vol = phantom_volume(k=10, seed=13)
+    vid, _ = upload(c, vol)
+    seed = vol[4] > 30
+    job = c.segment_propagate(vid, "k", 4, seed, start=2, stop=8, iou_threshold=0.0, min_area=1,
+                              min_area_ratio=0.0, max_area_ratio=1e6, window=(40, 400))
+    assert job["kind"] == "propagate" and job["state"] in ("queued", "running", "succeeded")
+    assert job["spec"]["window"] == {"center": 40.0, "width": 400.0} and job["spec"]["seed_area"] == seed.sum()
+    done = c.wait_job(job["id"], timeout=120, poll=0.05)
+    assert done["state"] == "succeeded", done["error"]
+    first, last = done["reached"]
+    assert 2 <= first <= 4 <= last <= 7
+    assert [s["index"] for s in done["slices"]] == list(range(first, last + 1))
+    slab = c.job_result(job["id"])
+    assert (slab.axis, slab.offset, slab.mask.shape) == ("k", first, (last - first + 1, 48, 64))
+    np.testing.assert_array_equal(slab.mask[4 - first], seed)
+    with pytest.raises(ServerError) as err:
+        c.segment_propagate(vid, "k", 4, np.zeros_like(seed))
+    assert err.value.status == 422 and "the seed mask is empty" in err.value.message
+    with pytest.raises(ServerError) as err:
+        c.segment_propagate(vid, "k", 4, seed, decoder="liver")
+    assert err.value.status == 404 and "unknown decoder 'liver'" in err.value.message
 
 
 def test_typed_errors_carry_status_and_message(server):

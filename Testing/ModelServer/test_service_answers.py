@@ -27,6 +27,7 @@ from fastapi.testclient import TestClient
 from desam_server import wire
 from desam_server.api import create_app
 from desam_server.api.prompting import mask_to_logits
+from desam_server.api.propagation import box_around
 from desam_server.engine import IntensityWindow, SlicePredictor
 from desam_server.io.slices import slice_view
 from desam_server.modeling import build_desam
@@ -158,6 +159,11 @@ def test_automatic_job_equals_predict_auto_in_process(setup, mode, options, foun
         np.testing.assert_array_equal(slab.mask[n], ref.mask, err_msg=f"slice {index}")
         references.append(ref)
     assert job["slices_with_mask"] == sum(bool(ref.mask.any()) for ref in references)
+    # Each slice's predicted IoU and area, as predict_auto gives them (no IoU where it has none).
+    assert job["kind"] == "auto" and job["reached"] is None
+    assert job["slices"] == [{"index": index, "iou": None if np.isnan(ref.iou) else ref.iou,
+                              "area": int(ref.mask.sum())} for index, ref in zip(range(start, stop), references,
+                                                                                 strict=True)]
     if not found:
         assert job["slices_with_mask"] == 0 and all(ref.passed == 0 for ref in references)
         return
@@ -320,3 +326,47 @@ def test_answers_on_the_j_and_i_axes_equal_the_extracted_slice(setup, axis, inde
     swapped = client.post("/segment/prompt", json={"volume_id": vid, "axis": axis, "index": index,
                                                    "points": [[y, x]], "labels": [1], "window": WINDOW})
     assert swapped.status_code == 422 and "inside" in swapped.json()["detail"]
+
+
+# ---- propagation ------------------------------------------------------------------------------------
+#: Rules that never stop a direction before its bound unless a mask comes out empty.
+PERMISSIVE = {"iou_threshold": 0.0, "min_area": 1, "min_area_ratio": 0.0, "max_area_ratio": 1e6}
+
+
+@pytest.mark.parametrize("decoder, axis, index, start, stop", [("sam", "k", 12, 7, 18), ("phantom", "j", 20, 15, 25)])
+def test_propagation_equals_the_walk_in_process(setup, decoder, axis, index, start, stop):
+    """Each slice prompted by the box around its neighbour's mask, answered in process:
+    the job's masks, IoUs, areas and reach are exactly those of that walk."""
+    client, vid, _, _ = setup
+    h, w = wire.mask_slice_shape(VOLUME.shape, axis)
+    seed = np.zeros((h, w), bool)
+    seed[h // 4: h // 2 + 4, w // 3: w // 2 + 8] = True
+    payload = base64.b64encode(wire.encode_mask(seed, axis=axis, offset=index)).decode("ascii")
+    r = client.post("/segment/propagate", json={"volume_id": vid, "axis": axis, "index": index, "mask": payload,
+                                                "decoder": decoder, "start": start, "stop": stop, "window": WINDOW,
+                                                **PERMISSIVE})
+    assert r.status_code == 202, r.text
+    job = finished(client, r.json()["id"])
+    assert job["state"] == "succeeded", job["error"]
+    expected, scores = {index: seed}, {index: None}
+    for direction, bound in ((1, stop), (-1, start - 1)):
+        previous, n = seed, index + direction
+        while n != bound:
+            predictor = predictor_on(setup, axis, n, IntensityWindow(**WINDOW))
+            if decoder == "sam":
+                masks, ious, _ = predictor.predict(box=box_around(previous), multimask_output=False)
+                mask, iou = masks[0], float(ious[0])
+            else:
+                mask, iou = predictor.predict_desam(box=box_around(previous))
+            if not mask.any():
+                break
+            expected[n], scores[n], previous, n = mask, iou, mask, n + direction
+    first, last = min(expected), max(expected)
+    assert last - first >= 4, "the walk went nowhere: the comparison would say little"
+    assert (job["kind"], job["reached"]) == ("propagate", [first, last])
+    assert job["slices"] == [{"index": n, "iou": scores[n], "area": int(expected[n].sum())} for n in sorted(expected)]
+    slab = wire.decode_mask(client.get(f"/jobs/{job['id']}/result").content, volume_shape=VOLUME.shape)
+    assert (slab.axis, slab.offset, slab.mask.shape) == (axis, first, (last - first + 1, h, w))
+    for n in range(first, last + 1):
+        np.testing.assert_array_equal(slab.mask[n - first], expected[n], err_msg=f"slice {n}")
+    assert differs(slab.mask[0], slab.mask[-1])

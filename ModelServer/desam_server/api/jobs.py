@@ -1,13 +1,16 @@
-"""Automatic-segmentation jobs: a queue, one worker thread, progress and cancel.
+"""Segmentation jobs: a queue, one worker thread, progress and cancel.
 
-A job runs DeSAM's box or grid mode on a contiguous slice range of one volume along one
-axis. Jobs run one at a time, first come first served, on a worker thread of their own
-(the encoder still runs on the scheduler's thread, and clicks take the decoder before a
-job's next slice, so a running job never freezes interactive work). Limits: at most one
-active (queued or running) job per volume and axis (a second one is a 409 naming the
-first), at most ``max_jobs`` active jobs (then 429). Finished jobs, with their result
-masks, are kept until ``keep`` newer ones have finished. Jobs do not belong to a
-connection: a client that goes away leaves its job running, or cancels it.
+A job of kind "auto" runs DeSAM's box or grid mode on a contiguous slice range of one
+volume along one axis; a job of kind "propagate" carries a seed slice's mask to its
+neighbours in both directions (``propagation``). Both report each finished slice's
+predicted IoU and area (``SliceScore``). Jobs run one at a time, first come first
+served, on a worker thread of their own (the encoder still runs on the scheduler's
+thread, and clicks take the decoder before a job's next slice, so a running job never
+freezes interactive work). Limits: at most one active (queued or running) job per volume
+and axis (a second one is a 409 naming the first), at most ``max_jobs`` active jobs
+(then 429). Finished jobs, with their result masks, are kept until ``keep`` newer ones
+have finished. Jobs do not belong to a connection: a client that goes away leaves its
+job running, or cancels it.
 
 A cancelled job says why in ``error`` (``CANCELLED_ON_REQUEST``, ``VOLUME_DELETED``,
 ``SHUTTING_DOWN``). A job whose cancel was asked ends cancelled however its run stops:
@@ -25,13 +28,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from .errors import Conflict, NotFound, TooManyRequests
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AutoJobSpec", "AutoJob", "JobState", "JobManager", "JobCancelled", "ACTIVE", "FINISHED",
-           "CANCELLED_ON_REQUEST", "VOLUME_DELETED", "SHUTTING_DOWN"]
+__all__ = ["AutoJobSpec", "PropagateJobSpec", "SliceScore", "AutoJob", "JobState", "JobManager", "JobCancelled",
+           "ACTIVE", "FINISHED", "CANCELLED_ON_REQUEST", "VOLUME_DELETED", "SHUTTING_DOWN"]
 
 #: Why a job was cancelled (its ``error``).
 CANCELLED_ON_REQUEST = "cancelled on request"
@@ -58,7 +62,23 @@ class JobCancelled(Exception):
 
 
 @dataclass(frozen=True)
+class SliceScore:
+    """One finished slice of a job: the decoder's predicted IoU of its final mask (None
+    where there is no prediction: an empty automatic answer, or a propagation's seed slice,
+    whose mask the client gave) and the mask's area in pixels."""
+
+    index: int
+    iou: float | None
+    area: int
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "iou": self.iou, "area": self.area}
+
+
+@dataclass(frozen=True)
 class AutoJobSpec:
+    kind = "auto"
+
     volume_id: str
     axis: str
     start: int
@@ -76,13 +96,49 @@ class AutoJobSpec:
                 "window": {"center": self.window[0], "width": self.window[1]}, "grid_size": self.grid_size,
                 "iou_threshold": self.iou_threshold, "min_region_area": self.min_region_area}
 
+    def describe(self) -> str:
+        return f"{self.mode} mode, {self.stop - self.start} slices"
+
+
+@dataclass(frozen=True)
+class PropagateJobSpec:
+    """A propagation from the seed slice ``index`` (its mask ``seed``, H x W bool) within
+    slices [start, stop) along ``axis``; the stop rules are ``propagation.StopRules``'."""
+
+    kind = "propagate"
+
+    volume_id: str
+    axis: str
+    index: int
+    start: int
+    stop: int                     # exclusive
+    decoder: str                  # "sam" or a structure decoder's name
+    window: tuple[float, float]   # center, width
+    iou_threshold: float
+    min_area: int
+    min_area_ratio: float
+    max_area_ratio: float
+    seed: Any = field(repr=False, compare=False)   # H x W bool ndarray
+
+    def to_json(self) -> dict:
+        return {"volume_id": self.volume_id, "axis": self.axis, "index": self.index, "start": self.start,
+                "stop": self.stop, "decoder": self.decoder,
+                "window": {"center": self.window[0], "width": self.window[1]},
+                "iou_threshold": self.iou_threshold, "min_area": self.min_area,
+                "min_area_ratio": self.min_area_ratio, "max_area_ratio": self.max_area_ratio,
+                "seed_area": int(self.seed.sum())}
+
+    def describe(self) -> str:
+        return f"propagation from slice {self.index} within [{self.start}, {self.stop})"
+
 
 @dataclass(eq=False)
 class AutoJob:
-    """An automatic-segmentation job: its spec, state, progress and result (a wire mask
-    payload of the slice range)."""
+    """A segmentation job (automatic or propagation, ``spec.kind``): its spec, state,
+    progress, the scores of its finished slices, and its result (a wire mask payload of the
+    slice range; a propagation's from the first to the last slice it reached, ``reached``)."""
 
-    spec: AutoJobSpec
+    spec: AutoJobSpec | PropagateJobSpec
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: JobState = JobState.QUEUED
     created: float = field(default_factory=time.time)
@@ -94,6 +150,12 @@ class AutoJob:
     result: bytes | None = field(default=None, repr=False)
     cancel_requested: threading.Event = field(default_factory=threading.Event, repr=False)
     cancel_reason: str | None = None
+    slices: list[SliceScore] = field(default_factory=list, repr=False)
+    reached: tuple[int, int] | None = None
+
+    def add_slice(self, score: SliceScore) -> None:
+        """Record a finished slice (the job's worker; readers copy the list)."""
+        self.slices.append(score)
 
     @property
     def total(self) -> int:
@@ -107,12 +169,15 @@ class AutoJob:
         elapsed = None
         if self.started is not None:
             elapsed = round((self.finished or time.time()) - self.started, 3)
-        return {"id": self.id, "state": self.state.value, "spec": self.spec.to_json(),
+        slices = sorted(list(self.slices), key=lambda score: score.index)
+        return {"id": self.id, "kind": self.spec.kind, "state": self.state.value, "spec": self.spec.to_json(),
                 "progress": {"done": self.done, "total": self.total,
                              "fraction": round(self.done / self.total, 4) if self.total else 1.0},
                 "slices_with_mask": self.slices_with_mask, "created": self.created, "started": self.started,
                 "finished": self.finished, "elapsed_s": elapsed, "error": self.error,
-                "result_available": self.result is not None, "cancel_requested": self.cancel_requested.is_set()}
+                "result_available": self.result is not None, "cancel_requested": self.cancel_requested.is_set(),
+                "slices": [score.to_json() for score in slices],
+                "reached": None if self.reached is None else list(self.reached)}
 
 
 class JobManager:
@@ -132,7 +197,7 @@ class JobManager:
         self._thread = threading.Thread(target=self._worker, name="desam-jobs", daemon=True)
         self._thread.start()
 
-    def submit(self, spec: AutoJobSpec) -> AutoJob:
+    def submit(self, spec: AutoJobSpec | PropagateJobSpec) -> AutoJob:
         with self._lock:
             if self._closing:
                 raise Conflict("the service is shutting down")
@@ -148,7 +213,7 @@ class JobManager:
             self._jobs[job.id] = job
             self._queue.append(job)
             self._lock.notify_all()
-        log.info("job %s queued: %s mode, %d slices", job.id[:8], spec.mode, job.total)
+        log.info("job %s queued: %s", job.id[:8], spec.describe())
         return job
 
     def get(self, job_id: str) -> AutoJob:

@@ -76,18 +76,20 @@ class LogitsStore:
             return len(self._items)
 
 
-def decode_slice_mask(encoded: str, volume_shape, axis: str, index: int) -> np.ndarray:
-    """A base64 wire mask of exactly this slice -> H x W bool."""
+def decode_slice_mask(encoded: str, volume_shape, axis: str, index: int, *,
+                      field: str = "mask_input.mask") -> np.ndarray:
+    """A base64 wire mask of exactly this slice -> H x W bool (``field``: its name in the
+    request, for the messages)."""
     try:
         data = base64.b64decode(encoded, validate=True)
     except (ValueError, TypeError):
-        raise Unprocessable("mask_input.mask is not valid base64") from None
+        raise Unprocessable(f"{field} is not valid base64") from None
     try:
         decoded = wire.decode_mask(data, volume_shape=volume_shape)
     except wire.WireFormatError as exc:
-        raise Unprocessable(f"mask_input.mask: {exc}") from None
+        raise Unprocessable(f"{field}: {exc}") from None
     if decoded.mask.ndim != 2 or decoded.axis != axis or decoded.offset != index:
-        raise Unprocessable(f"mask_input.mask must be one slice of axis {axis} at index {index}")
+        raise Unprocessable(f"{field} must be one slice of axis {axis} at index {index}")
     return decoded.mask
 
 

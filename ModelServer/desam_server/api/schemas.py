@@ -15,6 +15,7 @@ from ..training.config import PRECISIONS, TrainConfig
 from ..training.run import TrainingOptions
 from ..training.variants import AUGMENTATIONS
 from .jobs import JobState
+from .propagation import StopRules
 from .training_jobs import TrainingState
 
 VolumeId = str
@@ -32,8 +33,25 @@ ID_PATTERN = r"^[0-9a-f]{64}$"
 MIN_VOLUME_PAYLOAD_BYTES = 318
 
 
+def _holds_a_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, list | tuple) and any(map(_holds_a_bool, value)))
+
+
 class Strict(BaseModel):
+    """A request body: no unknown fields, no infinities or NaN, and no true or false where
+    a number (or a list of numbers) is expected (pydantic would read them as 1 and 0).
+    Nested request models check their own fields."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if field.annotation is not bool and name in data and _holds_a_bool(data[name]):
+                    raise ValueError(f"{name}: true and false are not numbers")
+        return data
 
 
 class Window(Strict):
@@ -214,14 +232,58 @@ class AutoRequest(Strict):
     min_region_area: int = Field(64, ge=0, le=1 << 24)
 
 
+_RULES = StopRules()
+
+
+class PropagateRequest(Strict):
+    """Carry the seed slice's mask to its neighbours in both directions (``propagation``)."""
+
+    volume_id: str = Field(pattern=ID_PATTERN)
+    axis: Axis = "k"
+    index: int = Field(ge=0, le=2**31 - 1, description="the seed slice")
+    mask: str = Field(min_length=1, max_length=64 << 20,
+                      description="base64 wire mask payload of the seed slice (one slice, offset = index; not "
+                                  "empty), as mask_input.mask of /segment/prompt")
+    decoder: str = Field("sam", max_length=64,
+                         description="'sam' (SAM's prompted decoder) or a structure decoder's name; each slice is "
+                                     "prompted by the box around its neighbour's mask")
+    start: int | None = Field(None, ge=0, le=2**31 - 1, description="first slice it may reach (default 0)")
+    stop: int | None = Field(None, ge=1, le=2**31,
+                             description="one past the last slice it may reach (default: all)")
+    iou_threshold: float = Field(_RULES.iou_threshold, ge=0, le=1,
+                                 description="a direction stops at a slice whose predicted IoU is lower")
+    min_area: int = Field(_RULES.min_area, ge=1, le=1 << 30, description="... whose mask has fewer pixels")
+    min_area_ratio: float = Field(_RULES.min_area_ratio, ge=0, le=1,
+                                  description="... whose mask's area / the previous slice's is lower")
+    max_area_ratio: float = Field(_RULES.max_area_ratio, ge=1, le=1e6,
+                                  description="... whose mask's area / the previous slice's is higher (a leak)")
+    window: Window | None = None
+
+    def rules(self) -> StopRules:
+        return StopRules(iou_threshold=self.iou_threshold, min_area=self.min_area,
+                         min_area_ratio=self.min_area_ratio, max_area_ratio=self.max_area_ratio)
+
+
 class JobProgress(BaseModel):
     done: int
     total: int
     fraction: float
 
 
+class SliceScore(BaseModel):
+    index: int
+    iou: float | None = Field(description="the decoder's predicted IoU of the slice's mask; null where there is "
+                                          "none (an empty automatic answer; a propagation's seed slice)")
+    area: int = Field(description="pixels in the slice's mask")
+
+
 class JobInfo(BaseModel):
+    """A segmentation job. kind 'auto' (``/segment/auto``) or 'propagate'
+    (``/segment/propagate``); slices: the slices finished so far, by index; reached: a
+    propagation's first and last slice (its result's range), once it has succeeded."""
+
     id: str
+    kind: Literal["auto", "propagate"]
     state: JobState
     spec: dict[str, Any]
     progress: JobProgress
@@ -233,6 +295,8 @@ class JobInfo(BaseModel):
     error: str | None
     result_available: bool
     cancel_requested: bool
+    slices: list[SliceScore]
+    reached: Annotated[list[int], Field(min_length=2, max_length=2)] | None
 
 
 class JobList(BaseModel):
@@ -436,6 +500,11 @@ _LABEL_PARAMETERS = {"volume_id": _VOLUME_ID, "structure": "$response.body#/stru
 _STRUCTURE = "$response.body#/structure"
 _ACTIVE = "$response.body#/active"
 _TRAINING_ID = {"parameters": {"job_id": _JOB_ID}}
+_JOB_LINKS = {
+    "GetJob": ("get", "/jobs/{job_id}", {"parameters": {"job_id": _JOB_ID}}),
+    "CancelJob": ("post", "/jobs/{job_id}/cancel", {"parameters": {"job_id": _JOB_ID}}),
+    "GetJobResult": ("get", "/jobs/{job_id}/result", {"parameters": {"job_id": _JOB_ID}}),
+}
 LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
     ("post", "/volumes"): {
         "GetVolume": ("get", "/volumes/{volume_id}", {"parameters": {"volume_id": _VOLUME_ID}}),
@@ -445,6 +514,7 @@ LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
         "Progress": ("get", "/volumes/{volume_id}/progress", {"parameters": {"volume_id": _VOLUME_ID}}),
         "SegmentPrompt": ("post", "/segment/prompt", {"requestBody": {"volume_id": _VOLUME_ID}}),
         "SegmentAuto": ("post", "/segment/auto", {"requestBody": {"volume_id": _VOLUME_ID}}),
+        "SegmentPropagate": ("post", "/segment/propagate", {"requestBody": {"volume_id": _VOLUME_ID}}),
         "ListLabels": ("get", "/volumes/{volume_id}/labels", {"parameters": {"volume_id": _VOLUME_ID}}),
         "PutLabel": ("put", _LABEL, {"parameters": {"volume_id": _VOLUME_ID}}),
     },
@@ -452,11 +522,8 @@ LINKS: dict[tuple[str, str], dict[str, tuple[str, str, dict]]] = {
         "GetLabel": ("get", _LABEL, {"parameters": _LABEL_PARAMETERS}),
         "DeleteLabel": ("delete", _LABEL, {"parameters": _LABEL_PARAMETERS}),
     },
-    ("post", "/segment/auto"): {
-        "GetJob": ("get", "/jobs/{job_id}", {"parameters": {"job_id": _JOB_ID}}),
-        "CancelJob": ("post", "/jobs/{job_id}/cancel", {"parameters": {"job_id": _JOB_ID}}),
-        "GetJobResult": ("get", "/jobs/{job_id}/result", {"parameters": {"job_id": _JOB_ID}}),
-    },
+    ("post", "/segment/auto"): _JOB_LINKS,
+    ("post", "/segment/propagate"): _JOB_LINKS,
     ("get", "/registry"): {
         "GetDecoderStructure": ("get", "/registry/{structure}",
                                 {"parameters": {"structure": "$response.body#/structures/0/structure"}}),

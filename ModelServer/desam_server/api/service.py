@@ -44,9 +44,10 @@ from ..modeling.desam import DeSAM, ImageFeatures
 from ..wire import axis_dimension
 from .decoders import DecoderSet, LoadedDecoder
 from .errors import Conflict, NotFound, PayloadTooLarge, TooManyRequests, Unavailable, Unprocessable
-from .jobs import AutoJob, AutoJobSpec, JobManager
+from .jobs import AutoJob, AutoJobSpec, JobManager, PropagateJobSpec, SliceScore
 from .label_store import LabelInfo, LabelStore, check_structure
 from .prompting import LogitsStore, decode_slice_mask, mask_payload, mask_to_logits
+from .propagation import StopRules, box_around, propagate
 from .settings import ServiceSettings
 from .training_cases import LabelProvider, cases_from_store
 from .training_jobs import TrainingJob, TrainingJobManager, TrainingOutputs, TrainingProcessSettings
@@ -391,6 +392,8 @@ class Service:
 
     def _run_job(self, job: AutoJob) -> bytes:
         job.check_cancelled()  # e.g. its volume deleted between the job's start and here
+        if job.spec.kind == "propagate":
+            return self._run_propagation(job)
         spec = job.spec
         # The version served when the job starts; held to its end (a swap meanwhile serves new work only).
         variant = self.decoders.get(spec.decoder).model
@@ -411,8 +414,72 @@ class Service:
                     urgent=False)
                 slab[n] = result.mask
                 job.slices_with_mask += bool(result.mask.any())
+                job.add_slice(SliceScore(index, result.iou if np.isfinite(result.iou) else None,
+                                         int(result.mask.sum())))
                 job.done = n + 1
         return wire.encode_mask(slab, axis=spec.axis, offset=spec.start, volume_id=spec.volume_id)
+
+    # ---- propagation jobs ----------------------------------------------------------------------------
+    def submit_propagation(self, volume_id: str, *, axis: str, index: int, mask: str, decoder: str = "sam",
+                           start: int | None = None, stop: int | None = None, rules: StopRules | None = None,
+                           window: dict | None = None) -> AutoJob:
+        """Check the request (slice, bounds, decoder, the seed mask: a base64 wire mask of
+        exactly slice ``index``, not empty) and queue a propagation job (``propagation``)."""
+        if decoder != "sam":
+            decoder = self.decoders.get(decoder).name      # 404 naming the loaded ones
+        with self._slice(volume_id, axis, index, window) as s:
+            count = s.stored.array.shape[axis_dimension(axis)]
+            start = 0 if start is None else start
+            stop = count if stop is None else stop
+            if not 0 <= start < stop <= count:
+                raise Unprocessable(f"slice range [{start}, {stop}) is not within [0, {count}) along axis {axis}")
+            if not start <= index < stop:
+                raise Unprocessable(f"the seed slice {index} is outside the range [{start}, {stop})")
+            seed = decode_slice_mask(mask, s.stored.array.shape, axis, index, field="mask")
+            if not seed.any():
+                raise Unprocessable("the seed mask is empty: draw or segment the structure on the seed slice first")
+        rules = rules or StopRules()
+        spec = PropagateJobSpec(volume_id=volume_id, axis=axis, index=index, start=start, stop=stop, decoder=decoder,
+                                window=(s.window.center, s.window.width), iou_threshold=rules.iou_threshold,
+                                min_area=rules.min_area, min_area_ratio=rules.min_area_ratio,
+                                max_area_ratio=rules.max_area_ratio, seed=seed)
+        return self.jobs.submit(spec)
+
+    def _run_propagation(self, job: AutoJob) -> bytes:
+        spec: PropagateJobSpec = job.spec
+        # The version served when the job starts; held to its end (as an automatic job's).
+        variant = self.model if spec.decoder == "sam" else self.decoders.get(spec.decoder).model
+        window = {"center": spec.window[0], "width": spec.window[1]}
+        rules = StopRules(spec.iou_threshold, spec.min_area, spec.min_area_ratio, spec.max_area_ratio)
+        with self._slice(spec.volume_id, spec.axis, spec.index, window) as s:
+            predictor = SlicePredictor(variant, precision=self.precision, fast=self.fast_path)
+
+            def predict(index: int, neighbour: np.ndarray) -> tuple[np.ndarray, float]:
+                features, _ = self._features(s.sid, spec.axis, index, prompt=False, taps=spec.decoder != "sam")
+                job.check_cancelled()
+                box = box_around(neighbour)
+
+                def decode():  # on the scheduler's worker thread, after waiting clicks
+                    predictor.set_features(features)
+                    if spec.decoder == "sam":
+                        masks, ious, _ = predictor.predict(box=box, multimask_output=False)
+                        return masks[0], float(ious[0])
+                    return predictor.predict_desam(box=box)
+
+                return self._on_worker(decode, urgent=False)
+
+            def on_slice(index: int, mask: np.ndarray, iou: float) -> None:
+                job.add_slice(SliceScore(index, iou, int(mask.sum())))
+                job.slices_with_mask += 1
+
+            job.add_slice(SliceScore(spec.index, None, int(spec.seed.sum())))
+            job.slices_with_mask = 1
+            result = propagate(spec.seed, spec.index, spec.start, spec.stop, rules, predict, on_slice=on_slice,
+                               on_progress=lambda done: setattr(job, "done", done), check=job.check_cancelled)
+        job.reached = (result.first, result.last)
+        log.info("job %s: propagation reached [%d, %d]; stopped at %s", job.id[:8], result.first, result.last,
+                 "; ".join(result.stopped.values()))
+        return wire.encode_mask(result.slab(), axis=spec.axis, offset=result.first, volume_id=spec.volume_id)
 
     # ---- decoder registry ----------------------------------------------------------------------
     def _forget_decoder(self, old: LoadedDecoder) -> None:

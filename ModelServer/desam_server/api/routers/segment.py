@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
-from ..schemas import AutoRequest, JobInfo, PromptRequest, PromptResponse, errors
+from ..schemas import AutoRequest, JobInfo, PromptRequest, PromptResponse, PropagateRequest, errors
 from .deps import get_service
 
 router = APIRouter(prefix="/segment", tags=["segment"])
@@ -36,5 +36,22 @@ def segment_auto(body: AutoRequest, response: Response, service=Depends(get_serv
     job = service.submit_job(body.volume_id, axis=body.axis, start=body.start, stop=body.stop, mode=body.mode,
                              decoder=body.decoder, window=window, grid_size=body.grid_size,
                              iou_threshold=body.iou_threshold, min_region_area=body.min_region_area)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return JobInfo(**job.to_json())
+
+
+@router.post("/propagate", status_code=202, response_model=JobInfo,
+             responses=errors(400, 401, 404, 409, 422, 429, 503))
+def segment_propagate(body: PropagateRequest, response: Response, service=Depends(get_service)) -> JobInfo:
+    """Carry the seed slice's mask to its neighbours as a job: each next slice is prompted
+    by the box around its neighbour's mask, in both directions, until the predicted IoU,
+    the area or the area ratio to the previous slice breaks its limit, or the bound
+    (``start``, ``stop``). Poll ``GET /jobs/{id}`` (``slices``, ``reached``), fetch the
+    slab from the first to the last slice reached with ``GET /jobs/{id}/result``. 404: an
+    unknown volume or decoder; 409: a job already runs on this volume and axis."""
+    window = body.window.model_dump() if body.window else None
+    job = service.submit_propagation(body.volume_id, axis=body.axis, index=body.index, mask=body.mask,
+                                     decoder=body.decoder, start=body.start, stop=body.stop, rules=body.rules(),
+                                     window=window)
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobInfo(**job.to_json())
