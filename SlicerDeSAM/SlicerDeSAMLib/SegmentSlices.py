@@ -18,7 +18,7 @@ Otherwise (another grid; voxels another segment in the same layer holds), a
 ``MODE_MERGE_MIN`` (clears the slices), then the mask with ``MODE_MERGE_MAX``
 (``MODE_REPLACE`` would erase the segment on every other slice): O(segment), and on
 another grid Slicer resamples (nearest neighbour). Measured on a 108 x 512 x 512 segment:
-0.28 ms against 67 ms per slice (docs/benchmarks/module.md).
+0.3 to 0.4 ms against 67 to 120 ms per slice (docs/benchmarks/module.md).
 
 Reading crops the segment's internal labelmap layer with numpy when the grids match (no
 copy of the whole segment), else resamples the segment's binary labelmap onto the slices.
