@@ -151,6 +151,14 @@ class VolumeGeometry:
         ijk[cx], ijk[cy], ijk[_NORMAL[axis]] = x - 0.5, y - 0.5, index
         return self.ijk_to_world(ijk)
 
+    def slice_center(self, axis: str, index: int) -> np.ndarray:
+        """World RAS of the centre of slice ``index`` along ``axis`` (where to jump the
+        slice views to show it, e.g. from the review list)."""
+        if not 0 <= int(index) < self.axis_length(axis):
+            raise ValueError(f"slice {index} is outside 0 .. {self.axis_length(axis) - 1} along axis {axis}")
+        h, w = self.slice_shape(axis)
+        return self.slice_pixel_to_world(w / 2, h / 2, axis, int(index))
+
     # ---- axes -----------------------------------------------------------------------------------
     def axis_for_normal(self, normal_world) -> str:
         """The index axis ('k', 'j' or 'i') most parallel to a slice view's normal (world

@@ -237,3 +237,14 @@ def test_training_cases_and_segmentation_upload_the_same_volume_id():
     ours = VolumeGeometry.from_matrices(SHAPE, IJK_TO_RAS, rigid((3.0, 4.0, 5.0))).lps_geometry()
     theirs = TrainingCase.lps_geometry(IJK_TO_RAS)
     assert wire.volume_id(array, **ours) == wire.volume_id(array, **theirs)
+
+
+@pytest.mark.parametrize("axis", ["k", "j", "i"])
+def test_slice_center_is_on_that_slice_in_the_middle_of_it(axis):
+    geometry = VolumeGeometry.from_matrices(SHAPE, IJK_TO_RAS, rigid((7.0, 8.0, 9.0), (1.0, 1.0, 1.0)))
+    centre = geometry.slice_center(axis, 4)
+    assert geometry.slice_index(centre, axis) == 4
+    h, w = geometry.slice_shape(axis)
+    assert geometry.slice_point(centre, axis, 4) == pytest.approx((w / 2, h / 2))
+    with pytest.raises(ValueError, match="outside"):
+        geometry.slice_center(axis, 99)
