@@ -42,6 +42,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--volume-dir", default=None, help="where uploaded volumes persist ('off': memory only)")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
+                   help="shut down when the process PID (this service's parent, e.g. Slicer) has exited (POSIX)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,12 +58,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         registry_dir=args.registry_dir, device=args.device, precision=args.precision,
         volume_dir=args.volume_dir, log_level=args.log_level)
     settings.check_bind()
+    watch = None
+    if args.exit_with_parent is not None:
+        from .parent_watch import ParentWatch
+
+        try:
+            watch = ParentWatch(args.exit_with_parent)
+        except ValueError as exc:
+            raise SystemExit(f"desam-server serve: {exc}") from None
     logging.getLogger().setLevel(settings.log_level.upper())
     log.info("starting the DeSAM service on %s://%s:%d (auth %s)", "https" if settings.tls else "http",
              settings.host, settings.port, "on" if settings.token else "off")
     tls = {"ssl_certfile": settings.tls_certfile, "ssl_keyfile": settings.tls_keyfile} if settings.tls else {}
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30, access_log=settings.log_level == "debug", **tls)
+    if watch is not None:
+        watch.start()
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                    timeout_graceful_shutdown=30, access_log=settings.log_level == "debug", **tls)
+    finally:
+        if watch is not None:
+            watch.stop()
     return 0
 
 

@@ -5,7 +5,9 @@ Slicer); the Server panel starts it from the ``desam-server`` executable the use
 configured. Its output (stdout and stderr joined) is read line by line by a reader thread
 into a bounded buffer the panel shows. The child is ended by ``stop()``: the widget calls
 it when Slicer quits (``slicer.app.aboutToQuit``), and ``start()`` registers an
-``atexit`` fallback owned by this object, removed again by ``stop()``.
+``atexit`` fallback owned by this object, removed again by ``stop()``; on POSIX the
+service is started with ``--exit-with-parent`` so that it also ends when Slicer crashes
+or is killed.
 
 Standard library only; no Qt. ``start()`` and ``stop()`` return within about a second
 (``stop`` waits up to ``timeout`` for the child); ``wait_until_ready`` polls the service
@@ -77,7 +79,11 @@ class LocalServer:
 
     @property
     def command(self) -> list[str]:
-        return [self._resolve(), *self.prefix, "serve", *self.args, "--host", self.host, "--port", str(self.port)]
+        """On POSIX with ``--exit-with-parent`` this process's id: the service ends itself
+        when this process is gone, even when it crashed or was killed before ``stop()``."""
+        watch = ["--exit-with-parent", str(os.getpid())] if os.name == "posix" else []
+        return [self._resolve(), *self.prefix, "serve", *self.args, "--host", self.host, "--port", str(self.port),
+                *watch]
 
     @property
     def pid(self) -> int | None:

@@ -36,7 +36,8 @@ def test_start_wait_log_and_stop_the_real_service(tmp_path):
     server = tiny_server(tmp_path)
     assert server.url == f"http://127.0.0.1:{server.port}"
     assert server.command[1:4] == ["-m", "desam_server.cli", "serve"]
-    assert server.command[-4:] == ["--host", "127.0.0.1", "--port", str(server.port)]
+    watch = ["--exit-with-parent", str(os.getpid())] if os.name == "posix" else []
+    assert server.command[-4 - len(watch):] == ["--host", "127.0.0.1", "--port", str(server.port), *watch]
     server.start()
     try:
         assert server.is_running() and server.pid
@@ -155,3 +156,60 @@ def test_a_parent_that_exits_without_stop_ends_the_child(tmp_path):
         return                              # ended with its parent
     os.kill(pid, signal.SIGKILL)            # don't leave it behind
     pytest.fail(f"the service (process {pid}) outlived the process that started it")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (an exited child not yet reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_parent_ends_the_child(tmp_path):
+    """Slicer killed (SIGKILL: no atexit, no aboutToQuit): the service, started with
+    --exit-with-parent, notices its parent is gone and shuts itself down."""
+    import subprocess
+    import textwrap
+    import time
+
+    server = tiny_server(tmp_path)
+    script = textwrap.dedent(f"""
+        import time
+        from SlicerDeSAMLib.LocalServer import LocalServer
+        server = LocalServer({server.executable!r}, {server.args!r}, env={server.env!r}, port={server.port},
+                             prefix={server.prefix!r})
+        server.start()
+        print(server.pid, flush=True)
+        server.wait_until_ready(timeout=180)
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    pid = None
+    try:
+        pid = int(parent.stdout.readline())
+        assert parent.stdout.readline().strip() == "ready"
+        assert ServerClient(server.url).health()["status"] == "ok"
+        parent.kill()
+        parent.wait(30)
+        deadline = time.monotonic() + 60
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), f"the service (process {pid}) outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.stdout.close()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_exit_with_parent_refuses_a_process_that_is_not_the_parent():
+    from desam_server.parent_watch import ParentWatch
+
+    with pytest.raises(ValueError, match="parent process is"):
+        ParentWatch(os.getpid())
