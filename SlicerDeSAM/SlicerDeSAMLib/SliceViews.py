@@ -73,10 +73,7 @@ class SliceViews:
     def jump_to_slice(cls, scene, volume_node, axis: str, index: int) -> np.ndarray:
         """Centre every slice view on the middle of the volume's slice ``index`` along
         ``axis``; returns that point (world RAS)."""
-        geometry = cls.geometry(volume_node)
-        k, j, i = ((n - 1) / 2.0 for n in geometry.shape)
-        ijk = {"k": (i, j, index), "j": (i, index, k), "i": (index, j, k)}[axis]
-        ras = np.asarray(geometry.ijk_to_world(np.array(ijk, dtype=float)), dtype=float)[:3]
+        ras = np.asarray(cls.geometry(volume_node).slice_center(axis, index), dtype=float)[:3]
         slicer.vtkMRMLSliceNode.JumpAllSlices(scene, float(ras[0]), float(ras[1]), float(ras[2]),
                                               slicer.vtkMRMLSliceNode.CenteredJumpSlice)
         return ras
