@@ -17,7 +17,6 @@ from .DeSAMError import DeSAMError
 
 __all__ = ["TrainingCase"]
 
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,19 +47,6 @@ class TrainingCase:
             raise DeSAMError(f"Training case {self.name}: the segment is empty on the volume's grid. Paint the "
                              "structure in it (or choose another segment) before training.")
         object.__setattr__(self, "label", label)
-
-    @staticmethod
-    def lps_geometry(ijk_to_ras) -> dict:
-        """spacing, origin, direction (LPS, direction columns = the i, j, k axes) of a 4 x 4
-        IJK-to-RAS matrix, as ``ServerClient.upload_volume`` takes them."""
-        m = np.asarray(ijk_to_ras, dtype=float).reshape(4, 4)
-        spacing = np.linalg.norm(m[:3, :3], axis=0)
-        if not np.all(spacing > 0):
-            raise DeSAMError(f"The volume's IJK-to-RAS matrix has a zero spacing: {spacing.tolist()}.")
-        direction = _RAS_TO_LPS @ (m[:3, :3] / spacing)
-        origin = _RAS_TO_LPS @ m[:3, 3]
-        return {"spacing": tuple(float(s) for s in spacing), "origin": tuple(float(o) for o in origin),
-                "direction": tuple(tuple(float(v) for v in row) for row in direction)}
 
     @property
     def geometry(self) -> dict:

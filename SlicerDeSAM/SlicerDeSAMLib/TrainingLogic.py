@@ -11,7 +11,6 @@ needed. Errors come as ``DeSAMError`` with the service's own message.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -63,10 +62,16 @@ class TrainingLogic:
             shape = None if array is None else array.shape
             raise DeSAMError(f"Training case {name}: '{volume_node.GetName()}' is not a scalar 3D volume (voxel "
                              f"array {shape}).")
-        label = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
-        ijk_to_ras = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(volume_node))
+        # The segment on the volume's grid through both nodes' parent transforms (the reader
+        # the prompts use; Slicer's arrayFromSegmentBinaryLabelmap misplaces edge voxels
+        # under oblique parent transforms), and the upload geometry the prompts use.
+        from . import nodes
+        from .SegmentSlices import SegmentSlices
+
+        geometry = nodes.volume_geometry(volume_node)
+        label = SegmentSlices().read_slab(segmentation_node, segment_id, volume_node, "k", 0, array.shape[0])
         return TrainingCase(name=name, structure=structure or segment.GetName(), array=np.array(array),
-                            label=np.asarray(label) != 0, **TrainingCase.lps_geometry(ijk_to_ras))
+                            label=label, **geometry.lps_geometry())
 
     # ---- worker thread ------------------------------------------------------------------------
     def upload_cases(self, cases: Sequence[TrainingCase]) -> list[dict]:
@@ -176,11 +181,3 @@ class TrainingLogic:
             return self.client.rollback_decoder(structure)
         except ServerError as exc:
             raise self._error(exc, f"Could not roll back {structure}") from None
-
-
-def _ijk_to_ras(volume_node) -> Any:
-    import vtk
-
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    return matrix

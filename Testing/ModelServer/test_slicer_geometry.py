@@ -227,18 +227,6 @@ def test_slicer_free_files_import_only_stdlib_numpy_and_each_other():
             assert roots <= allowed, (name, roots)
 
 
-def test_training_cases_and_segmentation_upload_the_same_volume_id():
-    """TrainingCase (branch train) computes the LPS geometry on its own: the same volume
-    must get the same id whichever panel uploads it, or it would be sent twice."""
-    from SlicerDeSAMLib import wire
-    from SlicerDeSAMLib.TrainingCase import TrainingCase
-
-    array = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE)
-    ours = VolumeGeometry.from_matrices(SHAPE, IJK_TO_RAS, rigid((3.0, 4.0, 5.0))).lps_geometry()
-    theirs = TrainingCase.lps_geometry(IJK_TO_RAS)
-    assert wire.volume_id(array, **ours) == wire.volume_id(array, **theirs)
-
-
 @pytest.mark.parametrize("axis", ["k", "j", "i"])
 def test_slice_center_is_on_that_slice_in_the_middle_of_it(axis):
     geometry = VolumeGeometry.from_matrices(SHAPE, IJK_TO_RAS, rigid((7.0, 8.0, 9.0), (1.0, 1.0, 1.0)))
