@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import slicer
 from slicer.util import VTKObservationMixin
 
+from SlicerDeSAMLib import nodes
 from SlicerDeSAMLib.requests import PropagationOptions
 
 JOB_POLL_S = 0.5
@@ -113,6 +115,10 @@ class CorrectPanel(VTKObservationMixin):
         session = self.module.requireSession()
         first = points[0] if points else tuple((a + b) / 2 for a, b in zip(*box, strict=True))
         axis = self.module.axisForPoint(p.volume, first)
+        if points:
+            # SAM's interactive use: every click on this slice (since Accept), with the
+            # previous answer's logits, not the newest click alone.
+            points, labels = self._pointsOnSlice(p.volume, axis, first, labels[0])
         prompt = session.segmentation.prepare_prompt(p.volume, p.segmentation, p.segmentId, points, labels,
                                                      box_world=box, axis=axis)
         ref = session.volume_ref(p.volume)
@@ -120,6 +126,28 @@ class CorrectPanel(VTKObservationMixin):
         self.ui.correctStatusLabel.text = "asking the service ..."
         session.worker.submit(self._request, session, ref, prompt, on_done=self._applyPrompt,
                               on_error=self._failed, key="prompt")
+
+    def _pointsOnSlice(self, volumeNode, axis: str, anchor, anchorLabel: int) -> tuple[list, list]:
+        """The newest point ``anchor`` (label ``anchorLabel``) first, then the other positive
+        and negative points placed on its slice along ``axis`` (world RAS, labels 1/0)."""
+        geometry = nodes.volume_geometry(volumeNode)
+        index = geometry.slice_index(anchor, axis)
+        points, labels = [tuple(anchor)], [anchorLabel]
+        for role in ("positive", "negative"):
+            node = self.nodes.get(role)
+            if node is None or not slicer.mrmlScene.IsNodePresent(node):
+                continue
+            for n in range(node.GetNumberOfControlPoints()):
+                ras = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPositionWorld(n, ras)
+                try:
+                    on_slice = geometry.slice_index(ras, axis) == index
+                except ValueError:          # outside the volume along the axis
+                    on_slice = False
+                if on_slice and not np.allclose(ras, anchor):
+                    points.append(tuple(ras))
+                    labels.append(ROLES[role][2])
+        return points, labels
 
     @staticmethod
     def _request(session, ref, prompt):
