@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve demo decoders test lint bench bench-service bench-fast-path lock clean
+.PHONY: setup serve demo decoders test lint bench bench-service bench-fast-path bench-module lock clean
 
 $(STAMP): ModelServer/pyproject.toml ModelServer/requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench-service: $(STAMP)
 # segment_anything's SamPredictor (docs/benchmarks/click_fast_path.md).
 bench-fast-path: $(STAMP)
 	$(PY) scripts/bench_fast_path.py --json $(OUT)/bench_fast_path.json
+
+# The Slicer module on slicer-core against a MobileSAM service: a click to the segment
+# updated (service round trip vs module work), the automatic run over the sample CT.
+bench-module: $(STAMP)
+	$(PY) scripts/bench_module.py --json $(OUT)/bench_module.json
 
 lock: $(STAMP)
 	{ head -n 2 ModelServer/requirements.lock; $(PY) -m pip freeze --exclude-editable; } > ModelServer/requirements.lock.new

@@ -38,7 +38,7 @@ Segment CT and MR volumes with DeSAM (a decoupled Segment Anything Model) runnin
 service: automatic segmentation of every slice, point and box prompts on any slice view,
 propagation to neighbouring slices, review of the least certain slices, and fine-tuning of
 the decoder on your own corrected cases. The service runs beside Slicer (Server panel).
-See the <a href="https://github.com/SlicerDeSAM/SlicerDeSAM/blob/main/docs/MODULE.md">module documentation</a>.
+See the <a href="https://github.com/SlicerDeSAM/SlicerDeSAM/#the-slicer-module">module documentation</a>.
 """)
         self.parent.acknowledgementText = _("""
 DeSAM is the model of Yifan Gao, Wei Xia, Dingdu Hu, Wenkui Wang and Xin Gao, "DeSAM: Decoupled

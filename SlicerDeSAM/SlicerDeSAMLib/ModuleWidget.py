@@ -23,7 +23,7 @@ from SlicerDeSAMLib.ViewHint import ViewHint
 from SlicerDeSAMLib.VolumeGeometry import VolumeGeometry
 
 POLL_MS = 100
-SHORTCUTS = (  # key sequence, what it does (documented in docs/MODULE.md)
+SHORTCUTS = (  # key sequence, what it does (documented in README.md, Keyboard shortcuts)
     ("P", "positive"),
     ("N", "negative"),
     ("X", "box"),  # not B: b/f move a slice view's slice in Slicer

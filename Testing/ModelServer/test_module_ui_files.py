@@ -1,7 +1,7 @@
 """Static checks of the Slicer module's files beside its Python: the .ui files are
 well-formed, every widget the panels look up exists there with a fitting class, the
 parameter-node bindings fit, the CMake lists match the files, the extension index entry
-follows Slicer's schema, the icons are the drawn ones, and docs/MODULE.md's Troubleshooting
+follows Slicer's schema, the icons are the drawn ones, and README's Troubleshooting in Slicer
 headings are messages the user can see."""
 
 from __future__ import annotations
@@ -189,10 +189,10 @@ def test_icons_are_the_drawn_ones():
 
 
 def test_troubleshooting_headings_are_messages_the_user_can_see():
-    """docs/MODULE.md's Troubleshooting headings quote messages of the module (or the
+    """README's "Troubleshooting in Slicer" headings quote messages of the module (or the
     service): every fixed part of each heading is in a string of that code."""
-    text = (ROOT / "docs" / "MODULE.md").read_text()
-    section = text.split("## Troubleshooting", 1)[1]
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Troubleshooting in Slicer\n", 1)[1].split("\n## ", 1)[0]
     headings = re.findall(r"^### `(.+)`$", section, re.M)
     assert len(headings) >= 10
     strings = string_constants([*PY_FILES, *(ROOT / "ModelServer" / "desam_server").rglob("*.py")])
