@@ -44,6 +44,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.timer.connect("timeout()", self.poll)
         self._boxStart = None
         self._pending: list[tuple] = []
+        # The clicks answered on each slice, (segment, axis, index) -> [(ras, label), ...]:
+        # a click is sent with them while the slice still holds the last answer.
+        self._clicks: dict[tuple, list] = {}
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -102,6 +105,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def deactivate(self):
         self.timer.stop()
         self._boxStart = None
+        self._clicks.clear()
 
     def cleanup(self):
         self.timer.stop()
@@ -161,23 +165,42 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             session = self._session()
             request = session.segmentation.prepare_prompt(volumeNode, segmentationNode, segmentId, points, labels,
                                                           box_world=box, axis=axis)
+            if points:
+                request = self._withEarlierClicks(session, request, (volumeNode, segmentationNode, segmentId),
+                                                  points, labels)
             ref = session.volume_ref(volumeNode)
             self.statusLabel.text = "asking the service ..."
             session.worker.submit(self._request, session, ref, request,
-                                  on_done=lambda outcome: self._apply(outcome, segmentationNode, volumeNode),
+                                  on_done=lambda outcome: self._apply(outcome, segmentationNode, segmentId, volumeNode),
                                   on_error=self._failed, key="prompt")
+
+    def _withEarlierClicks(self, session, request, nodes, points, labels):
+        """SAM's interactive use: the click with the earlier clicks on its slice, while the
+        slice still holds the last answer (``logits_id`` set: nothing edited it since);
+        otherwise the click alone, and the slice's click list starts again."""
+        volumeNode, segmentationNode, segmentId = nodes
+        key = (segmentationNode.GetID(), segmentId, request.axis, request.index)
+        earlier = self._clicks.get(key, []) if request.logits_id else []
+        self._clicks[key] = [*earlier, *zip(points, labels, strict=True)]
+        if not earlier:
+            return request
+        allPoints = [ras for ras, _ in self._clicks[key]]
+        allLabels = [label for _, label in self._clicks[key]]
+        return session.segmentation.prepare_prompt(volumeNode, segmentationNode, segmentId, allPoints, allLabels,
+                                                   axis=request.axis)
 
     @staticmethod
     def _request(session, ref, request):
         return session.segmentation.request_prompt(session.resolve(ref), request)
 
-    def _apply(self, outcome, segmentationNode, volumeNode) -> None:
+    def _apply(self, outcome, segmentationNode, segmentId, volumeNode) -> None:
         with slicer.util.tryWithErrorDisplay("DeSAM: failed to write the answer.", waitCursor=False):
             removeLabelmap, addLabelmap = self.session.editor.slice_labelmaps(outcome, segmentationNode, volumeNode)
             self.scriptedEffect.saveStateForUndo()
             effect = slicer.qSlicerSegmentEditorAbstractEffect
             self.scriptedEffect.modifySelectedSegmentByLabelmap(removeLabelmap, effect.ModificationModeRemove)
             self.scriptedEffect.modifySelectedSegmentByLabelmap(addLabelmap, effect.ModificationModeAdd)
+            self.session.segmentation.remember_answer(outcome, segmentationNode, segmentId, volumeNode)
             self.statusLabel.text = f"slice {outcome.index} ({outcome.axis}): predicted IoU {float(outcome.iou):.2f}"
         self._sendNext()
 

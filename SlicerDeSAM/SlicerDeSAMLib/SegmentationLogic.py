@@ -194,9 +194,14 @@ class SegmentationLogic:
         """Main thread: set that slice of the segment to the mask (one undo step)."""
         step = self._replace(f"prompt on slice {outcome.index}", segmentation_node, segment_id, volume_node,
                              outcome.axis, outcome.index, outcome.mask[None])
+        self.remember_answer(outcome, segmentation_node, segment_id, volume_node)
+        return step
+
+    def remember_answer(self, outcome: PromptOutcome, segmentation_node, segment_id: str, volume_node) -> None:
+        """The outcome was written on its slice (here, or by the Segment Editor's path): the
+        next prompt there refines it by its logits while the slice still equals its mask."""
         key = self._slice_key(segmentation_node, segment_id, volume_node, outcome.axis, outcome.index)
         self._answers[key] = outcome
-        return step
 
     @staticmethod
     def _slice_key(segmentation_node, segment_id: str, volume_node, axis: str, index: int) -> tuple:

@@ -168,3 +168,37 @@ def test_prompts_on_other_axes_write_that_slice_only(editor, axis):
     neighbour = np.zeros(shape, bool)
     neighbour[2] = True                                   # only the k = 2 slice filled earlier crosses it
     np.testing.assert_array_equal(io.read_slice(segmentation, a, volume, axis, 6), neighbour)
+
+
+def test_an_answer_written_by_the_editor_is_refined_by_its_logits_unless_masking_cut_it(editor):
+    """The effect records each answer it wrote (``remember_answer``): the next prompt on
+    that slice refines it by the service's logits while the slice equals the answer; when
+    the editor's masking cut the answer (the slice holds less), the slice's mask is sent."""
+    from SlicerDeSAMLib.SegmentationLogic import SegmentationLogic
+
+    logic, node, volume, segmentation, a, b = editor
+    prompts = SegmentationLogic(client=None)
+    point = [volume_world(volume, (12.0, 10.0, 2.0))]
+    answer = PromptOutcome(axis="k", index=2, mask=box(5, 15, 5, 15), iou=0.9, area=100, logits_id="L1")
+    EditorLogic().apply_prompt_in_editor(logic, answer)
+    prompts.remember_answer(answer, segmentation, a, volume)
+    again = prompts.prepare_prompt(volume, segmentation, a, point, [1], axis="k")
+    assert again.index == 2 and again.logits_id == "L1"
+
+    SegmentSlices().write_slice(segmentation, b, volume, "k", 3, box(0, 10, 0, 24))
+    node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    node.SetMaskSegmentID(b)
+    cut = PromptOutcome(axis="k", index=3, mask=box(5, 15, 5, 15), iou=0.9, area=100, logits_id="L2")
+    EditorLogic().apply_prompt_in_editor(logic, cut)
+    prompts.remember_answer(cut, segmentation, a, volume)
+    masked = prompts.prepare_prompt(volume, segmentation, a, [volume_world(volume, (12.0, 10.0, 3.0))], [1],
+                                    axis="k")
+    assert masked.index == 3 and masked.logits_id is None
+    np.testing.assert_array_equal(masked.mask, box(5, 10, 5, 15))
+
+
+def volume_world(volume, ijk) -> list[float]:
+    from SlicerDeSAMLib.nodes import volume_geometry
+
+    return [float(v) for v in volume_geometry(volume).ijk_to_world(ijk)[:3]]
