@@ -256,7 +256,7 @@ def _aim(case, how: int, client) -> None:
     structure and a version of it. The containers are replaced, not edited in place, so
     schemathesis re-judges whether the request is still invalid."""
     if how and "structure" in case.path_parameters:
-        registry = client.app.state.service.registry
+        registry = client.app.state.service.versions.registry
         versions = [v.version for v in registry.versions(STRUCTURE)] if STRUCTURE in registry.structures() else []
         aimed = {"structure": STRUCTURE}
         if versions and "version" in case.path_parameters:
@@ -280,7 +280,7 @@ def _restore_volume(case, client) -> None:
         # A generated DELETE removed the uploaded volume: put it back for the requests after it.
         assert client.post("/volumes", content=PAYLOAD).status_code == 201
     if case.method.upper() == "DELETE":  # or a version of the registry's structure
-        _restore_registry(client.app.state.service.registry)
+        _restore_registry(client.app.state.service.versions.registry)
 
 
 @schema.parametrize()
@@ -361,7 +361,7 @@ def test_valid_requests_conform_to_the_schema(service):
     gone = schema["/volumes/{volume_id}/labels/{structure}"]["DELETE"].Case(path_parameters=label).call_and_validate()
     assert gone.status_code == 204
 
-    _restore_registry(service.app.state.service.registry)
+    _restore_registry(service.app.state.service.versions.registry)
     structure = {"structure": STRUCTURE}
     versions = [v["version"] for v in call("GET", "/registry/{structure}", path_parameters=structure)["versions"]]
     first, second = ({**structure, "version": v} for v in versions[:2])
@@ -373,7 +373,7 @@ def test_valid_requests_conform_to_the_schema(service):
     curve = schema["/registry/{structure}/versions/{version}/curve"]["GET"].Case(path_parameters=first)
     assert curve.call_and_validate().content.startswith(b"\x89PNG")
     schema["/registry/{structure}/versions/{version}"]["DELETE"].Case(path_parameters=second).call_and_validate()
-    _restore_registry(service.app.state.service.registry)
+    _restore_registry(service.app.state.service.versions.registry)
 
     options = {"slabs": 1, "gap": 1, "validation_fraction": 0.2, "empty_ratio": 0,
                "config": {"strategy": "box", "epochs": 1, "batch_size": 2}}

@@ -127,14 +127,14 @@ def test_activation_swaps_the_clicked_decoder_and_releases_the_old_one(tmp_path,
         model, generation = weakref.ref(old.model), old.model.generation
         assert any(f.decoder_state.generation == generation for f in service._hot.values())
         del old
-        service.activate_decoder("organ", "v2")
+        service.versions.activate("organ", "v2")
         # The old version's slice work left the hot slices, and nothing keeps its model alive.
         assert not any(f.decoder_state.generation == generation for f in service._hot.values())
         gc.collect()
         assert model() is None
         second = service.prompt(info["volume_id"], "k", 2, **click)
         assert second["timing"]["cached"] and not np.array_equal(_mask(first), _mask(second))
-        service.rollback_decoder("organ")
+        service.versions.rollback("organ")
         assert np.array_equal(_mask(service.prompt(info["volume_id"], "k", 2, **click)), _mask(first))
     finally:
         service.close()

@@ -1,9 +1,10 @@
 """The service's state and operations, independent of HTTP.
 
 ``Service`` owns the model, the feature cache, the encoding scheduler, the volume store,
-the label store, the loaded decoders (decoder files given at start, and the active version of every
-structure in the decoder registry), the job manager and the logits of recent answers. The routers only
-translate HTTP to these methods; errors are ``errors.ServiceError`` subclasses.
+the label store, the loaded decoders (decoder files given at start, and the active
+version of every structure in the decoder registry: ``versions``, a ``DecoderVersions``),
+the job manager and the logits of recent answers. The routers only translate HTTP to
+these methods; errors are ``errors.ServiceError`` subclasses.
 
 Threads: the scheduler's worker runs every PyTorch computation -- encoder passes, and
 the decoder passes that request threads and the job worker hand it (``scheduler.call``):
@@ -28,20 +29,13 @@ import numpy as np
 import torch
 
 from .. import wire
-from ..decoder_registry import (
-    DecoderRegistry,
-    RegistryConflict,
-    RegistryError,
-    StructureState,
-    UnknownVersion,
-    VersionInfo,
-)
+from ..decoder_registry import DecoderRegistry
 from ..engine import IntensityWindow, SlicePredictor
 from ..engine.feature_cache import FeatureCache
 from ..engine.scheduler import EncodingScheduler, SchedulerClosedError
-from ..modeling.checkpoint import CheckpointError, read_decoder
 from ..modeling.desam import DeSAM, ImageFeatures
 from ..wire import axis_dimension
+from .decoder_versions import DecoderVersions
 from .decoders import DecoderSet, LoadedDecoder
 from .errors import Conflict, NotFound, PayloadTooLarge, TooManyRequests, Unavailable, Unprocessable
 from .jobs import AutoJob, AutoJobSpec, JobManager, PropagateJobSpec, SliceScore
@@ -122,13 +116,11 @@ class Service:
             self.decoders.load(path)
         if settings.decoder_dir is not None:
             self.decoders.load_dir(settings.decoder_dir)
-        # Names of decoder files given at start: they win over registry structures of the same name.
-        self._file_decoders = frozenset(self.decoders.names())
-        self.registry = None if settings.registry_dir is None else DecoderRegistry(settings.registry_dir)
-        self._registry_lock = threading.Lock()   # one registry change (and its swap) at a time
-        self._registry_problems: dict[str, str] = {}  # structure -> why its active version is not served
-        if self.registry is not None:
-            self.sync_decoders()
+        # The registry's active versions, served beside the decoder files given at start
+        # (which win over registry structures of the same name).
+        self.versions = DecoderVersions(
+            None if settings.registry_dir is None else DecoderRegistry(settings.registry_dir), self.decoders,
+            file_decoders=frozenset(self.decoders.names()))
         self.started = time.time()
         self.closed = False
 
@@ -490,174 +482,6 @@ class Service:
             for key in [key for key, f in self._hot.items() if f.decoder_state.generation == generation]:
                 del self._hot[key]
 
-    def _registry_or_conflict(self) -> DecoderRegistry:
-        if self.registry is None:
-            raise Conflict("the service runs without a decoder registry (registry_dir is off)")
-        return self.registry
-
-    @contextlib.contextmanager
-    def _registry_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except UnknownVersion as exc:
-            raise NotFound(str(exc)) from None
-        except (RegistryConflict, RegistryError) as exc:  # conflicts; an unreadable versions.json
-            raise Conflict(str(exc)) from None
-
-    def _build_version(self, info: VersionInfo) -> LoadedDecoder:
-        """A registry version as a ``LoadedDecoder`` (not yet served); ``CheckpointError``
-        (its message naming the version, not the path) when it does not fit the model."""
-        path = self.registry.path(info.structure, info.version)
-        try:
-            loaded = self.decoders.build(path, info.structure, version=info.version)
-            if loaded.sha256 != info.sha256:
-                raise CheckpointError(f"{path}: the file changed on disk since it was registered")
-        except CheckpointError as exc:
-            raise CheckpointError(str(exc).replace(str(path), f"{info.structure} {info.version}")) from None
-        return loaded
-
-    def _serve_active(self, structure: str, prebuilt: LoadedDecoder | None = None) -> None:
-        """Serve the structure's active version under its name (nothing when it has none, or
-        when it does not fit the model: the reason is kept for ``registry_structure``). Under
-        ``_registry_lock``."""
-        if structure in self._file_decoders:
-            self._registry_problems[structure] = ("a decoder file of the same name given at start (decoders / "
-                                                  "decoder_dir) is served instead")
-            return
-        try:
-            info = self.registry.active(structure)
-        except UnknownVersion:
-            info = None
-        current = self.decoders.peek(structure)
-        if info is None:
-            self._registry_problems.pop(structure, None)
-            if current is not None:
-                self.decoders.remove(structure)
-            return
-        if current is not None and current.version == info.version and current.sha256 == info.sha256:
-            return
-        try:
-            loaded = prebuilt if prebuilt is not None and prebuilt.version == info.version else (
-                self._build_version(info))
-        except CheckpointError as exc:
-            self._registry_problems[structure] = str(exc)
-            log.warning("decoder registry: %s %s not served: %s", structure, info.version, exc)
-            if current is not None:
-                self.decoders.remove(structure)
-            return
-        self._registry_problems.pop(structure, None)
-        self.decoders.put(loaded)
-
-    def sync_decoders(self) -> None:
-        """Serve the registry's active version of every structure, and stop serving
-        structures that no longer have one: picks up changes other processes made. The
-        registry routes call it for the structure they change."""
-        registry = self._registry_or_conflict()
-        with self._registry_lock:
-            served = {d.name for d in (self.decoders.peek(n) for n in self.decoders.names())
-                      if d is not None and d.version is not None}
-            for structure in sorted(set(registry.structures()) | served | set(self._registry_problems)):
-                self._serve_active(structure)
-
-    def _structure(self, state: StructureState) -> dict:
-        current = self.decoders.peek(state.structure)
-        served = current.version if current is not None and current.version is not None else None
-        return {**state.to_json(), "served": served, "problem": self._registry_problems.get(state.structure)}
-
-    def registry_structures(self) -> list[dict]:
-        registry = self._registry_or_conflict()
-        states = []
-        for structure in registry.structures():
-            with contextlib.suppress(UnknownVersion):  # deleted meanwhile
-                states.append(self._structure(registry.state(structure)))
-        return states
-
-    def registry_structure(self, structure: str) -> dict:
-        registry = self._registry_or_conflict()
-        with self._registry_errors():
-            return self._structure(registry.state(structure))
-
-    def registry_record(self, structure: str, version: str) -> dict:
-        """The version (``VersionInfo``) with its decoder metadata, training record included."""
-        registry = self._registry_or_conflict()
-        with self._registry_errors():
-            state = registry.state(structure)
-            return {**state.version(version).to_json(), "active": state.active == version,
-                    "metadata": registry.record(structure, version)}
-
-    def registry_curve(self, structure: str, version: str) -> bytes:
-        registry = self._registry_or_conflict()
-        with self._registry_errors():
-            path = registry.curve_path(structure, version)
-            if path is None:
-                raise NotFound(f"{structure} {version} was registered without a training curve")
-            try:
-                return path.read_bytes()
-            except FileNotFoundError:
-                raise NotFound(f"{structure} {version} was deleted meanwhile") from None
-
-    def _check_servable(self, structure: str) -> None:
-        if structure in self._file_decoders:
-            raise Conflict(f"the name {structure!r} is taken by a decoder file this service was started with "
-                           "(decoders / decoder_dir): it would not serve the registry's version; nothing changed")
-
-    def _fitting(self, info: VersionInfo) -> LoadedDecoder:
-        try:
-            return self._build_version(info)
-        except CheckpointError as exc:
-            raise Conflict(f"{info.structure} {info.version} does not fit the service's model, nothing changed: "
-                           f"{exc}") from None
-
-    def activate_decoder(self, structure: str, version: str) -> dict:
-        """Make ``version`` the structure's active version and serve it at once: new
-        requests get it, requests already running finish on the version they started with.
-        409 (nothing changed) when it does not fit the model or the name is a decoder file's."""
-        registry = self._registry_or_conflict()
-        with self._registry_lock, self._registry_errors():
-            self._check_servable(structure)
-            loaded = self._fitting(registry.version(structure, version))
-            registry.activate(structure, version)
-            self._serve_active(structure, loaded)
-            return self._structure(registry.state(structure))
-
-    def rollback_decoder(self, structure: str) -> dict:
-        """Back to the version active before the present one, served at once (as ``activate_decoder``)."""
-        registry = self._registry_or_conflict()
-        with self._registry_lock, self._registry_errors():
-            self._check_servable(structure)
-            state = registry.state(structure)
-            history = [v for v in state.history if v != state.active]
-            loaded = self._fitting(state.version(history[-1])) if history else None
-            registry.rollback(structure)
-            self._serve_active(structure, loaded)
-            return self._structure(registry.state(structure))
-
-    def delete_decoder_version(self, structure: str, version: str) -> None:
-        """Delete a version (409 for the active one while the structure has others; the
-        only version removes the structure, which the service then stops serving)."""
-        registry = self._registry_or_conflict()
-        with self._registry_lock, self._registry_errors():
-            registry.delete(structure, version)
-            self._serve_active(structure)
-
-    def install_decoder(self, decoder_file, *, curve_png=None, activate: bool = True) -> VersionInfo:
-        """Register a trained decoder file (and its training-curve PNG) as the next version of
-        its structure and, with ``activate``, serve it at once. ``CheckpointError`` when the
-        file is unreadable or (with ``activate``) does not fit the service's model: then
-        nothing is registered; ``Conflict`` when a decoder file given at start has the name."""
-        registry = self._registry_or_conflict()
-        with self._registry_lock:
-            loaded = None
-            if activate:  # fits the model? (before anything is registered)
-                structure = read_decoder(decoder_file)[1].get("structure")
-                loaded = self.decoders.build(decoder_file, structure)
-                self._check_servable(structure)
-            info = registry.register(decoder_file, curve_png=curve_png, activate=activate)
-            if loaded is not None:
-                loaded = LoadedDecoder(info.structure, loaded.model, loaded.metadata, loaded.sha256, info.version)
-            self._serve_active(info.structure, loaded)
-            return info
-
     def _share_cores_with_training(self, running: bool) -> None:
         """While a training process runs, the compute thread uses only the cores the
         training process leaves (its OpenMP team would otherwise wait at every barrier for a
@@ -676,7 +500,7 @@ class Service:
     def _install_trained(self, outputs) -> str:
         """A finished training job's best decoder becomes the active version of its
         structure (hot swap); returns 'structure vN'."""
-        info = self.install_decoder(outputs.best_path, curve_png=outputs.curve_path, activate=True)
+        info = self.versions.install(outputs.best_path, curve_png=outputs.curve_path, activate=True)
         return f"{info.structure} {info.version}"
 
     # ---- training jobs ---------------------------------------------------------------------------
@@ -719,7 +543,7 @@ class Service:
                           "encoder_weights_sha256": self.model.encoder_weights_sha256,
                           "device": str(self.model.device), "precision": self.precision.name,
                           "bf16": self.precision.name == "bfloat16"},
-                "decoders": self.decoders.describe(), "decoder_registry": self.registry is not None,
+                "decoders": self.decoders.describe(), "decoder_registry": self.versions.registry is not None,
                 "cache": self.cache.stats(), "scheduler": scheduler,
                 "queue_depth": scheduler["queued"] + scheduler["running"], "prompts_waiting": waiting,
                 "volumes": self.store.stats(), "labels": self.labels.stats(), "jobs": self.jobs.stats(),

@@ -31,12 +31,12 @@ PNG_RESPONSE = {200: {"description": "the training curve (loss and validation Di
 def list_structures(service=Depends(get_service)) -> RegistryList:
     """Every structure with its versions, the active one and the one this service serves
     (409 when the service runs without a registry)."""
-    return RegistryList(structures=service.registry_structures())
+    return RegistryList(structures=service.versions.structures())
 
 
 @router.get("/{structure}", response_model=RegistryStructure, responses=errors(401, 404, 409, 422, 503))
 def get_structure(structure: Structure, service=Depends(get_service)) -> RegistryStructure:
-    return RegistryStructure(**service.registry_structure(structure))
+    return RegistryStructure(**service.versions.structure(structure))
 
 
 @router.put("/{structure}/active", response_model=RegistryStructure,
@@ -47,28 +47,28 @@ def activate(structure: Structure, body: ActivateRequest, service=Depends(get_se
     version they started with. 409, with nothing changed, when the version does not fit the
     service's model (another encoder or encoder weights) or a decoder file given at start
     has the structure's name."""
-    return RegistryStructure(**service.activate_decoder(structure, body.version))
+    return RegistryStructure(**service.versions.activate(structure, body.version))
 
 
 @router.post("/{structure}/rollback", response_model=RegistryStructure, responses=errors(401, 404, 409, 422, 503))
 def rollback(structure: Structure, service=Depends(get_service)) -> RegistryStructure:
     """Back to the version that was active before the present one, served at once (409 when
     there is none)."""
-    return RegistryStructure(**service.rollback_decoder(structure))
+    return RegistryStructure(**service.versions.rollback(structure))
 
 
 @router.get("/{structure}/versions/{version}", response_model=DecoderRecord,
             responses=errors(401, 404, 409, 422, 503))
 def get_version(structure: Structure, version: Version, service=Depends(get_service)) -> DecoderRecord:
     """The version and its training record (the decoder file's metadata)."""
-    return DecoderRecord(**service.registry_record(structure, version))
+    return DecoderRecord(**service.versions.record(structure, version))
 
 
 @router.get("/{structure}/versions/{version}/curve", response_class=Response,
             responses={**PNG_RESPONSE, **errors(401, 404, 409, 422, 503)})
 def get_curve(structure: Structure, version: Version, service=Depends(get_service)) -> Response:
     """The version's training-curve PNG (404 when it was registered without one)."""
-    return Response(content=service.registry_curve(structure, version), media_type="image/png")
+    return Response(content=service.versions.curve(structure, version), media_type="image/png")
 
 
 @router.delete("/{structure}/versions/{version}", status_code=204, responses=errors(401, 404, 409, 422, 503))
@@ -76,5 +76,5 @@ def delete_version(structure: Structure, version: Version, service=Depends(get_s
     """Delete a version. The active version is refused (409) while the structure has other
     versions (activate another or roll back first); deleting the only version removes the
     structure, which the service then stops serving."""
-    service.delete_decoder_version(structure, version)
+    service.versions.delete(structure, version)
     return Response(status_code=204)
