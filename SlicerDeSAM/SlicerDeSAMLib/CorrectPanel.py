@@ -43,6 +43,10 @@ class CorrectPanel(VTKObservationMixin):
         for widget in self.placeWidgets.values():
             widget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
         self._pending: list[tuple] = []   # prompts waiting for the previous answer
+        self._sentPoint = None            # (node, control point id) of the prompt on its way
+        # Each applied prompt's undo step and the control point that made it: Undo removes
+        # the point too, so it is not sent again with the slice's next click.
+        self._stepPoints: list[tuple] = []
         self._lastSlice: tuple[str, int] | None = None
         self._target = None
         self.jobId: str | None = None
@@ -95,9 +99,9 @@ class CorrectPanel(VTKObservationMixin):
                 corner = [0.0, 0.0, 0.0]
                 node.GetNthControlPointPositionWorld(count - 2, corner)
                 node.RemoveAllControlPoints()
-                self._enqueue(([], [], (tuple(corner), tuple(ras))))
+                self._enqueue(([], [], (tuple(corner), tuple(ras)), None))
             else:
-                self._enqueue(([tuple(ras)], [ROLES[role][2]], None))
+                self._enqueue(([tuple(ras)], [ROLES[role][2]], None, (node, node.GetNthControlPointID(count - 1))))
 
     def _enqueue(self, prompt: tuple) -> None:
         self._pending.append(prompt)
@@ -107,7 +111,7 @@ class CorrectPanel(VTKObservationMixin):
     def _sendNext(self) -> None:
         if not self._pending:
             return
-        points, labels, box = self._pending.pop(0)
+        points, labels, box, self._sentPoint = self._pending.pop(0)
         p = self.module.parameters
         if p is None or p.volume is None or p.segmentation is None or not p.segmentId:
             self._pending.clear()
@@ -158,7 +162,9 @@ class CorrectPanel(VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Failed to write the prompt's answer.", waitCursor=False):
             volumeNode, segmentationNode, segmentId = self._target
             session = self.module.requireSession()
-            session.segmentation.apply_prompt(outcome, segmentationNode, segmentId, volumeNode)
+            step = session.segmentation.apply_prompt(outcome, segmentationNode, segmentId, volumeNode)
+            if self._sentPoint is not None:
+                self._stepPoints.append((step, self._sentPoint))
             self._lastSlice = (outcome.axis, int(outcome.index))
             self.ui.correctStatusLabel.text = (f"slice {outcome.index} ({outcome.axis}) updated, "
                                                f"predicted IoU {float(outcome.iou):.2f}")
@@ -243,14 +249,27 @@ class CorrectPanel(VTKObservationMixin):
             session = self.module.requireSession()
             if p is None or p.segmentation is None:
                 raise ValueError("No segmentation chosen.")
-            if not session.segmentation.undo_last(p.segmentation):
+            step = session.segmentation.undo_last(p.segmentation)
+            if step is None:
                 self.ui.correctStatusLabel.text = "nothing to undo"
             else:
+                self.removePointOf(step)
                 self.ui.correctStatusLabel.text = "last AI action undone"
+
+    def removePointOf(self, step) -> None:
+        """Remove the control point that made the undone prompt ``step`` (if it was one)."""
+        for n, (made, (node, pointId)) in enumerate(self._stepPoints):
+            if made is step:
+                del self._stepPoints[n]
+                index = node.GetNthControlPointIndexByID(pointId) if slicer.mrmlScene.IsNodePresent(node) else -1
+                if index >= 0:
+                    node.RemoveNthControlPoint(index)
+                return
 
     def onAccept(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to accept.", waitCursor=False):
             self.module.requireSession().segmentation.accept()
+            self._stepPoints.clear()
             self.clearPrompts()
             self._lastSlice = None
             self.ui.correctStatusLabel.text = "accepted"

@@ -43,3 +43,21 @@ def test_a_click_sends_the_points_on_its_slice_with_their_labels(axis):
         expected = {(np.round(on(4, 3, 5), 6).tobytes(), 1), (np.round(on(4, 2, 2), 6).tobytes(), 0)}
         got = {(np.round(p, 6).tobytes(), label) for p, label in zip(points[1:], labels[1:], strict=True)}
         assert got == expected
+
+
+def test_undo_of_a_prompt_removes_the_point_that_made_it():
+    """Undo takes back the prompt's answer and its control point, so the point is not sent
+    again with the slice's next click; other points and other steps stay."""
+    with slicer_helpers.core_scene() as core:
+        positive = slicer_helpers.add_markups_points(core.scene, [(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)], "pos")
+        first, second = (object(), object())      # two undo steps (identity is what counts)
+        panel = types.SimpleNamespace(_stepPoints=[(first, (positive, positive.GetNthControlPointID(0))),
+                                                   (second, (positive, positive.GetNthControlPointID(1)))])
+        CorrectPanel.removePointOf(panel, second)
+        assert positive.GetNumberOfControlPoints() == 1
+        assert [entry[0] for entry in panel._stepPoints] == [first]
+        ras = [0.0, 0.0, 0.0]
+        positive.GetNthControlPointPositionWorld(0, ras)
+        assert ras == [1.0, 2.0, 3.0]
+        CorrectPanel.removePointOf(panel, object())   # a step without a point (propagation, box): nothing
+        assert positive.GetNumberOfControlPoints() == 1
