@@ -172,3 +172,163 @@ def test_focal_loss_rejects_bad_arguments():
         binary_focal_loss(x, t, alpha=1.5)
     with pytest.raises(ValueError, match="reduction"):
         binary_focal_loss(x, t, reduction="max")
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def small_tiny_vit() -> TinyViT:
+    """A narrow TinyViT of MobileSAM's structure (attention stages 1-3 of depths 2, 2, 1)."""
+    torch.manual_seed(5)
+    return TinyViT(img_size=224, embed_dims=(16, 32, 40, 80), depths=(1, 2, 2, 1), out_chans=32).eval()
+
+
+def outputs(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """An encoder's outputs as a list: SAM's ViT gives the embedding; ours (embedding, taps)."""
+    with torch.no_grad():
+        out = encoder(x)
+    if isinstance(out, torch.Tensor):
+        return [out]
+    embedding, taps = out
+    return [embedding, *taps]
+
+
+def randomise_adapters(encoder: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(encoder):
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def encoders(tiny_sam_checkpoint):
+    """name -> (a random encoder in eval mode, an input for it): segment_anything's own
+    ViT (the 'tiny' checkpoint's), our tapped ViT of the 'tiny' entry, a small TinyViT."""
+    _, sam = tiny_sam_checkpoint
+    torch.manual_seed(2)
+    tapped = get_spec("tiny").make_encoder().eval()
+    g = torch.Generator().manual_seed(4)
+    return {
+        "sam_vit": (sam.image_encoder, torch.randn(1, 3, 256, 256, generator=g)),
+        "tapped_vit": (tapped, torch.randn(1, 3, 256, 256, generator=g)),
+        "tiny_vit": (small_tiny_vit(), torch.randn(1, 3, 224, 224, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("name", ["sam_vit", "tapped_vit", "tiny_vit"])
+def test_a_fresh_adapter_changes_nothing(encoders, name):
+    encoder, x = encoders[name]
+    keys = list(encoder.state_dict())
+    adapted = add_lora(encoder).eval()
+    assert list(encoder.state_dict()) == keys and not lora_modules(encoder)  # the original is untouched
+    for ours, theirs in zip(outputs(adapted, x), outputs(encoder, x), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["sam_vit", "tapped_vit", "tiny_vit"])
+@pytest.mark.parametrize("include_proj", [False, True])
+def test_the_merged_encoder_equals_the_adapted_one(encoders, name, include_proj):
+    encoder, x = encoders[name]
+    adapted = add_lora(encoder, rank=4, alpha=6.0, include_proj=include_proj).eval()
+    randomise_adapters(adapted)
+    merged = merge_lora(adapted).eval()
+    assert not lora_modules(merged) and lora_modules(adapted)  # merged into a copy
+    assert list(merged.state_dict()) == list(encoder.state_dict())  # SAM's own layout again
+    adapted_out = outputs(adapted, x)
+    for m, a in zip(outputs(merged, x), adapted_out, strict=True):
+        assert (m - a).norm() / a.norm() < 1e-5
+    # The adapters do change the embedding (not every tap: TinyViT's first tap comes
+    # before any attention).
+    embedding = adapted_out[0]
+    assert (embedding - outputs(encoder, x)[0]).norm() / embedding.norm() > 1e-3
+    merged_weight = merged.get_submodule(lora_target_names(encoder)[0]).weight
+    adapter = adapted.get_submodule(lora_target_names(encoder)[0])
+    expected = adapter.base.weight + 1.5 * adapter.lora_b.weight @ adapter.lora_a.weight  # alpha / r = 6 / 4
+    torch.testing.assert_close(merged_weight, expected)
+
+
+# Trainable parameters at rank 8, qkv only: each block of width C gets A (8 x C) and
+# B (3C x 8), 32 C parameters.
+#   vit_b: C 768, 12 blocks: 32 * 768 * 12 = 294,912
+#   vit_l: C 1024, 24 blocks: 32 * 1024 * 24 = 786,432
+#   vit_h: C 1280, 32 blocks: 32 * 1280 * 32 = 1,310,720
+#   mobile_sam: attention stages of widths 128, 160, 320 and depths 2, 6, 2:
+#     32 * (2 * 128 + 6 * 160 + 2 * 320) = 32 * 1856 = 59,392
+# With proj too, each block adds A (8 x C) and B (C x 8): 48 C in all;
+#   vit_b: 48 * 768 * 12 = 442,368.
+LORA_COUNTS = {("vit_b", False): 294_912, ("vit_l", False): 786_432, ("vit_h", False): 1_310_720,
+               ("mobile_sam", False): 59_392, ("vit_b", True): 442_368}
+
+
+@pytest.mark.parametrize(("name", "include_proj"), list(LORA_COUNTS))
+def test_trainable_parameter_counts(name, include_proj):
+    with torch.device("meta"):  # no memory for the weights: only shapes are counted
+        encoder = add_lora(get_spec(name).make_encoder(), include_proj=include_proj, copy=False)
+    trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in lora_parameters(encoder)) == LORA_COUNTS[(name, include_proj)]
+    blocks = {"vit_b": 12, "vit_l": 24, "vit_h": 32, "mobile_sam": 10}[name]
+    assert len(lora_modules(encoder)) == blocks * (2 if include_proj else 1)
+
+
+def test_tiny_vit_targets_are_its_attention_stages():
+    assert lora_target_names(small_tiny_vit()) == [
+        "layers.1.blocks.0.attn.qkv", "layers.1.blocks.1.attn.qkv",
+        "layers.2.blocks.0.attn.qkv", "layers.2.blocks.1.attn.qkv", "layers.3.blocks.0.attn.qkv"]
+
+
+def test_an_optimizer_step_leaves_the_frozen_weights_bit_identical(encoders):
+    encoder, x = encoders["tapped_vit"]
+    adapted = add_lora(encoder).train()
+    frozen = {k: v.clone() for k, v in adapted.state_dict().items() if ".lora_" not in k}
+    adapters_before = {k: v.clone() for k, v in lora_state_dict(adapted).items()}
+    optimizer = torch.optim.AdamW(lora_parameters(adapted), lr=1e-2, weight_decay=0.1)
+    for _ in range(2):  # B is zero at first, so A's gradient is zero until B has moved
+        embedding, taps = adapted(x)
+        (embedding.square().mean() + sum(t.square().mean() for t in taps)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for key, value in adapted.state_dict().items():
+        if ".lora_" not in key:
+            assert torch.equal(value, frozen[key]), key
+    assert all(p.grad is None for n, p in adapted.named_parameters() if ".lora_" not in n)
+    after = lora_state_dict(adapted)
+    assert all(not torch.equal(after[k], adapters_before[k]) for k in after)
+
+
+def test_adapter_files_round_trip_and_load_strictly(encoders, tmp_path):
+    encoder, x = encoders["tiny_vit"]
+    trained = add_lora(encoder)
+    randomise_adapters(trained, seed=7)
+    path = tmp_path / "adapters.safetensors"
+    meta = save_lora(trained, path, encoder_name="tiny_vit", metadata={"structure": "liver"})
+    assert (meta["rank"], meta["alpha"], meta["extra"]) == (8, 8.0, {"structure": "liver"})
+    fresh = add_lora(encoder)
+    assert load_lora(fresh, path, encoder_name="tiny_vit")["targets"] == lora_target_names(encoder)
+    for a, b in zip(outputs(fresh.eval(), x), outputs(trained.eval(), x), strict=True):
+        assert torch.equal(a, b)
+
+    def refused(target: nn.Module, match: str, file=path, name="tiny_vit") -> None:
+        before = {k: v.clone() for k, v in lora_state_dict(target).items()}
+        with pytest.raises(CheckpointError, match=match):
+            load_lora(target, file, encoder_name=name)
+        assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(target).items())  # nothing loaded
+
+    refused(add_lora(encoder), "made for encoder 'tiny_vit', not 'mobile_sam'", name="mobile_sam")
+    refused(add_lora(encoder, rank=4), "rank 8, alpha 8.0; the encoder's are rank 4")
+    refused(add_lora(encoder, include_proj=True), "10 missing keys")  # A and B of 5 projs
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(path.read_bytes()[:-100])
+    refused(add_lora(encoder), "not a readable LoRA file", file=broken)
+    refused(add_lora(encoder), "not found", file=tmp_path / "absent.safetensors")
+
+
+def test_add_lora_refuses_what_it_cannot_adapt(encoders):
+    encoder, _ = encoders["tiny_vit"]
+    with pytest.raises(ValueError, match="already carries 5 LoRA adapters"):
+        add_lora(add_lora(encoder))
+    with pytest.raises(ValueError, match="no SAM ViT or TinyViT attention"):
+        add_lora(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="nothing to merge|no LoRA adapter to merge"):
+        merge_lora(encoder)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        LoRALinear(nn.Conv2d(1, 1, 1))
