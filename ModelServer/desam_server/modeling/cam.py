@@ -40,7 +40,8 @@ def class_activation_map(features: torch.Tensor, fc_weight: torch.Tensor, *,
     feature cell (j, i) is taken to cover the slice block of rows [j H/h, (j+1) H/h) and
     columns [i W/w, (i+1) W/w) -- right when the classifier saw the whole slice, resized
     or not, without padding. With that interpolation a cell blob of value 1 on 0
-    thresholded at 0.5 gives back exactly its block of pixels.
+    thresholded at 0.5 gives back the pixels whose centres lie in its block (exactly the
+    block when H / h and W / w are integers).
     """
     if features.dim() != 4:
         raise ValueError(f"features must be B x C x h x w, got {tuple(features.shape)}")
