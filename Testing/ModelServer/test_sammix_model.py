@@ -104,6 +104,12 @@ def test_cam_is_the_weighted_channel_sum_and_upsamples_to_cell_blocks():
     assert up.shape == (1, 32, 40)
     boxes = cam_boxes(up[0], 0.5)
     assert sorted(b.xyxy() for b in boxes) == [(12, 8, 20, 16), (28, 20, 36, 28)]
+    # x10/3: the centre cell of a 3 x 3 grid is the block [3.33, 6.67) in pixels; the
+    # pixels whose centres (x + 0.5) lie in it are 3..6.
+    centre = torch.zeros(1, 1, 3, 3)
+    centre[0, 0, 1, 1] = 1.0
+    assert [b.xyxy() for b in cam_boxes(class_activation_map(centre, torch.ones(1), size=(10, 10))[0])] == [
+        (3, 3, 7, 7)]
     with pytest.raises(ValueError, match="entries"):
         class_activation_map(f, torch.ones(2))
 
