@@ -64,13 +64,20 @@ def test_channel_attention_formula():
 
 
 def test_blocks_leave_callers_frozen_modules_alone():
+    """Every block is trainable as built and gets gradients through a frozen caller's
+    module, whose parameters stay frozen and gradient-free (no block sets requires_grad)."""
     frozen = nn.Linear(16, 16)
     frozen.requires_grad_(False)
-    block = ChannelAttentionBlock(16, zero_init=False).train()
-    out = block(frozen(torch.randn(2, 3, 3, 16)))
-    out.sum().backward()
+    adapter = ChannelAttentionBlock(16, zero_init=False).train()
+    branch = ConvBranch(16, 4, widths=(8, 8)).train()
+    cross = BilateralCrossAttention(16, 16, deep_heads=2, shallow_heads=2).train()
+    fusion = ViTConvFusion(16).train()
+    deep = adapter(frozen(torch.randn(2, 4, 4, 16)))
+    deep, shallow = cross(deep, branch(torch.randn(2, 3, 32, 32)))
+    fusion(deep, shallow).square().sum().backward()
     assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
-    assert all(p.requires_grad and p.grad is not None for p in block.parameters())
+    for block in (adapter, branch, cross, fusion):
+        assert all(p.requires_grad and p.grad is not None for p in block.parameters())
 
 
 # ---------------------------------------------------------------- convolution branch
