@@ -8,8 +8,10 @@ image encoder:
 LN: layer norm over channels; DWConv3x3: depth-wise 3 x 3 convolution; SE: squeeze and
 excitation as Hu et al. (global average pooling, FC C -> C/r, ReLU, FC C/r -> C,
 sigmoid, channel-wise scaling); Conv1x1: point-wise convolution back into the residual
-stream. The adapter branch is regularised with stochastic depth (drop-path) at rate 0.4
-by default (the rate DB-SAM gives for its adapters).
+stream. "Attention block" is a whole transformer block of the encoder (SAM's ``Block``:
+attention + MLP; TinyViT's block: attention + local conv + MLP), as SAM's paper uses the
+term. The adapter branch is regularised with stochastic depth (drop-path), rate 0.4 by
+default (the rate issue 13 quotes for DB-SAM's adapters; see docs/DBSAM.md on sources).
 
 Choices where the paper is silent (see docs/DBSAM.md): SE reduction r = 16 (Hu et al.'s
 default); the last 1 x 1 convolution starts at zero, so a fresh adapter is the identity
