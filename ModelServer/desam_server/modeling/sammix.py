@@ -24,7 +24,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import nn
 from torch.nn import functional as F
 
-from ..engine.preprocess import IntensityWindow, apply_window, prepare_input, to_input_frame, to_rgb
+from ..engine.preprocess import IntensityWindow, prepare_input, to_input_frame, to_rgb
 from .cam import cam_boxes
 from .desam import DeSAM, InputConvention, postprocess_logits
 from .lora import add_lora, lora_modules, lora_parameters, merge_lora
@@ -199,9 +199,9 @@ class SamMix(nn.Module):
             raise ValueError("predict_slice feeds the classifier one windowed slice; this one wants "
                              f"{self.classifier.in_chans} channels")
         image = np.asarray(slice_hw)
-        gray = image if image.dtype == np.uint8 and window is None else apply_window(image, window)
-        if gray.ndim != 2:
-            raise ValueError(f"expected an H x W slice, got shape {gray.shape}")
+        if image.ndim != 2:
+            raise ValueError(f"expected an H x W slice, got shape {image.shape}")
+        gray = to_rgb(image, window)[:, :, 0]  # the engine's windowing and its checks
         out = self.classifier(self.classifier_input(gray, self.device))
         probability = float(torch.sigmoid(out.logits[0]))
         empty = np.zeros(gray.shape, dtype=bool)
