@@ -11,10 +11,11 @@ import torch
 
 from desam_server.engine import IntensityWindow, SlicePredictor, prepare_input
 from desam_server.engine.preprocess import to_input_frame
-from desam_server.modeling.cam import cam_boxes
+from desam_server.modeling.cam import cam_boxes, class_activation_map
 from desam_server.modeling.lora import lora_modules
 from desam_server.modeling.sammix import SamMix, SamMixPrediction, build_sammix
 from desam_server.modeling.sammix_loss import SamMixLoss
+from desam_server.modeling.slice_classifier import ClassifierOutput
 from desam_server.training.desam_family import low_res_target
 
 from conftest import phantom_slice
@@ -140,11 +141,7 @@ def test_predict_slice_present_prompts_sam_with_the_cam_box(tiny_model):
     # That mask is SAM's answer to that box.
     mask, iou = sammix.predict_box(image, WINDOW, result.box)
     assert np.array_equal(mask, result.mask) and iou == pytest.approx(result.iou)
-    # largest_only=False: one box around every activated region.
-    regions = cam_boxes(cam, 0.5)
-    union = (min(r.x0 for r in regions), min(r.y0 for r in regions), max(r.x1 for r in regions),
-             max(r.y1 for r in regions))
-    assert sammix.predict_slice(image, WINDOW, largest_only=False).box == union
+    assert result.boxes == (result.box,) and result.ious == (result.iou,)
     with pytest.raises(ValueError, match="threshold"):
         sammix.predict_slice(image, WINDOW, threshold=1.5)
     with pytest.raises(ValueError, match="window is required"):
@@ -176,6 +173,41 @@ def test_forward_train_decodes_each_slice_with_its_own_box_and_allows_no_segment
     assert none.shape == (0, 1, 64, 64) and none_iou.shape == (0,)
     with pytest.raises(ValueError, match="2 SAM images for 1 boxes"):
         sammix.forward_train(sam_in, cls_in, boxes[:1])
+
+
+class TwoBlobClassifier(torch.nn.Module):
+    """A stand-in classifier (the SliceClassifier interface) whose map on a 64 x 80 slice is
+    known: an 8 x 10 feature map, one channel, blob A (1.0) on cells rows 1-2, columns 1-3
+    and blob B (1.0, smaller) on rows 5-6, columns 7-8; presence logit 5."""
+
+    in_chans = 1
+
+    def forward(self, x):
+        features = torch.zeros(x.shape[0], 1, 8, 10)
+        features[:, 0, 1:3, 1:4] = 1.0
+        features[:, 0, 5:7, 7:9] = 1.0
+        return ClassifierOutput(logits=torch.full((x.shape[0],), 5.0), features=features)
+
+    def class_activation_map(self, features, *, size=None):
+        return class_activation_map(features, torch.ones(1), size=size)
+
+
+def test_every_region_prompts_sam_when_not_largest_only(tiny_model):
+    base = make_sammix(tiny_model).eval()
+    sammix = SamMix(encoder_name=base.encoder_name, classifier=TwoBlobClassifier(), image_encoder=base.image_encoder,
+                    prompt_encoder=base.prompt_encoder, mask_decoder=base.mask_decoder,
+                    convention=base.convention).eval()
+    image, _ = disc_slice(64, 80)
+    # Integer scale 8: each blob's box is exactly its cells' pixel block.
+    a, b = (8, 8, 32, 24), (56, 40, 72, 56)
+    largest = sammix.predict_slice(image, None)
+    assert largest.box == a and largest.boxes == (a,)
+    every = sammix.predict_slice(image, None, largest_only=False)
+    assert every.boxes == (a, b) and every.box == a and len(every.ious) == 2
+    alone = [sammix.predict_box(image, None, box) for box in (a, b)]
+    assert np.array_equal(every.mask, alone[0][0] | alone[1][0]) and np.array_equal(largest.mask, alone[0][0])
+    assert every.ious == pytest.approx([alone[0][1], alone[1][1]], abs=1e-5)
+    assert every.iou == pytest.approx(largest.iou, abs=1e-5)
 
 
 def test_fresh_sammix_with_a_box_equals_sams_prompted_prediction(tiny_model):

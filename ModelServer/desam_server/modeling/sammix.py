@@ -37,16 +37,21 @@ class SamMixPrediction:
 
     probability: the classifier's presence probability, sigmoid(logit);
     box: (x0, y0, x1, y1) in the slice's pixel frame (x column, y row, x1 and y1
-      exclusive), the CAM box that prompted SAM; None when the slice was called absent or
-      the map gave no box;
-    mask: H x W bool in the slice frame (all False without a box);
-    iou: SAM's predicted IoU of the mask; None without a box.
+      exclusive), the largest activated region's CAM box; None when the slice was called
+      absent or the map gave no box;
+    mask: H x W bool in the slice frame, the union of SAM's masks for ``boxes`` (all
+      False without a box);
+    iou: SAM's predicted IoU of the mask for ``box``; None without a box;
+    boxes, ious: every box that prompted SAM (largest region first; just ``box`` with
+      ``largest_only``) and each one's predicted IoU; empty without a box.
     """
 
     probability: float
     box: tuple[int, int, int, int] | None
     mask: np.ndarray
     iou: float | None
+    boxes: tuple[tuple[int, int, int, int], ...] = ()
+    ious: tuple[float, ...] = ()
 
 
 class SamMix(nn.Module):
@@ -169,16 +174,19 @@ class SamMix(nn.Module):
         y1): (H x W bool mask, predicted IoU). Preprocessing and box mapping are the
         engine's (``prepare_input``, ``to_input_frame``), as ``SlicePredictor``'s."""
         rgb = to_rgb(slice_hw, window)
-        return self._segment_rgb(rgb, box)
+        masks, ious = self._segment_rgb(rgb, [box])
+        return masks[0], ious[0]
 
-    def _segment_rgb(self, rgb: np.ndarray, box) -> tuple[np.ndarray, float]:
+    def _segment_rgb(self, rgb: np.ndarray, boxes) -> tuple[np.ndarray, list[float]]:
+        """K boxes (x0, y0, x1, y1, slice pixels) on one H x W x 3 uint8 slice, one encoder
+        pass: (K x H x W bool masks, K predicted IoUs)."""
         x, input_size = prepare_input(self, rgb)
         original_size = tuple(rgb.shape[:2])
-        b = to_input_frame(np.asarray(box, dtype=np.float64).reshape(2, 2), original_size, self.img_size)
-        boxes = torch.as_tensor(b.reshape(1, 4), dtype=torch.float, device=self.device)
-        low_res, iou = self.segment(self.encode(x), boxes)
-        mask = postprocess_logits(low_res, input_size, original_size, img_size=self.img_size)[0, 0]
-        return (mask > self.mask_threshold).cpu().numpy(), float(iou[0])
+        b = to_input_frame(np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2), original_size, self.img_size)
+        prompts = torch.as_tensor(b.reshape(-1, 4), dtype=torch.float, device=self.device)
+        low_res, iou = self.segment(self.encode(x), prompts)
+        masks = postprocess_logits(low_res, input_size, original_size, img_size=self.img_size)[:, 0]
+        return (masks > self.mask_threshold).cpu().numpy(), [float(v) for v in iou]
 
     @torch.no_grad()
     def predict_slice(self, slice_hw: np.ndarray, window: IntensityWindow | None, *, threshold: float = 0.5,
@@ -188,8 +196,8 @@ class SamMix(nn.Module):
         slice_hw: H x W intensities (with ``window``) or uint8 (window None);
         threshold: presence probability at or above which the slice counts as holding the
           structure; omega: the CAM threshold as a fraction of its maximum (``cam_boxes``);
-        largest_only: prompt with the largest activated region's box (True) or with the
-          box around all activated regions (False; one box, one mask).
+        largest_only: prompt SAM with the largest activated region's box only (True), or
+          with each region's box (False; one encoder pass, the masks united).
         Absent (probability below threshold, or no box from the map): no box, empty mask.
         Call in eval mode (``eval()``): the classifier's batch norm uses running statistics.
         """
@@ -211,10 +219,10 @@ class SamMix(nn.Module):
         regions = cam_boxes(cam, omega, largest_only=largest_only)
         if not regions:
             return SamMixPrediction(probability=probability, box=None, mask=empty, iou=None)
-        box = (min(r.x0 for r in regions), min(r.y0 for r in regions),
-               max(r.x1 for r in regions), max(r.y1 for r in regions))
-        mask, iou = self._segment_rgb(np.repeat(gray[:, :, None], 3, axis=2), box)
-        return SamMixPrediction(probability=probability, box=box, mask=mask, iou=iou)
+        boxes = tuple(r.xyxy() for r in regions)
+        masks, ious = self._segment_rgb(np.repeat(gray[:, :, None], 3, axis=2), boxes)
+        return SamMixPrediction(probability=probability, box=boxes[0], mask=masks.any(axis=0), iou=ious[0],
+                                boxes=boxes, ious=tuple(ious))
 
     # ---- serving form -------------------------------------------------------------------
     def merged(self) -> SamMix:
