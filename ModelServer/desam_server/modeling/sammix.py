@@ -58,7 +58,9 @@ class SamMix(nn.Module):
     """Keyword-only arguments: the modules (already built, see ``build_sammix``), the
     encoder's registry name and its input convention.
 
-    classifier: ``SliceClassifier`` on B x in_chans x H x W windowed slices in [0, 1];
+    classifier: ``SliceClassifier`` on B x in_chans x H x W windowed slices in [0, 1]
+      (any module with its interface: ``in_chans``, ``forward`` -> ``ClassifierOutput``,
+      ``class_activation_map``);
     image_encoder: a SAM-family encoder returning ``(embedding, taps)``, normally carrying
       LoRA adapters (``add_lora``) or merged ones (``merged()``);
     prompt_encoder, mask_decoder: SAM's.
