@@ -148,6 +148,8 @@ def test_predict_slice_present_prompts_sam_with_the_cam_box(tiny_model):
         sammix.predict_slice(image, None)
     with pytest.raises(ValueError, match="H x W slice"):
         sammix.predict_slice(np.zeros((4, 60, 80), np.uint8), None)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        sammix.train().predict_slice(image, WINDOW)
 
 
 def test_forward_train_decodes_each_slice_with_its_own_box_and_allows_no_segmented_slice(tiny_model):

@@ -201,8 +201,12 @@ class SamMix(nn.Module):
         largest_only: prompt SAM with the largest activated region's box only (True), or
           with each region's box (False; one encoder pass, the masks united).
         Absent (probability below threshold, or no box from the map): no box, empty mask.
-        Call in eval mode (``eval()``): the classifier's batch norm uses running statistics.
+        Refused in train mode: the classifier's batch norm would normalise by this one
+        slice's statistics and move its running statistics; call ``eval()`` first.
         """
+        if self.training:
+            raise RuntimeError("predict_slice needs eval mode (call eval()): in train mode the classifier's "
+                               "batch norm would use and update this slice's statistics")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if self.classifier.in_chans != 1:
