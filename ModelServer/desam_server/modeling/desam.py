@@ -316,6 +316,15 @@ class DeSAM(nn.Module):
     ) -> torch.Tensor:
         """Low-res logits B x C x L x L -> B x C x H x W in the original slice frame, as SAM
         does it: bilinear to S x S, crop the unpadded h x w region, bilinear to H x W."""
-        x = F.interpolate(logits.float(), (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        x = x[..., : input_size[0], : input_size[1]]
-        return F.interpolate(x, original_size, mode="bilinear", align_corners=False)
+        return postprocess_logits(logits, input_size, original_size, img_size=self.img_size)
+
+
+def postprocess_logits(logits: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], *,
+                       img_size: int) -> torch.Tensor:
+    """Low-res logits B x C x L x L -> B x C x H x W (float32) in the original slice frame,
+    as SAM does it: bilinear to img_size x img_size, crop the unpadded h x w = input_size
+    region, bilinear to H x W = original_size. Shared by every model holding SAM's mask
+    decoder (DeSAM, SAM-Mix)."""
+    x = F.interpolate(logits.float(), (img_size, img_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    return F.interpolate(x, original_size, mode="bilinear", align_corners=False)
