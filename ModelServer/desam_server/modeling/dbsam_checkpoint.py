@@ -86,7 +86,7 @@ def dbsam_weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(state):
         value = state[key].detach().to("cpu").contiguous()
         digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
