@@ -97,6 +97,17 @@ def test_refuses_an_unfrozen_or_mismatched_encoder():
             build_dbsam_encoder(base)
 
 
+def test_accepts_segment_anythings_own_vit_encoder():
+    from segment_anything.modeling import ImageEncoderViT
+
+    kwargs = dict(get_spec("tiny").make_encoder.keywords)
+    kwargs.pop("tap_blocks")
+    with torch.device("meta"):
+        base = ImageEncoderViT(**kwargs).requires_grad_(False)
+        dbsam = build_dbsam_encoder(base, encoder_name="tiny")
+    assert dbsam.family == "vit" and dbsam.image_encoder is base
+
+
 def test_output_shape_equals_the_base_encoder_and_fresh_blocks_keep_vit_tokens(tiny_desam):
     dbsam = build_dbsam_encoder(tiny_desam).eval()
     assert dbsam.encoder_weights_sha256 == tiny_desam.encoder_weights_sha256 is not None

@@ -59,8 +59,12 @@ def _family(encoder: nn.Module) -> str:
 
 def _check_layout(encoder: nn.Module, family: str, layout: DBSAMLayout) -> None:
     problem = None
-    if getattr(encoder, "embedding_size", None) != layout.grid_size:
-        problem = f"embedding grid {getattr(encoder, 'embedding_size', None)} != {layout.grid_size}"
+    if family == "vit":  # a plain ImageEncoderViT has no embedding_size attribute
+        grid = encoder.img_size // encoder.patch_embed.proj.kernel_size[0]
+    else:
+        grid = encoder.embedding_size
+    if grid != layout.grid_size:
+        problem = f"embedding grid {grid} != {layout.grid_size}"
     elif family == "vit":
         dim = encoder.patch_embed.proj.out_channels
         blocks = [i for stage in layout.stages for i in stage.blocks]
