@@ -163,9 +163,13 @@ def test_frozen_tiny_vit_keeps_its_batch_norm_statistics(lite_encoder):
     assert out.shape == lite_encoder(x)[0].shape == (1, 256, 64, 64)
 
 
-def test_activation_checkpointing_gives_the_same_output_and_gradients(tiny_desam):
-    dbsam = _randomise(build_dbsam_encoder(tiny_desam))
-    x = _image("tiny")
+@pytest.mark.parametrize("family", ["vit", "tiny_vit"])
+def test_activation_checkpointing_gives_the_same_output_and_gradients(family, tiny_desam, lite_encoder):
+    if family == "vit":
+        dbsam, x = _randomise(build_dbsam_encoder(tiny_desam)), _image("tiny")
+    else:
+        dbsam = _randomise(build_dbsam_encoder(lite_encoder, encoder_name="lite_medsam"))
+        x = _image("lite_medsam", batch=1)
     results = []
     for flag in (False, True):
         dbsam.checkpoint_stages = flag
