@@ -11,9 +11,9 @@ import torch
 
 from desam_server.engine import IntensityWindow, SlicePredictor, prepare_input
 from desam_server.engine.preprocess import to_input_frame
+from desam_server.engine.sammix import SamMix, SamMixPrediction, build_sammix
 from desam_server.modeling.cam import cam_boxes, class_activation_map
 from desam_server.modeling.lora import lora_modules
-from desam_server.modeling.sammix import SamMix, SamMixPrediction, build_sammix
 from desam_server.modeling.sammix_loss import SamMixLoss
 from desam_server.modeling.slice_classifier import ClassifierOutput
 from desam_server.training.desam_family import low_res_target

@@ -24,11 +24,11 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder
 from torch import nn
 from torch.nn import functional as F
 
-from ..engine.preprocess import IntensityWindow, prepare_input, to_input_frame, to_rgb
-from .cam import cam_boxes
-from .desam import DeSAM, InputConvention, postprocess_logits
-from .lora import add_lora, lora_modules, lora_parameters, merge_lora
-from .slice_classifier import SliceClassifier
+from ..modeling.cam import cam_boxes
+from ..modeling.desam import DeSAM, InputConvention, postprocess_logits
+from ..modeling.lora import add_lora, lora_modules, lora_parameters, merge_lora
+from ..modeling.slice_classifier import SliceClassifier
+from .preprocess import IntensityWindow, prepare_input, to_input_frame, to_rgb
 
 
 @dataclass(frozen=True)
