@@ -16,12 +16,10 @@ import os
 import signal
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
 import slicer
-import vtk
 
 from SlicerDeSAMLib import wire
 from SlicerDeSAMLib.BackgroundWorker import BackgroundWorker
@@ -33,6 +31,7 @@ from SlicerDeSAMLib.TrainingCase import TrainingCase
 from SlicerDeSAMLib.TrainingLogic import TrainingLogic
 from SlicerDeSAMLib.TrainingStatus import TrainingStatus
 
+import slicer_helpers
 from service_helpers import free_port, live_server, phantom_volume, tiny_settings
 
 OPTIONS = {"strategy": "box", "epochs": 2, "batch_size": 3, "seed": 0, "validation_fraction": 0.5,
@@ -44,59 +43,10 @@ LPS = {"spacing": (0.7, 0.8, 2.5), "origin": (10.0, -5.0, 30.0),
        "direction": ((0.0, -1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0))}
 
 
-def _vtk_matrix(matrix) -> vtk.vtkMatrix4x4:
-    out = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            out.SetElement(r, c, float(matrix[r][c]))
-    return out
-
-
-@contextlib.contextmanager
-def core_scene():
-    """A slicer-core scene as slicer.util expects it inside Slicer: converter rules
-    registered, ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()`` set (restored on
-    exit)."""
-    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    have = {rule.GetClassName() for rule in factory.GetConverterRules()}
-    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
-                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
-        if rule.__name__ not in have:
-            factory.RegisterConverterRule(rule())
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkMRMLApplicationLogic()
-    app.SetMRMLScene(scene)
-    logics = {}
-    for name, cls in (("colors", slicer.vtkSlicerColorLogic), ("volumes", slicer.vtkSlicerVolumesLogic),
-                      ("segmentations", slicer.vtkSlicerSegmentationsModuleLogic)):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(app)
-        logic.SetMRMLScene(scene)
-        logics[name] = types.SimpleNamespace(logic=lambda logic=logic: logic)
-    missing = object()
-    previous = {name: getattr(slicer, name, missing) for name in ("mrmlScene", "modules")}
-    slicer.mrmlScene = scene
-    slicer.modules = types.SimpleNamespace(**logics)
-    try:
-        yield scene
-    finally:
-        for name, value in previous.items():
-            if value is missing:
-                delattr(slicer, name)
-            else:
-                setattr(slicer, name, value)
-        for namespace in logics.values():
-            namespace.logic().SetMRMLScene(None)
-        app.SetMRMLScene(None)
-        scene.Clear(True)
-
-
 def add_case(scene, volume: np.ndarray, mask: np.ndarray, name: str, ijk_to_ras=IJK_TO_RAS):
     """A scalar volume node and a segmentation node with segment 'organ' = ``mask`` and an
     empty segment 'nothing'; returns (volume node, segmentation node, organ id, empty id)."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras))
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(volume))
+    node = slicer_helpers.add_volume(scene, volume, ijk_to_ras, name=name)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} segmentation")
     segmentation.CreateDefaultDisplayNodes()
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
@@ -112,7 +62,8 @@ VOLUMES = [phantom_volume(k=3, seed=seed) for seed in (0, 1)]
 @pytest.fixture(scope="module")
 def scene_cases():
     """The two phantom cases in a slicer-core scene, prepared by TrainingLogic.prepare_case."""
-    with core_scene() as scene:
+    with slicer_helpers.core_scene() as core:
+        scene = core.scene
         nodes = [add_case(scene, v, v > 30, f"Phantom {n}") for n, v in enumerate(VOLUMES)]
         cases = [TrainingLogic.prepare_case(vol, seg, organ) for vol, seg, organ, _ in nodes]
         yield scene, nodes, cases
@@ -173,8 +124,8 @@ def test_prepare_case_reads_volume_label_and_geometry(scene_cases):
 def test_the_label_is_read_on_the_volume_grid_through_a_parent_transform(scene_cases):
     scene, nodes, _ = scene_cases
     vol_node, seg_node, organ, _ = nodes[1]
-    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "one slice up")
-    shift.SetMatrixTransformToParent(_vtk_matrix([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2.5], [0, 0, 0, 1]]))
+    shift = slicer_helpers.add_linear_transform(
+        scene, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2.5], [0, 0, 0, 1]], "one slice up")
     seg_node.SetAndObserveTransformNodeID(shift.GetID())
     try:
         case = TrainingLogic.prepare_case(vol_node, seg_node, organ)
