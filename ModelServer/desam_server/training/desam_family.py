@@ -124,6 +124,7 @@ def point_prompts(items: Sequence[TrainItem], generators: Sequence[torch.Generat
 class DeSAMFamily:
     name = "desam"
     strategies = STRATEGIES
+    input_kind = "features"
 
     def __init__(self, loss: DeSAMLoss | None = None) -> None:
         self.loss_fn = loss or DeSAMLoss()
@@ -189,6 +190,9 @@ class DeSAMFamily:
         points, iou_target = point_prompts(items, generators, img, device)
         iou, logits = module(embedding, taps, points=points)
         return self.loss_fn(logits, target, iou, iou_target)
+
+    def optimizer(self, parameters: list[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=0.0)
 
     def after_step(self, model: DeSAM) -> None:
         model.weights_changed()

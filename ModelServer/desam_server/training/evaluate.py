@@ -28,7 +28,7 @@ from ..io.slices import slice_view
 from ..wire import axis_dimension
 from .cases import Case
 from .family import ModelFamily
-from .features import FeatureReader
+from .slice_images import SliceReader, check_reader
 
 __all__ = ["VolumeScore", "evaluate_cases", "write_evaluation", "dice_and_nsd", "volume_dice"]
 
@@ -74,9 +74,12 @@ def dice_and_nsd(predicted: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
     return dice, nsd
 
 
-def evaluate_cases(model, family: ModelFamily, cases: Sequence[Case], reader: FeatureReader, *, axis: str,
+def evaluate_cases(model, family: ModelFamily, cases: Sequence[Case], reader: SliceReader, *, axis: str,
                    mode: str, options: dict, tolerance_mm: float = 2.0,
                    progress: Callable[[int, int], None] | None = None) -> list[VolumeScore]:
+    """Per-volume Dice / NSD of ``family.predict`` over every slice along ``axis``;
+    ``reader`` gives what the family reads (``check_reader``)."""
+    check_reader(family, reader)
     dim = axis_dimension(axis)
     total = sum(c.volume.shape[dim] for c in cases)
     done = 0
@@ -85,8 +88,8 @@ def evaluate_cases(model, family: ModelFamily, cases: Sequence[Case], reader: Fe
         predicted = np.zeros(case.mask.shape, bool)
         slice_dice = {}
         for index in range(case.volume.shape[dim]):
-            features = reader.load(case, axis, index, model.device)
-            mask = family.predict(model, features, mode, options)
+            source = reader.load(case, axis, index, model.device)
+            mask = family.predict(model, source, mode, options)
             slice_view(predicted, axis, index)[...] = mask
             truth = slice_view(case.mask, axis, index)
             denom = int(mask.sum() + truth.sum())

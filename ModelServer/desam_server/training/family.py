@@ -5,6 +5,15 @@ a family says which modules train, how a batch of cached slice features becomes 
 how a slice is predicted without a prompt (validation, evaluation), and how its trained
 part is saved. DeSAM's is ``desam_family.DeSAMFamily``; DB-SAM's adapters and SAM-Mix's
 classifier-CAM prompts plug in the same way.
+
+What a family reads per slice is its ``input_kind``:
+
+- ``"features"``: the frozen encoder's cached features (``ImageFeatures``, from the
+  training feature cache; precomputed once, the encoder never runs in the loop). DeSAM,
+  SAM's decoder and the ablation.
+- ``"image"``: the slice itself (``SliceImage``: the raw slice and its intensity window),
+  for families whose trainable parts sit inside the encoder (adapters, LoRA): every step
+  runs the encoder forward and backward, nothing is precomputed.
 """
 
 from __future__ import annotations
@@ -18,24 +27,42 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.preprocess import IntensityWindow
 from ..modeling.desam import ImageFeatures
 
-__all__ = ["TrainItem", "ModelFamily", "get_family", "FAMILIES"]
+__all__ = ["TrainItem", "SliceImage", "ModelFamily", "INPUT_KINDS", "get_family", "FAMILIES"]
+
+#: What a family reads per slice (see the module note).
+INPUT_KINDS = ("features", "image")
+
+
+@dataclass(frozen=True)
+class SliceImage:
+    """One slice as an image family reads it: the raw slice (H x W, the volume's values,
+    the slice's own frame) and the case's intensity window."""
+
+    image: np.ndarray
+    window: IntensityWindow
 
 
 @dataclass
 class TrainItem:
-    """One training slice: its cached features (on the training device), its label
-    (bool H x W, the slice's own frame) and whether the structure is present."""
+    """One training slice: what the family reads (``features``: its cached features on the
+    training device, for ``input_kind == "features"``; ``image``: the slice, for
+    ``"image"``; the other one is None), its label (bool H x W, the slice's own frame) and
+    whether the structure is present."""
 
-    features: ImageFeatures
+    features: ImageFeatures | None
     mask: np.ndarray
     positive: bool
+    image: SliceImage | None = None
 
 
 class ModelFamily(Protocol):
     name: str
     strategies: tuple[str, ...]
+    #: "features" or "image" (``INPUT_KINDS``): what ``loss`` and ``predict`` read
+    input_kind: str
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """The model this family trains and predicts with, made from a freshly built DeSAM
@@ -54,11 +81,17 @@ class ModelFamily(Protocol):
         over equal local batches equals the global batch's) and its parts.
         generators: one per item, for its prompt."""
 
+    def optimizer(self, parameters: list[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+        """The optimizer over the trainable parameters (the learning rate follows the
+        run's polynomial schedule). DeSAM's: Adam without weight decay (spec item 20)."""
+
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step (e.g. forget values derived from weights)."""
 
-    def predict(self, model: nn.Module, features: ImageFeatures, strategy: str, options: dict[str, Any]) -> np.ndarray:
-        """The family's prompt-free prediction of one slice: bool H x W."""
+    def predict(self, model: nn.Module, source: ImageFeatures | SliceImage, strategy: str,
+                options: dict[str, Any]) -> np.ndarray:
+        """The family's prompt-free prediction of one slice: bool H x W. ``source`` is what
+        the family reads (its ``input_kind``): the slice's features or the slice."""
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
 

@@ -4,8 +4,10 @@ service's training job process both call.
 ``run_training`` lets the model family prepare its model (``ModelFamily.prepare_model``:
 DeSAM trains the given model; the no-fusion ablation a variant of it, returned in
 ``TrainResult.model``), splits the cases, chooses the slices, precomputes the missing encoder
-features (event 'precompute' per slice; cancellable), then trains (``Trainer``; events
-'start', 'step', 'epoch'). Under torchrun, process 0 precomputes while the others wait.
+features (event 'precompute' per slice; cancellable) when the family reads features (an
+image family reads the slices themselves: nothing to precompute), then trains
+(``Trainer``; events 'start', 'step', 'epoch'). Under torchrun, process 0 precomputes
+while the others wait.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .distributed import DistributedContext
 from .family import get_family
 from .features import FeatureReader, PrecomputeReport, TrainingFeatures
 from .samples import TrainingData, build_training_data
+from .slice_images import SliceImageReader
 from .split import split_cases
 from .trainer import Trainer, TrainResult
 from .variants import parse_augmentations
@@ -96,12 +99,15 @@ def run_training(model, cases: Sequence[Case], options: TrainingOptions, *, outp
     model = family.prepare_model(model)  # DeSAM: the model itself; see TrainResult.model
     data = prepare_data(cases, options)
     events({"event": "data", **data.summary()})
-    directory = Path(features_dir) if features_dir is not None else default_training_features_dir()
-    if ctx.is_main:  # one writer; the other processes wait for it
-        precompute(model, data, directory, events=events, should_stop=should_stop, precision=encoder_precision,
-                   features_bytes=features_bytes)
-    ctx.barrier()
-    reader = FeatureReader(model, directory, storage_dtype=STORAGE_DTYPE)
+    if family.input_kind == "image":
+        reader = SliceImageReader()
+    else:
+        directory = Path(features_dir) if features_dir is not None else default_training_features_dir()
+        if ctx.is_main:  # one writer; the other processes wait for it
+            precompute(model, data, directory, events=events, should_stop=should_stop, precision=encoder_precision,
+                       features_bytes=features_bytes)
+        ctx.barrier()
+        reader = FeatureReader(model, directory, storage_dtype=STORAGE_DTYPE)
     trainer = Trainer(model, family, data, reader, options.config, Path(output_dir), events=events,
                       should_stop=should_stop, distributed=ctx)
     return trainer.run(resume=resume)

@@ -106,6 +106,7 @@ def sam_grid_predict(model: DeSAM, features: ImageFeatures, *, grid_size: int = 
 class SAMDecoderFamily:
     name = "sam_decoder"
     strategies = ("grid",)
+    input_kind = "features"
 
     def __init__(self, loss: DeSAMLoss | None = None) -> None:
         self.loss_fn = loss or DeSAMLoss()
@@ -136,6 +137,9 @@ class SAMDecoderFamily:
         points, iou_target = point_prompts(items, generators, img, device)
         iou, logits = module([it.features.embedding for it in items], points)
         return self.loss_fn(logits, target, iou, iou_target)
+
+    def optimizer(self, parameters: list[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=0.0)
 
     def after_step(self, model: DeSAM) -> None:
         model.weights_changed()  # the fast path's constants derive from the mask decoder's weights

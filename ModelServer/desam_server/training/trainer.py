@@ -37,8 +37,8 @@ from .curve import write_curve
 from .distributed import DistributedContext
 from .evaluate import volume_dice
 from .family import ModelFamily, TrainItem
-from .features import FeatureReader
 from .samples import TrainingData
+from .slice_images import SliceReader, check_reader
 from .train_state import TrainStateError, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -90,19 +90,20 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext(), torch.float32
 
 
-def validation_dice(model, family: ModelFamily, data: TrainingData, features: FeatureReader, strategy: str,
+def validation_dice(model, family: ModelFamily, data: TrainingData, reader: SliceReader, strategy: str,
                     options: dict) -> tuple[float, list[float]]:
     """Mean Dice over the validation volumes (3-D Dice, MONAI's, over each volume's
     validation slices, empty slices included; a volume without the structure predicted
     empty scores 1) of ``family.predict`` with ``strategy`` and ``options``, and the
-    per-volume values."""
+    per-volume values. ``reader`` gives what the family reads (``check_reader``)."""
+    check_reader(family, reader)
     per_volume = []
     axis = data.split.axis
     for portion in data.validation:
         case = data.cases[portion.case]
         predicted, truth = [], []
         for index in portion.indices:
-            loaded = features.load(case, axis, index, model.device)
+            loaded = reader.load(case, axis, index, model.device)
             predicted.append(family.predict(model, loaded, strategy, options))
             truth.append(np.asarray(slice_view(case.mask, axis, index)))
         per_volume.append(volume_dice(np.stack(predicted), np.stack(truth)))
@@ -114,13 +115,14 @@ def _sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class Trainer:
-    def __init__(self, model, family: ModelFamily, data: TrainingData, features: FeatureReader,
+    def __init__(self, model, family: ModelFamily, data: TrainingData, reader: SliceReader,
                  config: TrainConfig, output_dir: Path, *, events: EventSink | None = None,
                  should_stop: Callable[[], bool] | None = None, distributed: DistributedContext | None = None) -> None:
         self.model = model
         self.family = family
         self.data = data
-        self.features = features
+        check_reader(family, reader)
+        self.reader = reader
         self.config = config
         self.output_dir = Path(output_dir)
         self.events = events or (lambda event: None)
@@ -166,13 +168,17 @@ class Trainer:
         out = []
         for ref in refs:
             case = self.data.cases[ref.case]
-            features = self.features.load(case, ref.axis, ref.index, self.device)
-            out.append(TrainItem(features, np.asarray(slice_view(case.mask, ref.axis, ref.index)), ref.positive))
+            loaded = self.reader.load(case, ref.axis, ref.index, self.device)
+            mask = np.asarray(slice_view(case.mask, ref.axis, ref.index))
+            if self.family.input_kind == "image":
+                out.append(TrainItem(None, mask, ref.positive, image=loaded))
+            else:
+                out.append(TrainItem(loaded, mask, ref.positive))
         return out
 
     def validate(self) -> tuple[float, list[float]]:
         """``validation_dice`` of the model with the run's strategy and validation options."""
-        return validation_dice(self.model, self.family, self.data, self.features, self.config.strategy,
+        return validation_dice(self.model, self.family, self.data, self.reader, self.config.strategy,
                                self.config.prediction_options())
 
     def _save_files(self, history, best_epoch, best_dice, *, is_best: bool) -> None:
@@ -192,7 +198,7 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         module = self.family.training_module(self.model, cfg.strategy)
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=0.0)
+        optimizer = self.family.optimizer(params, cfg.learning_rate)
         scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs, power=cfg.poly_power)
         autocast, dtype = _autocast(self.device, cfg.precision)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
