@@ -31,6 +31,11 @@ API (all methods thread-safe; axis is 'k', 'j' or 'i' of a K x J x I array, ``wi
   waiting now (pass it as the computation's ``between_steps``).
 - ``pause()`` / ``resume()`` (hold the worker before its next batch), ``stats()``,
   ``history()`` (recent encodes, oldest first), ``close()``.
+- ``add_encoder(name, model)`` / ``remove_encoder(name)``: adapted encoders (DB-SAM,
+  SAM-Mix) served beside the base model's, each with its own cache identity
+  (``encoder_set``). ``features``, ``is_cached``, ``set_view``, ``precompute`` and
+  ``progress`` take ``encoder=name`` (None, the default: the base model). Removing an
+  encoder cancels its queued work; waiters get ``UnknownEncoderError``.
 
 Preemption: a pass that nobody waits for is given up at the encoder's next step (the
 ``between_steps`` the worker passes to ``DeSAM.encode``) when a click needs another slice,
@@ -54,7 +59,9 @@ from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from ..modeling.desam import DeSAM, ImageFeatures
+from .encoder_set import EncoderEntry, EncoderSet, UnknownEncoderError
 from .feature_cache import FeatureCache
+from .feature_config import FeatureKey
 from .preprocess import IntensityWindow
 from .runtime import Precision, choose_precision
 from .scheduler_encode import EncodeFn, run_pass
@@ -64,7 +71,6 @@ from .scheduler_queue import (
     RegisteredVolume,
     RequestQueue,
     RequestState,
-    feature_key,
     outward,
     same_pass,
     where,
@@ -73,7 +79,7 @@ from .scheduler_worker import ComputeWorker, SchedulerClosedError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EncodingScheduler", "Priority", "SchedulerClosedError"]
+__all__ = ["EncodingScheduler", "Priority", "SchedulerClosedError", "UnknownEncoderError"]
 
 COUNTERS = ("requests", "cache_hits", "joined", "raised", "encoded", "batches", "skipped_cached", "errors",
             "cancelled_obsolete", "cancelled_precompute", "cancelled_close", "cancelled_reregister", "preempted")
@@ -98,7 +104,7 @@ class EncodingScheduler:
         self.encode_batch = encode_batch
         self.neighbours = neighbours
         self.precision = precision if isinstance(precision, Precision) else choose_precision(model.device, precision)
-        self._encode = encode_fn or model.encode
+        self._encoders = EncoderSet(model, encode_fn or model.encode)
         self._volumes: dict[str, RegisteredVolume] = {}
         self._queue = RequestQueue()
         self._cond = threading.Condition()
@@ -116,7 +122,7 @@ class EncodingScheduler:
         """``encoder_weights_sha256`` defaults to the model's own (None: random weights)."""
         sha = self.model.encoder_weights_sha256 if encoder_weights_sha256 is ... else encoder_weights_sha256
         volume = RegisteredVolume.create(volume_id, array, window, sha)
-        feature_key(self.model, volume, 0, 0)  # validates the sha256 early
+        self._encoders.key(self._encoders.base, volume, 0, 0)  # validates the sha256 early
         with self._cond:
             self._check_open()
             old = self._volumes.get(volume_id)
@@ -137,11 +143,11 @@ class EncodingScheduler:
 
     # ---- requests --------------------------------------------------------------------------------
     def features(self, volume_id: str, axis: str, index: int, timeout: float | None = None, *,
-                 taps: bool = True) -> ImageFeatures:
+                 taps: bool = True, encoder: str | None = None) -> ImageFeatures:
         with self._cond:
             volume = self._volume(volume_id)
             dimension, index = where(volume, axis, index)
-        key = feature_key(self.model, volume, dimension, index)
+            key = self._key(encoder, volume, dimension, index)
         packed = self.cache.lookup(key)
         # Unpacking (16-bit -> float32) is parallel work: the worker thread does it.
         cached = None if packed is None else self.call(lambda: self.cache.unpack(packed, self.model.device,
@@ -156,7 +162,8 @@ class EncodingScheduler:
             self._check_open()
             request = self._queue.get(key)
             if request is None:
-                request = EncodeRequest(key, volume, dimension, waiters=1)
+                self._encoders.get(encoder)  # not removed while unlocked
+                request = EncodeRequest(key, volume, dimension, waiters=1, encoder=encoder)
                 self._queue.add(request)
                 self._cond.notify_all()
             else:
@@ -180,21 +187,25 @@ class EncodingScheduler:
         return ImageFeatures(embedding=result.embedding, taps=list(result.taps), input_size=result.input_size,
                              original_size=result.original_size)
 
-    def is_cached(self, volume_id: str, axis: str, index: int) -> bool:
+    def is_cached(self, volume_id: str, axis: str, index: int, *, encoder: str | None = None) -> bool:
         """Whether the slice's features are in the cache now (no encoder work queued)."""
         with self._cond:
             volume = self._volume(volume_id)
             dimension, index = where(volume, axis, index)
-        return self.cache.contains(feature_key(self.model, volume, dimension, index))
+            key = self._key(encoder, volume, dimension, index)
+        return self.cache.contains(key)
 
-    def set_view(self, volume_id: str, axis: str, index: int) -> None:
+    def set_view(self, volume_id: str, axis: str, index: int, *, encoder: str | None = None) -> None:
+        """The viewed slice and its neighbours, for ``encoder``'s features (a view for
+        another encoder replaces the volume's view)."""
         with self._cond:
             self._check_open()
             volume = self._volume(volume_id)
             dimension, index = where(volume, axis, index)
+            entry = self._encoders.get(encoder)
             wanted = {}
             for rank, i in outward(index, self.neighbours, volume.array.shape[dimension]):
-                wanted[feature_key(self.model, volume, dimension, i)] = rank
+                wanted[self._encoders.key(entry, volume, dimension, i)] = rank
             volume.view = (dimension, index)
             dropped = []
             for request in list(volume.view_requests):
@@ -209,7 +220,7 @@ class EncodingScheduler:
                 if request is None:
                     if self.cache.contains(key):
                         continue
-                    request = EncodeRequest(key, volume, dimension, view_rank=rank)
+                    request = EncodeRequest(key, volume, dimension, view_rank=rank, encoder=encoder)
                     self._queue.add(request)
                 elif request.state is RequestState.QUEUED:
                     request.view_rank = rank
@@ -223,21 +234,23 @@ class EncodingScheduler:
             self._cond.notify_all()
         self._cancel(dropped)
 
-    def precompute(self, volume_id: str, axis: str) -> int:
-        """Queue every uncached slice of the axis in the background; returns the count."""
+    def precompute(self, volume_id: str, axis: str, *, encoder: str | None = None) -> int:
+        """Queue every uncached slice of the axis in the background (``encoder``'s features);
+        returns the count."""
         with self._cond:
             self._check_open()
             volume = self._volume(volume_id)
             dimension, _ = where(volume, axis, 0)
+            entry = self._encoders.get(encoder)
             volume.background_axes.add(dimension)
             count = 0
             for i in range(volume.array.shape[dimension]):
-                key = feature_key(self.model, volume, dimension, i)
+                key = self._encoders.key(entry, volume, dimension, i)
                 request = self._queue.get(key)
                 if request is None:
                     if self.cache.contains(key):
                         continue
-                    self._queue.add(EncodeRequest(key, volume, dimension, background=True))
+                    self._queue.add(EncodeRequest(key, volume, dimension, background=True, encoder=encoder))
                 elif request.state is RequestState.QUEUED and not request.background:
                     request.background = True
                     self._queue.reschedule(request)
@@ -259,16 +272,48 @@ class EncodingScheduler:
         self._cancel(dropped)
         return len(dropped)
 
-    def progress(self, volume_id: str, axis: str) -> dict:
+    def progress(self, volume_id: str, axis: str, *, encoder: str | None = None) -> dict:
         with self._cond:
             volume = self._volume(volume_id)
             dimension, _ = where(volume, axis, 0)
-            requests = [r for r in self._queue.requests.values() if r.volume is volume and r.dimension == dimension]
+            entry = self._encoders.get(encoder)
+            requests = [r for r in self._queue.requests.values()
+                        if r.volume is volume and r.dimension == dimension and r.encoder == encoder]
         total = volume.array.shape[dimension]
-        cached = sum(self.cache.contains(feature_key(self.model, volume, dimension, i)) for i in range(total))
+        cached = sum(self.cache.contains(self._encoders.key(entry, volume, dimension, i)) for i in range(total))
         return {"total": total, "cached": cached,
                 "queued": sum(r.state is RequestState.QUEUED for r in requests),
                 "running": sum(r.state is RequestState.RUNNING for r in requests)}
+
+    # ---- adapted encoders -----------------------------------------------------------------------
+    def add_encoder(self, name: str, model, *, encode_fn: EncodeFn | None = None) -> None:
+        """Serve ``model``'s encoder under ``name`` beside the base one (see ``EncoderSet.add``:
+        same device, an identity of its own)."""
+        with self._cond:
+            self._check_open()
+            self._encoders.add(name, model, encode_fn)
+
+    def remove_encoder(self, name: str) -> int:
+        """Stop serving encoder ``name``: its queued requests are cancelled (waiters get
+        ``UnknownEncoderError``) and a running pass of it is given up; its cached features
+        stay in the cache (they age out, or serve the encoder when it is added again).
+        Returns how many queued requests were cancelled."""
+        with self._cond:
+            self._encoders.remove(name)
+            dropped = [r for r in self._queue.queued() if r.encoder == name]
+            for request in dropped:
+                request.view_rank = None
+                request.background = False
+                request.volume.view_requests.discard(request)
+                self._queue.finish(request)
+            self._preempt_unless(lambda request: request.encoder != name)
+        self._cancel(dropped, UnknownEncoderError(f"encoder {name!r} was removed"))
+        return len(dropped)
+
+    def encoders(self) -> list[str]:
+        """Names of the added encoders (the base model's is not listed)."""
+        with self._cond:
+            return self._encoders.names()
 
     # ---- other work on the worker thread --------------------------------------------------------
     def call(self, fn: Callable, *, urgent: bool = True):
@@ -320,6 +365,7 @@ class EncodingScheduler:
                     "running": sum(r.state is RequestState.RUNNING for r in requests),
                     "calls_waiting": calls, "volumes": len(self._volumes), "encode_batch": self.encode_batch,
                     "precision": self.precision.name, "encode_seconds": round(self._encode_seconds, 6),
+                    "encoders": self._encoders.names(),
                     "paused": self._paused, "closed": self._closing, "worker_alive": self._worker.alive}
 
     def history(self) -> list[tuple[str, str, int, str]]:
@@ -340,7 +386,18 @@ class EncodingScheduler:
         return batch
 
     def _run_pass(self, batch: list[EncodeRequest], between_steps: Callable[[], None]) -> None:
-        outcome = run_pass(batch, model=self.model, encode=self._encode, precision=self.precision,
+        with self._cond:
+            try:
+                entry: EncoderEntry | None = self._encoders.get(batch[0].encoder)
+            except UnknownEncoderError:
+                entry = None
+        if entry is None:  # removed between the pass's choice and its start
+            error = UnknownEncoderError(f"encoder {batch[0].encoder!r} was removed")
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            return
+        outcome = run_pass(batch, model=entry.model, encode=entry.encode, precision=self.precision,
                            cache=self.cache, between_steps=between_steps)
         with self._cond:
             self._encode_seconds += outcome.seconds
@@ -380,6 +437,10 @@ class EncodingScheduler:
     def _check_open(self) -> None:
         if self._closing:
             raise SchedulerClosedError("the encoding scheduler is closed")
+
+    def _key(self, encoder: str | None, volume: RegisteredVolume, dimension: int, index: int) -> FeatureKey:
+        """The slice's cache key for ``encoder`` (lock held)."""
+        return self._encoders.key(self._encoders.get(encoder), volume, dimension, index)
 
     def _volume(self, volume_id: str) -> RegisteredVolume:
         volume = self._volumes.get(volume_id)

@@ -13,7 +13,7 @@ with every push, so equal (priority, rank) pop first-in, first-out. Not thread-s
 scheduler calls every method under its own lock.
 
 Also here: the registration record of a volume (``RegisteredVolume``), argument checks,
-cache keys, and which requests may share an encoder pass.
+and which requests may share an encoder pass (cache keys: ``encoder_set``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,11 @@ from enum import Enum, IntEnum
 import numpy as np
 
 from ..io.slices import axis_dimension
-from ..modeling.desam import DeSAM
-from ..wire import AXES
 from .feature_config import FeatureKey
-from .preprocess import PREPROCESSING_VERSION, IntensityWindow
+from .preprocess import IntensityWindow
 
 __all__ = ["Priority", "RequestState", "EncodeRequest", "RequestQueue", "RegisteredVolume", "outward", "where",
-           "feature_key", "same_pass"]
+           "same_pass"]
 
 
 class Priority(IntEnum):
@@ -94,14 +92,6 @@ def where(volume: RegisteredVolume, axis: str, index) -> tuple[int, int]:
     return a, int(index)
 
 
-def feature_key(model: DeSAM, volume: RegisteredVolume, dimension: int, index: int) -> FeatureKey:
-    return FeatureKey(
-        volume_id=volume.volume_id, axis=AXES[dimension], slice_index=index,
-        window_center=volume.window.center, window_width=volume.window.width,
-        preprocessing_version=PREPROCESSING_VERSION, encoder=model.encoder_name,
-        encoder_weights_sha256=volume.weights_sha256)
-
-
 @dataclass(eq=False)
 class EncodeRequest:
     """One slice to encode and why (see the module docstring); ``future`` gets its
@@ -116,6 +106,7 @@ class EncodeRequest:
     view_rank: int | None = None   # 0: the viewed slice; r > 0: r-th neighbour
     background: bool = False
     entry: list | None = None      # the request's live heap entry
+    encoder: str | None = None     # the encoder's name in the scheduler's EncoderSet (None: the base)
 
     @property
     def index(self) -> int:
@@ -236,9 +227,9 @@ class RequestQueue:
 
 
 def same_pass(first: EncodeRequest, other: EncodeRequest) -> bool:
-    """Whether ``other`` may join ``first``'s encoder pass: same volume and axis, and a
-    PROMPT request takes only PROMPT requests along (a click never waits for background
-    work)."""
-    if other.volume is not first.volume or other.dimension != first.dimension:
+    """Whether ``other`` may join ``first``'s encoder pass: same volume, axis and encoder,
+    and a PROMPT request takes only PROMPT requests along (a click never waits for
+    background work)."""
+    if other.volume is not first.volume or other.dimension != first.dimension or other.encoder != first.encoder:
         return False
     return first.priority()[0] != Priority.PROMPT or other.priority()[0] == Priority.PROMPT
