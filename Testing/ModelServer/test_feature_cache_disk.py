@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 from desam_server.engine import feature_disk
 from desam_server.engine.feature_disk import ENTRY_SUFFIX, CorruptEntryError, read_entry, read_entry_info, write_entry
 from desam_server.engine.feature_packed import TENSOR_NAMES, pack_features
+from desam_server.modeling.desam import ImageFeatures
 
 from feature_cache_helpers import (
     SECRET_VOLUME,
@@ -280,3 +281,31 @@ def test_disk_write_failure_is_counted_and_releases_space(tmp_path, monkeypatch)
     disk = cache.stats()["tiers"]["disk"]
     assert disk["write_errors"] == 1 and disk["bytes_used"] == 0 and disk["entries"] == 0
     assert cache.get(key(0)) is not None
+
+
+def test_embedding_only_entries_round_trip_through_every_tier_and_restart(tmp_path):
+    """An adapted encoder's features (embedding, no taps) are stored as a one-tensor entry:
+    read back bit-identical from memory and from disk after a restart, a standard
+    safetensors file; three taps or none, nothing else, is accepted."""
+    full = make_features(1)
+    alone = ImageFeatures(embedding=full.embedding, taps=[], input_size=full.input_size,
+                          original_size=full.original_size)
+    packed = pack_features(alone, "float16")
+    assert len(packed.tensors) == 1 and packed.nbytes == 2 * 16 * 8 * 8
+    digest = key(5).digest()
+    path = tmp_path / (digest + ENTRY_SUFFIX)
+    write_entry(path, digest, packed)
+    assert list(load_file(path)) == ["embedding"]
+    got = read_entry(path, digest, "float16")
+    assert len(got.tensors) == 1 and torch.equal(got.tensors[0], packed.tensors[0])
+    path.unlink()
+    with make_cache(tmp_path, entries_host=10, entries_disk=10) as first:
+        stored = first.get_or_compute(key(7), lambda: alone)
+        assert stored.taps == [] and torch.equal(stored.embedding, alone.embedding.half().float())
+    with make_cache(tmp_path, entries_host=10, entries_disk=10) as second:
+        again = second.get_or_compute(key(7), lambda: pytest.fail("recomputed"))
+        assert_same(again, stored) and again.taps == []
+        assert second.get(key(7), taps=False).taps == []
+    with pytest.raises(ValueError, match="three taps or none"):
+        pack_features(ImageFeatures(embedding=full.embedding, taps=full.taps[:2], input_size=full.input_size,
+                                    original_size=full.original_size))

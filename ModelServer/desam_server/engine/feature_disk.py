@@ -2,7 +2,8 @@
 ``<key digest>.safetensors``.
 
 A standard safetensors file (8-byte little-endian header length, JSON header, data): the
-four tensors under their names (``embedding``, ``tap0``..``tap2``; float16 / bfloat16 /
+four tensors under their names (``embedding``, ``tap0``..``tap2``; or ``embedding`` alone for an
+embedding-only entry; float16 / bfloat16 /
 float32 as packed), laid out as safetensors' own writer lays them out (widest dtype
 first, then by name, no gaps), and the entry's facts as strings in ``__metadata__``:
 
@@ -57,7 +58,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..atomic import atomic_write
-from .feature_packed import DTYPE_NAMES, STORAGE_DTYPES, TENSOR_NAMES, PackedFeatures
+from .feature_packed import DTYPE_NAMES, EMBEDDING_ONLY, STORAGE_DTYPES, TENSOR_NAMES, PackedFeatures
 
 __all__ = [
     "CorruptEntryError", "ENTRY_SUFFIX", "FORMAT_NAME", "FORMAT_VERSION", "EntryInfo", "encode_header",
@@ -142,7 +143,8 @@ def encode_header(digest: str, packed: PackedFeatures) -> tuple[bytes, list[memo
     outside locks)."""
     entry_name(digest)
     # safetensors' writer order: widest dtype first, then by name (keeps float32 aligned).
-    order = sorted(zip(TENSOR_NAMES, packed.tensors, strict=True), key=lambda nt: (-nt[1].element_size(), nt[0]))
+    names = TENSOR_NAMES[:len(packed.tensors)]
+    order = sorted(zip(names, packed.tensors, strict=True), key=lambda nt: (-nt[1].element_size(), nt[0]))
     views, tensors, table, offset, crc = [], {}, {}, 0, 0
     for name, t in order:
         view = _tensor_bytes(t)
@@ -200,11 +202,11 @@ def _check_header(f, expected_digest: str, file_size: int) -> EntryInfo:
         raise CorruptEntryError("not a feature cache entry")
     if meta["format_version"] != str(FORMAT_VERSION):
         raise CorruptEntryError("unsupported format version")
-    names = f.keys()
-    if sorted(names) != sorted(TENSOR_NAMES):
+    names = sorted(f.keys())
+    if names not in (sorted(TENSOR_NAMES), sorted(EMBEDDING_ONLY)):
         raise CorruptEntryError("bad tensor names")
     table = {}
-    for name in TENSOR_NAMES:
+    for name in TENSOR_NAMES[:len(names)]:
         piece = f.get_slice(name)
         table[name] = (piece.get_dtype(), piece.get_shape())
     header_crc, data_crc = meta["header_crc32"], meta["data_crc32"]
@@ -283,7 +285,7 @@ def _read(path: Path, expected_digest: str, expected_storage: str, size: int) ->
         # Copied out by numpy (one thread; a torch copy would start an OpenMP team on the
         # caller's thread, see docs/ENGINE.md), then viewed as the stored dtype.
         tensors = tuple(torch.from_numpy(raw[name].copy()).view(views[name].dtype).reshape(views[name].shape)
-                        for name in TENSOR_NAMES)
+                        for name in TENSOR_NAMES[:len(views)])
         del views, raw  # with the file closed below, nothing holds the mapping
     return PackedFeatures(tensors=tensors, input_size=info.input_size, original_size=info.original_size,
                           storage_dtype=info.storage_dtype)

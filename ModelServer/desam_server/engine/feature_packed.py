@@ -5,6 +5,10 @@ Every cache tier (device memory, host memory, disk) holds this same representati
 key read from any tier unpacks to bit-identical float32 tensors, and a freshly computed
 entry is returned through the same round trip (a hit and a miss give the same numbers).
 
+An entry holds the embedding and the three taps (DeSAM's PDMM reads the taps), or the
+embedding alone (``EMBEDDING_ONLY``: features of an adapted encoder served only through
+SAM's prompted decoder, DB-SAM and SAM-Mix, whose taps nothing reads).
+
 Storage dtypes: ``float16`` (the default: 10 mantissa bits against bfloat16's 7, and the
 encoders' features stay far inside its range), ``bfloat16`` (float32's range, less
 precision) and ``float32`` (exact). A tensor whose largest magnitude does not fit the
@@ -22,7 +26,7 @@ import torch
 from ..modeling.desam import ImageFeatures
 
 __all__ = [
-    "STORAGE_DTYPES", "TENSOR_NAMES", "PackedFeatures", "pack_features", "packed_nbytes_for_shapes",
+    "STORAGE_DTYPES", "TENSOR_NAMES", "EMBEDDING_ONLY", "PackedFeatures", "pack_features", "packed_nbytes_for_shapes",
 ]
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -32,6 +36,8 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in STORAGE_DTYPES.items()}
 TENSOR_NAMES = ("embedding", "tap0", "tap1", "tap2")
+#: The tensor names of an embedding-only entry.
+EMBEDDING_ONLY = TENSOR_NAMES[:1]
 
 
 def _check_size(value, what: str) -> tuple[int, int]:
@@ -53,9 +59,9 @@ def storage_dtype(name: str) -> torch.dtype:
 
 @dataclass(frozen=True, eq=False)
 class PackedFeatures:
-    """tensors: embedding, tap0, tap1, tap2 (contiguous, each in the storage dtype or in
-    float32 where that dtype would overflow), all on one device. Never mutate them: tiers
-    may share them."""
+    """tensors: embedding, tap0, tap1, tap2, or the embedding alone (contiguous, each in the
+    storage dtype or in float32 where that dtype would overflow), all on one device. Never
+    mutate them: tiers may share them."""
 
     tensors: tuple[torch.Tensor, ...]
     input_size: tuple[int, int]
@@ -116,11 +122,11 @@ def _validate(features: ImageFeatures) -> list[torch.Tensor]:
     if not isinstance(features, ImageFeatures):
         raise TypeError(f"expected ImageFeatures, got {type(features).__name__}")
     taps = list(features.taps)
-    if len(taps) != 3:
-        raise ValueError(f"ImageFeatures must have exactly three taps, got {len(taps)}")
+    if len(taps) not in (0, 3):
+        raise ValueError(f"ImageFeatures must have three taps or none (embedding only), got {len(taps)}")
     tensors = [features.embedding, *taps]
     device = tensors[0].device
-    for name, t in zip(TENSOR_NAMES, tensors, strict=True):
+    for name, t in zip(TENSOR_NAMES[:len(tensors)], tensors, strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor")
         if t.ndim != 4 or t.shape[0] != 1:
