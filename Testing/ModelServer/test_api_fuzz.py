@@ -89,13 +89,19 @@ SERVED = _Served()
 SLICE = "slice index [0-9]+ is outside"  # the volume's extent along the axis
 STATE_DEPENDENT = {
     "POST /volumes": ["volume payload rejected: "],  # the payload's bytes (docs/WIRE_FORMAT.md)
-    "PUT /volumes/{volume_id}/view": [SLICE],
+    "PUT /volumes/{volume_id}/view": [SLICE, "unknown decoder"],  # the models served now
+    "POST /volumes/{volume_id}/precompute": ["unknown decoder"],
+    "GET /volumes/{volume_id}/progress": ["unknown decoder"],
     "POST /segment/prompt": [
         SLICE, "points must lie inside the", "box must lie inside the",  # the slice's size
         "box must have x1 > x0 and y1 > y0",    # JSON Schema cannot compare two items
         "points and labels must come together and have the same length",  # nor two lengths
         "mask_input.mask", "logits_id belongs to another slice"],  # a wire mask's contents, an earlier answer
-    "POST /segment/auto": [r"slice range \[[0-9]+, [0-9]+\) is not within"],  # start < stop <= the extent
+    "POST /segment/auto": [
+        r"slice range \[[0-9]+, [0-9]+\) is not within",  # start < stop <= the extent
+        "is not a box inside the",  # the slice's size; x0 < x1 and y0 < y1 (JSON Schema cannot compare items)
+        "mode 'roi' needs a box", "a box is given with mode 'roi' only",  # nor tie one field to another's value
+        "needs a decoder: name a", "its automatic modes are", "not a DeSAM decoder"],  # the named model's family
     "POST /segment/propagate": [  # the extent, the seed within the bounds, the wire mask's contents
         SLICE, r"slice range \[[0-9]+, [0-9]+\) is not within", "the seed slice [0-9]+ is outside the range",
         "^mask", "the seed mask is empty"],

@@ -152,7 +152,8 @@ def test_a_permissive_run_reaches_the_whole_axis(served, decoder):
     assert job["reached"] == [0, 15] and job["progress"] == {"done": 16, "total": 16, "fraction": 1.0}
     assert job["spec"]["decoder"] == decoder and job["spec"]["seed_area"] == int(SEED.sum())
     assert [s["index"] for s in job["slices"]] == list(range(16)) and job["slices_with_mask"] == 16
-    assert job["slices"][SEED_INDEX] == {"index": SEED_INDEX, "iou": None, "area": int(SEED.sum())}
+    assert job["slices"][SEED_INDEX] == {"index": SEED_INDEX, "iou": None, "area": int(SEED.sum()), "presence": None,
+                                         "box": None}
     assert all(s["iou"] is not None and s["area"] > 0 for s in job["slices"] if s["index"] != SEED_INDEX)
     assert (slab.axis, slab.offset, slab.mask.shape) == ("k", 0, (16, 48, 64))
     np.testing.assert_array_equal(slab.mask[SEED_INDEX], SEED)        # the seed's mask is kept as given

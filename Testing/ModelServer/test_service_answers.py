@@ -162,8 +162,8 @@ def test_automatic_job_equals_predict_auto_in_process(setup, mode, options, foun
     # Each slice's predicted IoU and area, as predict_auto gives them (no IoU where it has none).
     assert job["kind"] == "auto" and job["reached"] is None
     assert job["slices"] == [{"index": index, "iou": None if np.isnan(ref.iou) else ref.iou,
-                              "area": int(ref.mask.sum())} for index, ref in zip(range(start, stop), references,
-                                                                                 strict=True)]
+                              "area": int(ref.mask.sum()), "presence": None, "box": None}
+                             for index, ref in zip(range(start, stop), references, strict=True)]
     if not found:
         assert job["slices_with_mask"] == 0 and all(ref.passed == 0 for ref in references)
         return
@@ -364,7 +364,8 @@ def test_propagation_equals_the_walk_in_process(setup, decoder, axis, index, sta
     first, last = min(expected), max(expected)
     assert last - first >= 4, "the walk went nowhere: the comparison would say little"
     assert (job["kind"], job["reached"]) == ("propagate", [first, last])
-    assert job["slices"] == [{"index": n, "iou": scores[n], "area": int(expected[n].sum())} for n in sorted(expected)]
+    assert job["slices"] == [{"index": n, "iou": scores[n], "area": int(expected[n].sum()), "presence": None,
+                              "box": None} for n in sorted(expected)]
     slab = wire.decode_mask(client.get(f"/jobs/{job['id']}/result").content, volume_shape=VOLUME.shape)
     assert (slab.axis, slab.offset, slab.mask.shape) == (axis, first, (last - first + 1, h, w))
     for n in range(first, last + 1):

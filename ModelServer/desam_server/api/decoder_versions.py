@@ -212,6 +212,6 @@ class DecoderVersions:
                 self._check_servable(structure)
             info = registry.register(decoder_file, curve_png=curve_png, activate=activate)
             if loaded is not None:
-                loaded = LoadedDecoder(info.structure, loaded.model, loaded.metadata, loaded.sha256, info.version)
+                loaded = loaded.as_version(info.structure, info.version)
             self._serve_active(info.structure, loaded)
             return info

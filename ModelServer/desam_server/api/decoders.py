@@ -1,7 +1,11 @@
-"""Trained DeSAM decoders (PRIM + PDMM) the service holds, by name.
+"""Trained structure models the service holds, by name.
 
-Each decoder file becomes a ``DeSAM`` that shares the service model's encoder, prompt
-encoder and SAM mask decoder (no copies of those weights) and owns its PRIM and PDMM.
+A DeSAM decoder file (family ``desam``) becomes a ``DeSAM`` that shares the service
+model's encoder, prompt encoder and SAM mask decoder (no copies of those weights) and owns
+its PRIM and PDMM. A model of an adapted-encoder family (``dbsam``: DB-SAM's adapters;
+``sammix``: SAM-Mix's merged LoRA and its slice classifier) is served through SAM's
+prompted decoder on features of its own encoder (``engine.adapted_sam``): the service adds
+that encoder to its scheduler (``LoadedDecoder.encoder``) while the model is served.
 A decoder file given at start is named by its stem (``liver.safetensors`` -> ``liver``);
 a version from the decoder registry by its structure (``decoder_registry``), with its
 version. The file's metadata gives the structure and training record. A file made for
@@ -19,46 +23,74 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..decoder_registry import NAME_RE, check_structure_name
 from ..hashing import sha256_file
 from ..modeling.build import build_decoders
 from ..modeling.checkpoint import CheckpointError, load_decoder
 from ..modeling.desam import DeSAM
-from .errors import Conflict, NotFound
+from .errors import Conflict, NotFound, Unprocessable
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LoadedDecoder", "DecoderSet", "NAME_RE"]
 
 
+#: Model families the service serves, and what each answers.
+FAMILIES = ("desam", "dbsam", "sammix")
+
+
 @dataclass(frozen=True)
 class LoadedDecoder:
-    """A decoder ready to serve. version: its registry version (None: a decoder file the
-    service was started with)."""
+    """A structure model ready to serve. version: its registry version (None: a file the
+    service was started with); family: ``FAMILIES``; classifier: SAM-Mix's slice
+    classifier (presence and CAM boxes; None for the other families)."""
 
     name: str
     model: DeSAM
     metadata: dict
     sha256: str
     version: str | None = None
+    family: str = "desam"
+    classifier: Any = None
+
+    @property
+    def encoder(self) -> str | None:
+        """The scheduler's name for this model's adapted encoder (None: the base encoder).
+        Named by the adapted encoder's identity, so that two files with the same encoder
+        weights share its features."""
+        if self.family == "desam":
+            return None
+        return f"{self.family}:{self.model.encoder_weights_sha256[:16]}"
+
+    @property
+    def automatic_modes(self) -> tuple[str, ...]:
+        """The modes of ``/segment/auto`` this model runs."""
+        return {"desam": ("box", "grid", "roi"), "dbsam": ("roi",), "sammix": ("roi", "cam-box")}[self.family]
+
+    def as_version(self, name: str, version: str) -> LoadedDecoder:
+        return replace(self, name=name, version=version)
 
     def describe(self) -> dict:
-        return {"name": self.name, "structure": self.metadata.get("structure"),
+        return {"name": self.name, "family": self.family, "structure": self.metadata.get("structure"),
                 "encoder": self.metadata.get("encoder"), "format_version": self.metadata.get("format_version"),
                 "sha256": self.sha256, "source": "file" if self.version is None else "registry",
                 "version": self.version, "training": self.metadata.get("training", {})}
 
 
 class DecoderSet:
-    """``on_replace(old)`` is called (outside the set's lock) with each decoder that
+    """``on_serve(new)`` is called before ``put`` serves a decoder (an exception there
+    keeps it out); ``on_replace(old)`` (outside the set's lock) with each decoder that
     ``put`` replaced or ``remove`` removed."""
 
-    def __init__(self, base: DeSAM, *, on_replace: Callable[[LoadedDecoder], None] | None = None) -> None:
+    def __init__(self, base: DeSAM, *, on_replace: Callable[[LoadedDecoder], None] | None = None,
+                 on_serve: Callable[[LoadedDecoder], None] | None = None) -> None:
         self.base = base
         self._on_replace = on_replace
+        self._on_serve = on_serve
         self._lock = threading.Lock()
         self._decoders: dict[str, LoadedDecoder] = {}
 
@@ -89,6 +121,8 @@ class DecoderSet:
 
     def put(self, loaded: LoadedDecoder) -> LoadedDecoder:
         """Serve ``loaded`` under its name from now on, in place of the decoder before."""
+        if self._on_serve is not None:
+            self._on_serve(loaded)
         with self._lock:
             old = self._decoders.get(loaded.name)
             self._decoders[loaded.name] = loaded
@@ -133,11 +167,17 @@ class DecoderSet:
         return found
 
     def require(self, name: str | None) -> LoadedDecoder:
-        """The named decoder, or the only one when ``name`` is None. Conflict (409) when
-        no trained decoder is loaded (DeSAM's automatic modes need one) or the choice is
-        ambiguous."""
+        """The named DeSAM decoder, or the only one when ``name`` is None. Conflict (409)
+        when no trained DeSAM decoder is loaded (DeSAM's automatic modes need one) or the
+        choice is ambiguous; Unprocessable (422) when the named one is another family's."""
         with self._lock:
-            known = sorted(self._decoders)
+            known = sorted(n for n, d in self._decoders.items() if d.family == "desam")
+        if name is not None:
+            found = self.get(name)
+            if found.family != "desam":
+                raise Unprocessable(f"decoder {name!r} is a {found.family} model, not a DeSAM decoder: DeSAM's "
+                                    f"automatic modes need one (its modes: {', '.join(found.automatic_modes)})")
+            return found
         if not known:
             raise Conflict(
                 f"no trained DeSAM decoder is loaded for encoder {self.base.encoder_name}: the automatic modes "

@@ -65,36 +65,53 @@ class JobCancelled(Exception):
 class SliceScore:
     """One finished slice of a job: the decoder's predicted IoU of its final mask (None
     where there is no prediction: an empty automatic answer, or a propagation's seed slice,
-    whose mask the client gave) and the mask's area in pixels."""
+    whose mask the client gave), the mask's area in pixels, and for the cam-box mode the
+    classifier's presence probability and the box that prompted SAM (x0, y0, x1, y1 in
+    the slice's pixels; None when the slice was judged absent)."""
 
     index: int
     iou: float | None
     area: int
+    presence: float | None = None
+    box: tuple[float, float, float, float] | None = None
 
     def to_json(self) -> dict:
-        return {"index": self.index, "iou": self.iou, "area": self.area}
+        return {"index": self.index, "iou": self.iou, "area": self.area, "presence": self.presence,
+                "box": None if self.box is None else list(self.box)}
 
 
 @dataclass(frozen=True)
 class AutoJobSpec:
+    """An automatic job over slices [start, stop). mode: "box" / "grid" (DeSAM's whole-box
+    and grid-points modes), "roi" (every slice prompted by the same ``box``, x0 y0 x1 y1
+    in slice pixels: a user's region of interest; any decoder, "sam" included) or "cam-box"
+    (a SAM-Mix model: presence >= ``presence_threshold`` -> the box of its class activation
+    map at ``omega`` x its maximum, the largest region's or each region's)."""
+
     kind = "auto"
 
     volume_id: str
     axis: str
     start: int
     stop: int                     # exclusive
-    mode: str                     # "box" or "grid"
+    mode: str                     # "box", "grid", "roi" or "cam-box"
     decoder: str
     window: tuple[float, float]   # center, width
     grid_size: int = 9
     iou_threshold: float = 0.5
     min_region_area: int = 64
+    box: tuple[float, float, float, float] | None = None
+    presence_threshold: float = 0.5
+    omega: float = 0.5
+    largest_only: bool = True
 
     def to_json(self) -> dict:
         return {"volume_id": self.volume_id, "axis": self.axis, "start": self.start, "stop": self.stop,
                 "mode": self.mode, "decoder": self.decoder,
                 "window": {"center": self.window[0], "width": self.window[1]}, "grid_size": self.grid_size,
-                "iou_threshold": self.iou_threshold, "min_region_area": self.min_region_area}
+                "iou_threshold": self.iou_threshold, "min_region_area": self.min_region_area,
+                "box": None if self.box is None else list(self.box), "presence_threshold": self.presence_threshold,
+                "omega": self.omega, "largest_only": self.largest_only}
 
     def describe(self) -> str:
         return f"{self.mode} mode, {self.stop - self.start} slices"

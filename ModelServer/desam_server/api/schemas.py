@@ -67,16 +67,22 @@ class Window(Strict):
 WindowQuery = tuple[Annotated[float, Field(allow_inf_nan=False)], Annotated[float, Field(gt=0, allow_inf_nan=False)]]
 
 
+_ENCODER_OF = ("whose encoder's features to prepare: a DB-SAM or SAM-Mix model's name encodes with its adapted "
+               "encoder; default (or 'sam', or a DeSAM decoder): the service's encoder")
+
+
 class ViewRequest(Strict):
     axis: Axis
     index: int = Field(ge=0, le=2**31 - 1)
     window: Window | None = None
+    decoder: str | None = Field(None, max_length=64, description="the model " + _ENCODER_OF)
 
 
 class PrecomputeRequest(Strict):
     axis: Axis
     window: Window | None = None
     cancel: bool = Field(False, description="withdraw queued background work instead")
+    decoder: str | None = Field(None, max_length=64, description="the model " + _ENCODER_OF)
 
 
 class Progress(BaseModel):
@@ -188,8 +194,7 @@ class PromptRequest(Strict):
                              "together and have the same length")
         if self.points is None and self.box is None and self.mask_input is None:
             raise ValueError("give at least one prompt: points, a box or mask_input")
-        if self.mask_input is not None and self.decoder != "sam":
-            raise ValueError("mask_input works with SAM's decoder (decoder 'sam') only")
+        # mask_input with a DeSAM decoder is refused by the service (the decoder's family decides)
         return self
 
 
@@ -224,12 +229,25 @@ class AutoRequest(Strict):
     axis: Axis = "k"
     start: int | None = Field(None, ge=0, le=2**31 - 1, description="first slice (default 0)")
     stop: int | None = Field(None, ge=1, le=2**31, description="one past the last slice (default: all)")
-    mode: Literal["box", "grid"] = "box"
-    decoder: str | None = Field(None, max_length=64, description="decoder name (default: the only one loaded)")
+    mode: Literal["box", "grid", "roi", "cam-box"] = Field(
+        "box", description="box / grid: DeSAM's whole-box and grid-points modes (a DeSAM decoder); roi: every slice "
+                           "prompted by 'box' (SAM's decoder 'sam', a DeSAM decoder or a DB-SAM / SAM-Mix model); "
+                           "cam-box: a SAM-Mix model finds the slices holding the structure and their boxes")
+    decoder: str | None = Field(None, max_length=64,
+                                description="decoder name (box / grid: default the only DeSAM decoder loaded; roi: "
+                                            "default 'sam')")
     window: Window | None = None
     grid_size: int = Field(9, ge=1, le=32)
     iou_threshold: float = Field(0.5, ge=0, le=1)
     min_region_area: int = Field(64, ge=0, le=1 << 24)
+    box: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=4, max_length=4)] | None = \
+        Field(None, description="roi: x0, y0, x1, y1 in slice pixels, the same on every slice")
+    presence_threshold: float = Field(0.5, ge=0, le=1,
+                                      description="cam-box: presence probability from which a slice is segmented")
+    omega: float = Field(0.5, gt=0, le=1, description="cam-box: the activation map's threshold, a fraction of its "
+                                                       "maximum")
+    largest_only: bool = Field(True, description="cam-box: prompt with the largest activated region's box only "
+                                                 "(else with every region's, masks united)")
 
 
 _RULES = StopRules()
@@ -275,6 +293,10 @@ class SliceScore(BaseModel):
     iou: float | None = Field(description="the decoder's predicted IoU of the slice's mask; null where there is "
                                           "none (an empty automatic answer; a propagation's seed slice)")
     area: int = Field(description="pixels in the slice's mask")
+    presence: float | None = Field(None, description="cam-box: the slice classifier's probability that the slice "
+                                                     "holds the structure; null in other modes")
+    box: list[float] | None = Field(None, description="cam-box: the box (x0, y0, x1, y1, slice pixels) from the "
+                                                      "activation map that prompted SAM; null when absent")
 
 
 class JobInfo(BaseModel):
@@ -402,10 +424,15 @@ class TrainingMetrics(BaseModel):
 
 
 class DecoderInfo(BaseModel):
-    """A decoder the service serves. source: 'file' (given at start) or 'registry' (the
-    active version of the structure ``name``, ``version``)."""
+    """A structure model the service serves (a DeSAM decoder, or a DB-SAM / SAM-Mix model).
+    source: 'file' (given at start) or 'registry' (the active version of the structure
+    ``name``, ``version``)."""
 
     name: str
+    family: Literal["desam", "dbsam", "sammix"] = Field(
+        description="desam: PRIM + PDMM on the service's encoder (modes box, grid, roi); dbsam: DB-SAM's adapted "
+                    "encoder and mask decoder, prompted (points, boxes; mode roi); sammix: SAM-Mix's LoRA-adapted "
+                    "SAM and slice classifier (prompts; modes roi, cam-box)")
     structure: str | None
     encoder: str | None
     format_version: int | None

@@ -32,9 +32,11 @@ from .. import wire
 from ..decoder_registry import DecoderRegistry
 from ..engine import IntensityWindow, SlicePredictor
 from ..engine.feature_cache import FeatureCache
-from ..engine.scheduler import EncodingScheduler, SchedulerClosedError
+from ..engine.scheduler import EncodingScheduler, SchedulerClosedError, UnknownEncoderError
+from ..io.slices import slice_view
 from ..modeling.desam import DeSAM, ImageFeatures
 from ..wire import axis_dimension
+from .auto_runs import SliceAccess, run_auto
 from .decoder_versions import DecoderVersions
 from .decoders import DecoderSet, LoadedDecoder
 from .errors import Conflict, NotFound, PayloadTooLarge, TooManyRequests, Unavailable, Unprocessable
@@ -111,7 +113,8 @@ class Service:
         self._sessions: dict[str, set[str]] = {}      # volume id -> scheduler ids (one per window)
         self._waiting_prompts = 0
         self._hot: OrderedDict[tuple, ImageFeatures] = OrderedDict()  # recent clicked slices
-        self.decoders = DecoderSet(model, on_replace=self._forget_decoder)
+        self._encoder_lock = threading.Lock()          # adapted encoders added to / removed from the scheduler
+        self.decoders = DecoderSet(model, on_replace=self._forget_decoder, on_serve=self._serve_encoder)
         for path in settings.decoders:
             self.decoders.load(path)
         if settings.decoder_dir is not None:
@@ -230,44 +233,62 @@ class Service:
             sid, w = self._session(stored, window)
             yield _Slice(stored, sid, w, shape)
 
-    def view(self, volume_id: str, axis: str, index: int, window: dict | None) -> dict:
-        with self._slice(volume_id, axis, index, window) as s:
-            self._scheduler_call(self.scheduler.set_view, s.sid, axis, index)
-            return self.scheduler.progress(s.sid, axis)
+    def _encoder_of(self, decoder: str | None) -> str | None:
+        """The scheduler's encoder whose features ``decoder`` reads: None (the base
+        encoder) for SAM's decoder and DeSAM decoders, the adapted encoder of a DB-SAM or
+        SAM-Mix model. An unknown name is 422, not 404: the volume these requests address exists."""
+        if decoder is None or decoder == "sam":
+            return None
+        try:
+            return self.decoders.get(decoder).encoder
+        except NotFound as exc:
+            raise Unprocessable(str(exc)) from None
 
-    def precompute(self, volume_id: str, axis: str, window: dict | None, cancel: bool = False) -> dict:
+    def view(self, volume_id: str, axis: str, index: int, window: dict | None, decoder: str | None = None) -> dict:
+        encoder = self._encoder_of(decoder)
+        with self._slice(volume_id, axis, index, window) as s:
+            self._scheduler_call(self.scheduler.set_view, s.sid, axis, index, encoder=encoder)
+            return self._scheduler_call(self.scheduler.progress, s.sid, axis, encoder=encoder)
+
+    def precompute(self, volume_id: str, axis: str, window: dict | None, cancel: bool = False,
+                   decoder: str | None = None) -> dict:
+        encoder = self._encoder_of(decoder)
         with self._slice(volume_id, axis, 0, window) as s:
             if cancel:
                 self.scheduler.cancel_precompute(s.sid, axis)
             else:
-                self._scheduler_call(self.scheduler.precompute, s.sid, axis)
-            return self.scheduler.progress(s.sid, axis)
+                self._scheduler_call(self.scheduler.precompute, s.sid, axis, encoder=encoder)
+            return self._scheduler_call(self.scheduler.progress, s.sid, axis, encoder=encoder)
 
-    def progress(self, volume_id: str, axis: str, window: dict | None) -> dict:
+    def progress(self, volume_id: str, axis: str, window: dict | None, decoder: str | None = None) -> dict:
+        encoder = self._encoder_of(decoder)
         with self._slice(volume_id, axis, 0, window) as s:
-            return self.scheduler.progress(s.sid, axis)
+            return self._scheduler_call(self.scheduler.progress, s.sid, axis, encoder=encoder)
 
     @staticmethod
-    def _scheduler_call(fn, *args):
+    def _scheduler_call(fn, *args, **kwargs):
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except SchedulerClosedError:
             raise Unavailable("the service is shutting down") from None
+        except UnknownEncoderError:  # its model was replaced or removed meanwhile
+            raise Unavailable("the structure model changed during the request: try again", retry_after=1) from None
 
     # ---- features ---------------------------------------------------------------------------
     def _features(self, sid: str, axis: str, index: int, *, prompt: bool,
-                  taps: bool = True) -> tuple[ImageFeatures, bool]:
-        """The slice's features and whether they were cached already. Prompts reuse the
-        features object of the last HOT_SLICES clicked slices, so that work shared by all
-        prompts on a slice (``ImageFeatures.decoder_state``) is done once."""
-        hot = (sid, axis, index, taps)
+                  taps: bool = True, encoder: str | None = None) -> tuple[ImageFeatures, bool]:
+        """The slice's features (``encoder``'s: None for the base encoder) and whether they
+        were cached already. Prompts reuse the features object of the last HOT_SLICES
+        clicked slices, so that work shared by all prompts on a slice
+        (``ImageFeatures.decoder_state``) is done once."""
+        hot = (sid, axis, index, taps, encoder)
         if prompt:
             with self._lock:
                 features = self._hot.get(hot)
                 if features is not None:
                     self._hot.move_to_end(hot)
                     return features, True
-        features, cached = self._cached_features(sid, axis, index, prompt=prompt, taps=taps)
+        features, cached = self._cached_features(sid, axis, index, prompt=prompt, taps=taps, encoder=encoder)
         if prompt:
             with self._lock:
                 self._hot[hot] = features
@@ -280,8 +301,8 @@ class Service:
         return sum(t.numel() * t.element_size() for f in self._hot.values() for t in (f.embedding, *f.taps))
 
     def _cached_features(self, sid: str, axis: str, index: int, *, prompt: bool,
-                         taps: bool) -> tuple[ImageFeatures, bool]:
-        cached = self.scheduler.is_cached(sid, axis, index)
+                         taps: bool, encoder: str | None) -> tuple[ImageFeatures, bool]:
+        cached = self._scheduler_call(self.scheduler.is_cached, sid, axis, index, encoder=encoder)
         if not cached and prompt:
             with self._lock:
                 if self._waiting_prompts >= self.settings.max_pending_prompts:
@@ -290,12 +311,14 @@ class Service:
                 self._waiting_prompts += 1
         try:
             return self.scheduler.features(sid, axis, index, timeout=self.settings.click_timeout_s,
-                                           taps=taps), cached
+                                           taps=taps, encoder=encoder), cached
         except TimeoutError:
             raise Unavailable(f"the slice was not encoded within {self.settings.click_timeout_s:g} s: the encoder "
                               "is busy", retry_after=5) from None
         except SchedulerClosedError:
             raise Unavailable("the service is shutting down") from None
+        except UnknownEncoderError:
+            raise Unavailable("the structure model changed during the request: try again", retry_after=1) from None
         finally:
             if not cached and prompt:
                 with self._lock:
@@ -319,12 +342,16 @@ class Service:
                                 "must come together and have the same length")
         loaded = None if decoder == "sam" else self.decoders.get(decoder)  # held to the end: hot swap
         variant = self.model if loaded is None else loaded.model
-        if decoder != "sam" and mask_input is not None:
-            raise Unprocessable("mask_input works with SAM's decoder (decoder 'sam') only")
+        # SAM's prompted decoder: "sam" itself, and the adapted-encoder models (DB-SAM, SAM-Mix)
+        sam_path = loaded is None or loaded.family != "desam"
+        if not sam_path and mask_input is not None:
+            raise Unprocessable("mask_input works with SAM's prompted decoder (decoder 'sam', or a DB-SAM / SAM-Mix "
+                                "model), not with a DeSAM decoder")
         t0 = time.perf_counter()
         with self._slice(volume_id, axis, index, window) as s:
             stored, shape = s.stored, s.shape
-            features, cached = self._features(s.sid, axis, index, prompt=True, taps=decoder != "sam")
+            features, cached = self._features(s.sid, axis, index, prompt=True, taps=not sam_path,
+                                              encoder=None if loaded is None else loaded.encoder)
             t1 = time.perf_counter()
             pts = None if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
             lab = None if labels is None else np.asarray(labels).reshape(-1)
@@ -343,7 +370,7 @@ class Service:
                 predictor.set_features(features)
                 refine = previous if previous_mask is None else mask_to_logits(previous_mask, self.model, features)
                 try:
-                    if decoder == "sam":
+                    if sam_path:
                         out = predictor.predict(pts, lab, box=box, mask_input=refine, multimask_output=multimask)
                     else:
                         mask, iou = predictor.predict_desam(pts, lab, box=box)
@@ -369,17 +396,44 @@ class Service:
     # ---- automatic segmentation jobs ---------------------------------------------------------------
     def submit_job(self, volume_id: str, *, axis: str, start: int | None, stop: int | None, mode: str,
                    decoder: str | None, window: dict | None, grid_size: int, iou_threshold: float,
-                   min_region_area: int) -> AutoJob:
-        loaded = self.decoders.require(decoder)
+                   min_region_area: int, box: list[float] | None = None, presence_threshold: float = 0.5,
+                   omega: float = 0.5, largest_only: bool = True) -> AutoJob:
+        """Check the request and queue an automatic job (``auto_runs``): the decoder must
+        run the mode (``LoadedDecoder.automatic_modes``; "roi" also runs with "sam"), "roi"
+        needs a box inside the slice."""
+        if mode == "roi" and decoder in (None, "sam"):
+            name = "sam"
+        elif mode in ("box", "grid"):
+            name = self.decoders.require(decoder).name
+        else:
+            if decoder is None:
+                raise Unprocessable(f"mode {mode!r} needs a decoder: name a "
+                                    f"{'SAM-Mix model' if mode == 'cam-box' else 'model, or sam'}")
+            name = decoder
+        if name != "sam":
+            loaded = self.decoders.get(name)
+            if mode not in loaded.automatic_modes:
+                raise Unprocessable(f"decoder {name!r} is a {loaded.family} model: its automatic modes are "
+                                    f"{', '.join(loaded.automatic_modes)}, not {mode!r}")
+        if (box is None) != (mode != "roi"):
+            raise Unprocessable("mode 'roi' needs a box (x0, y0, x1, y1 in slice pixels)" if mode == "roi"
+                                else f"a box is given with mode 'roi' only, not {mode!r}")
         with self._slice(volume_id, axis, 0, window) as s:
             count = s.stored.array.shape[axis_dimension(axis)]
             start = 0 if start is None else start
             stop = count if stop is None else stop
             if not 0 <= start < stop <= count:
                 raise Unprocessable(f"slice range [{start}, {stop}) is not within [0, {count}) along axis {axis}")
-        spec = AutoJobSpec(volume_id=volume_id, axis=axis, start=start, stop=stop, mode=mode, decoder=loaded.name,
+            if box is not None:
+                h, w = s.shape
+                x0, y0, x1, y1 = box
+                if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+                    raise Unprocessable(f"box {list(box)} is not a box inside the {w} x {h} slice "
+                                        "(0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)")
+        spec = AutoJobSpec(volume_id=volume_id, axis=axis, start=start, stop=stop, mode=mode, decoder=name,
                            window=(s.window.center, s.window.width), grid_size=grid_size, iou_threshold=iou_threshold,
-                           min_region_area=min_region_area)
+                           min_region_area=min_region_area, box=None if box is None else tuple(float(v) for v in box),
+                           presence_threshold=presence_threshold, omega=omega, largest_only=largest_only)
         return self.jobs.submit(spec)
 
     def _run_job(self, job: AutoJob) -> bytes:
@@ -388,27 +442,18 @@ class Service:
             return self._run_propagation(job)
         spec = job.spec
         # The version served when the job starts; held to its end (a swap meanwhile serves new work only).
-        variant = self.decoders.get(spec.decoder).model
+        loaded = None if spec.decoder == "sam" else self.decoders.get(spec.decoder)
         window = {"center": spec.window[0], "width": spec.window[1]}
         with self._slice(spec.volume_id, spec.axis, spec.start, window) as s:
-            sid = s.sid
+            sid, array = s.sid, s.stored.array
             slab = np.zeros((job.total, *s.shape), dtype=bool)
-            predictor = SlicePredictor(variant, precision=self.precision, fast=self.fast_path)
-            for n, index in enumerate(range(spec.start, spec.stop)):
-                job.check_cancelled()
-                features, _ = self._features(sid, spec.axis, index, prompt=False)
-                job.check_cancelled()
-                predictor.set_features(features)
-                # Clicks run between the slice's steps (PRIM chunks, PDMM's blocks).
-                result = self._on_worker(lambda: predictor.predict_auto(
-                    spec.mode, spec.grid_size, iou_threshold=spec.iou_threshold,
-                    min_region_area=spec.min_region_area, between_steps=self.scheduler.serve_urgent),
-                    urgent=False)
-                slab[n] = result.mask
-                job.slices_with_mask += bool(result.mask.any())
-                job.add_slice(SliceScore(index, result.iou if np.isfinite(result.iou) else None,
-                                         int(result.mask.sum())))
-                job.done = n + 1
+            access = SliceAccess(
+                features=lambda axis, index, taps, encoder: self._features(sid, axis, index, prompt=False, taps=taps,
+                                                                           encoder=encoder)[0],
+                on_worker=lambda fn: self._on_worker(fn, urgent=False), serve_urgent=self.scheduler.serve_urgent,
+                predictor=lambda model: SlicePredictor(model, precision=self.precision, fast=self.fast_path),
+                slice=lambda axis, index: slice_view(array, axis, index))
+            run_auto(job, loaded, self.model, access, slab)
         return wire.encode_mask(slab, axis=spec.axis, offset=spec.start, volume_id=spec.volume_id)
 
     # ---- propagation jobs ----------------------------------------------------------------------------
@@ -440,20 +485,24 @@ class Service:
     def _run_propagation(self, job: AutoJob) -> bytes:
         spec: PropagateJobSpec = job.spec
         # The version served when the job starts; held to its end (as an automatic job's).
-        variant = self.model if spec.decoder == "sam" else self.decoders.get(spec.decoder).model
+        loaded = None if spec.decoder == "sam" else self.decoders.get(spec.decoder)
+        variant = self.model if loaded is None else loaded.model
+        sam_path = loaded is None or loaded.family != "desam"
+        encoder = None if loaded is None else loaded.encoder
         window = {"center": spec.window[0], "width": spec.window[1]}
         rules = StopRules(spec.iou_threshold, spec.min_area, spec.min_area_ratio, spec.max_area_ratio)
         with self._slice(spec.volume_id, spec.axis, spec.index, window) as s:
             predictor = SlicePredictor(variant, precision=self.precision, fast=self.fast_path)
 
             def predict(index: int, neighbour: np.ndarray) -> tuple[np.ndarray, float]:
-                features, _ = self._features(s.sid, spec.axis, index, prompt=False, taps=spec.decoder != "sam")
+                features, _ = self._features(s.sid, spec.axis, index, prompt=False, taps=not sam_path,
+                                             encoder=encoder)
                 job.check_cancelled()
                 box = box_around(neighbour)
 
                 def decode():  # on the scheduler's worker thread, after waiting clicks
                     predictor.set_features(features)
-                    if spec.decoder == "sam":
+                    if sam_path:
                         masks, ious, _ = predictor.predict(box=box, multimask_output=False)
                         return masks[0], float(ious[0])
                     return predictor.predict_desam(box=box)
@@ -474,13 +523,37 @@ class Service:
         return wire.encode_mask(result.slab(), axis=spec.axis, offset=result.first, volume_id=spec.volume_id)
 
     # ---- decoder registry ----------------------------------------------------------------------
+    def _serve_encoder(self, loaded: LoadedDecoder) -> None:
+        """A model is about to be served: add its adapted encoder to the scheduler (once per
+        encoder identity; DeSAM decoders use the base encoder)."""
+        if loaded.encoder is None:
+            return
+        with self._encoder_lock:
+            if loaded.encoder not in self.scheduler.encoders():
+                try:
+                    self.scheduler.add_encoder(loaded.encoder, loaded.model)
+                except SchedulerClosedError:
+                    raise Unavailable("the service is shutting down") from None
+
     def _forget_decoder(self, old: LoadedDecoder) -> None:
         """A decoder stopped being served: drop the hot slices' decoder work of its weights
-        generation (requests still running on it hold their own references)."""
+        generation (requests still running on it hold their own references), and its
+        adapted encoder when no served model uses it any more (its queued encoding is
+        cancelled; its cached features age out)."""
         generation = old.model.generation
         with self._lock:
-            for key in [key for key, f in self._hot.items() if f.decoder_state.generation == generation]:
+            stale = [key for key, f in self._hot.items() if f.decoder_state.generation == generation
+                     or (old.encoder is not None and key[4] == old.encoder)]
+            for key in stale:
                 del self._hot[key]
+        if old.encoder is None:
+            return
+        with self._encoder_lock:
+            served = (self.decoders.peek(name) for name in self.decoders.names())
+            if any(d is not None and d.encoder == old.encoder for d in served):
+                return
+            with contextlib.suppress(UnknownEncoderError):
+                self.scheduler.remove_encoder(old.encoder)
 
     def _share_cores_with_training(self, running: bool) -> None:
         """While a training process runs, the compute thread uses only the cores the

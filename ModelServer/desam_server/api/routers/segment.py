@@ -29,13 +29,18 @@ def segment_prompt(body: PromptRequest, service=Depends(get_service)) -> PromptR
 
 @router.post("/auto", status_code=202, response_model=JobInfo, responses=errors(400, 401, 404, 409, 422, 429, 503))
 def segment_auto(body: AutoRequest, response: Response, service=Depends(get_service)) -> JobInfo:
-    """Start DeSAM's automatic segmentation (whole-box or grid-points mode) of a slice
-    range as a job; poll ``GET /jobs/{id}``, fetch ``GET /jobs/{id}/result``. 409 when no
-    trained decoder is loaded for the encoder, or a job already runs on this volume and axis."""
+    """Start an automatic segmentation of a slice range as a job: DeSAM's whole-box or
+    grid-points mode (``box``, ``grid``), one box on every slice (``roi``), or SAM-Mix's
+    class-activation-map boxes (``cam-box``: per slice the presence probability and box in
+    ``slices``); poll ``GET /jobs/{id}``, fetch ``GET /jobs/{id}/result``. 409 when no
+    trained decoder is loaded for the encoder, or a job already runs on this volume and
+    axis; 422 when the decoder does not run the mode."""
     window = body.window.model_dump() if body.window else None
     job = service.submit_job(body.volume_id, axis=body.axis, start=body.start, stop=body.stop, mode=body.mode,
                              decoder=body.decoder, window=window, grid_size=body.grid_size,
-                             iou_threshold=body.iou_threshold, min_region_area=body.min_region_area)
+                             iou_threshold=body.iou_threshold, min_region_area=body.min_region_area, box=body.box,
+                             presence_threshold=body.presence_threshold, omega=body.omega,
+                             largest_only=body.largest_only)
     response.headers["Location"] = f"/jobs/{job.id}"
     return JobInfo(**job.to_json())
 

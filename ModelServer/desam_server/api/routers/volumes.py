@@ -87,7 +87,7 @@ def set_view(volume_id: str, body: ViewRequest, service=Depends(get_service)) ->
     """The slice the user is looking at: encoded first, then its neighbours outward;
     queued work around the previous view is dropped."""
     window = body.window.model_dump() if body.window else None
-    return Progress(**service.view(volume_id, body.axis, body.index, window))
+    return Progress(**service.view(volume_id, body.axis, body.index, window, decoder=body.decoder))
 
 
 @router.post("/{volume_id}/precompute", status_code=202, response_model=Progress,
@@ -95,7 +95,7 @@ def set_view(volume_id: str, body: ViewRequest, service=Depends(get_service)) ->
 def precompute(volume_id: str, body: PrecomputeRequest, service=Depends(get_service)) -> Progress:
     """Encode every slice of the axis in the background (or withdraw that work)."""
     window = body.window.model_dump() if body.window else None
-    return Progress(**service.precompute(volume_id, body.axis, window, cancel=body.cancel))
+    return Progress(**service.precompute(volume_id, body.axis, window, cancel=body.cancel, decoder=body.decoder))
 
 
 @router.get("/{volume_id}/progress", response_model=Progress, responses=errors(400, 401, 404, 422, 503))
@@ -104,6 +104,8 @@ def progress(volume_id: str, axis: Axis = "k",
                                                 "window=40&window=400 (default: the volume's default window)"),
              center: float | None = Query(None, allow_inf_nan=False, include_in_schema=False),
              width: float | None = Query(None, gt=0, allow_inf_nan=False, include_in_schema=False),
+             decoder: str | None = Query(None, max_length=64, description="the model whose encoder's features to "
+                                         "count (default: the service's encoder)"),
              service=Depends(get_service)) -> Progress:
     """How many slices of the axis are cached, queued and running for a window.
 
@@ -116,4 +118,4 @@ def progress(volume_id: str, axis: Axis = "k",
             raise BadRequest("give both center and width, or neither (better: window=<center>&window=<width>)")
         window = (center, width)
     return Progress(**service.progress(volume_id, axis, None if window is None else
-                                       {"center": window[0], "width": window[1]}))
+                                       {"center": window[0], "width": window[1]}, decoder=decoder))
