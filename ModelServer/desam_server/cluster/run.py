@@ -109,7 +109,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     settings.check_bind()
     logging.getLogger().setLevel(settings.log_level.upper())
     ray, serve = _require_ray()
-    ray.init(address=args.address, include_dashboard=None)
+    _check_session_header()
+    try:
+        ray.init(address=args.address)
+    except (ConnectionError, RuntimeError) as exc:
+        raise SystemExit(f"desam-server cluster: cannot join the Ray cluster at {args.address!r}: {exc} "
+                         "(start it with `ray start --head`, or leave --address out for a local one)") from None
     try:
         options = _options(args, ray)
     except ValueError as exc:
