@@ -1,7 +1,8 @@
 """``desam-server``: the command line of the DeSAM service.
 
-Subcommands: serve (the HTTP service), openapi, segment (headless batch segmentation),
-fetch-weights, fetch-sample, info, bench. Settings that are not flags come from DESAM_* environment variables.
+Subcommands: serve (the HTTP service), cluster (the same service as Ray Serve replicas),
+openapi, segment (headless batch segmentation), fetch-weights, fetch-sample, info, bench.
+Settings that are not flags come from DESAM_* environment variables.
 """
 
 from __future__ import annotations
@@ -232,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run the HTTP service for Slicer (127.0.0.1:8765 by default)")
     add_serve_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    from .cluster.run import add_cluster_args, cmd_cluster  # Ray is imported only when the command runs
+    from .serve import add_service_args
+
+    clu = sub.add_parser("cluster", help="run the service as Ray Serve replicas, one per GPU (needs the "
+                                         "'cluster' extra; docs/CLUSTER.md)")
+    add_service_args(clu)
+    add_cluster_args(clu)
+    clu.set_defaults(func=cmd_cluster)
 
     api = sub.add_parser("openapi", help="print or write the HTTP API's OpenAPI schema")
     api.add_argument("output", type=Path, nargs="?", default=None, help="file to write (default: stdout)")

@@ -185,6 +185,21 @@ class DecoderRegistry:
                 log.warning("%s", exc)
         return found
 
+    def fingerprint(self) -> tuple[tuple[str, int, int, int], ...]:
+        """(structure, inode, mtime in ns, size) of every structure's ``versions.json``:
+        changes whenever a writer in any process replaces one (an atomic rename gives a new
+        inode) or a structure appears or goes. A few ``stat`` calls, no file read: cheap
+        enough to compare before every request (``api.DecoderVersions.sync_if_changed``)."""
+        found = []
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(self.root):
+                if not NAME_RE.match(entry.name):
+                    continue
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    st = os.stat(os.path.join(entry.path, STATE_NAME))
+                    found.append((entry.name, st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(sorted(found))
+
     def state(self, structure: str) -> StructureState:
         """The structure's versions, active version and rollback history; ``UnknownVersion``
         when it has no version."""

@@ -17,6 +17,13 @@ log = logging.getLogger("desam_server")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_service_args(p)
+    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
+                   help="shut down when the process PID (this service's parent, e.g. Slicer) has exited (POSIX)")
+
+
+def add_service_args(p: argparse.ArgumentParser) -> None:
+    """The service's settings as flags (``serve`` and ``cluster``)."""
     from .modeling import ENCODERS
 
     p.add_argument("--config", type=Path, default=None, help="TOML config file (default: $DESAM_CONFIG)")
@@ -42,21 +49,26 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--volume-dir", default=None, help="where uploaded volumes persist ('off': memory only)")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
-    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID",
-                   help="shut down when the process PID (this service's parent, e.g. Slicer) has exited (POSIX)")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+def settings_from_args(args: argparse.Namespace):
+    """``ServiceSettings`` from the flags of ``add_service_args`` over the environment and config file."""
+    from .api import ServiceSettings
 
-    from .api import ServiceSettings, create_app
-
-    settings = ServiceSettings.load(
+    return ServiceSettings.load(
         args.config, host=args.host, port=args.port, tls_certfile=args.tls_certfile, tls_keyfile=args.tls_keyfile,
         allow_insecure_http=args.allow_insecure_http, encoder=args.encoder, sam_checkpoint=args.sam_checkpoint,
         decoders=args.decoder, decoder_dir=args.decoder_dir,
         registry_dir=args.registry_dir, device=args.device, precision=args.precision,
         volume_dir=args.volume_dir, log_level=args.log_level)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import create_app
+
+    settings = settings_from_args(args)
     settings.check_bind()
     watch = None
     if args.exit_with_parent is not None:

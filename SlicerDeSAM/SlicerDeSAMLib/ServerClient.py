@@ -11,6 +11,17 @@ request on an open socket. ``https://`` URLs verify the service's certificate an
 name, against the system's trust store or the CA file given as ``ca_file``; verification
 is never turned off. Frames and coordinates: see the service's API page
 (docs/API.md); payloads: docs/WIRE_FORMAT.md.
+
+The same client works against one ``desam-server serve`` and against a cluster
+(``desam-server cluster``, Ray Serve replicas behind Ray's HTTP proxies): every request
+about a volume carries the volume's id in the header Ray Serve's proxies route on
+(``AFFINITY_HEADER``, Ray's session header), so the cluster sends it to the replica
+that holds the volume's features (a single service ignores the header); and a request
+that is safe to repeat (GET, PUT, DELETE, a click, an upload, a precompute, a job
+cancel) is sent again, for up to ``gateway_retry_s`` seconds, when a gateway answered
+instead of the service (a 5xx without the service's JSON ``detail``: the replica died
+under the request and Ray is restarting it, or no replica can take it), after the
+answer's Retry-After if it has one.
 """
 
 from __future__ import annotations
@@ -36,6 +47,11 @@ from .TrainingJobsClient import TRAINING_FINAL_EVENTS, TrainingJobsClient, parse
 __all__ = ["ServerClient", "ServerError", "PromptResult", "parse_event_stream", "TRAINING_FINAL_EVENTS"]
 
 DEFAULT_URL = "http://127.0.0.1:8765"
+#: The header Ray Serve's proxies take the session id from (its default name); the value is
+#: the id of the volume a request is about, the key of the cluster's consistent-hash routing.
+AFFINITY_HEADER = "X-Session-Id"
+_GATEWAY_STATUSES = (500, 502, 503, 504)
+_REPEATABLE_METHODS = ("GET", "HEAD", "PUT", "DELETE")
 _HOSTNAME_MISMATCH, _IP_ADDRESS_MISMATCH = 62, 64    # OpenSSL's X509_V_ERR_* verify codes
 
 
@@ -56,10 +72,14 @@ class ServerClient(TrainingJobsClient):
     it has one; ``timeout``: seconds per request (uploads and results get
     ``upload_timeout``); ``ca_file``: for an ``https://`` URL, a PEM file of the CA
     certificate(s) to trust instead of the system's store (e.g. the service's own
-    self-signed certificate, or the small CA that signed it)."""
+    self-signed certificate, or the small CA that signed it); ``affinity``: send the
+    volume id in ``AFFINITY_HEADER`` (turned off only to measure a cluster without
+    affinity); ``gateway_retry_s``: how long a repeatable request is retried after gateway
+    errors (0: never)."""
 
     def __init__(self, url: str = DEFAULT_URL, *, token: str | None = None, timeout: float = 60.0,
-                 upload_timeout: float = 600.0, ca_file: str | os.PathLike | None = None) -> None:
+                 upload_timeout: float = 600.0, ca_file: str | os.PathLike | None = None, affinity: bool = True,
+                 gateway_retry_s: float = 30.0) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"service URL must be http(s)://host[:port], got {url!r}")
@@ -82,6 +102,9 @@ class ServerClient(TrainingJobsClient):
         self.token = token
         self.timeout = timeout
         self.upload_timeout = upload_timeout
+        self.affinity = affinity
+        self.gateway_retry_s = gateway_retry_s
+        self.gateway_retries = 0          # requests sent again after a gateway error (all threads)
         self._local = threading.local()
 
     # ---- transport --------------------------------------------------------------------------
@@ -115,15 +138,26 @@ class ServerClient(TrainingJobsClient):
             self._local.conn = None
 
     def _request(self, method: str, path: str, *, body: bytes | None = None, json_body: Any = None,
-                 content_type: str | None = None, timeout: float | None = None) -> tuple[int, dict, bytes]:
+                 content_type: str | None = None, timeout: float | None = None, volume_id: str | None = None,
+                 repeatable: bool | None = None) -> tuple[int, dict, bytes]:
+        """``volume_id``: the volume the request is about (sent for the cluster's affinity);
+        ``repeatable``: whether sending the request twice is harmless (default: for GET,
+        HEAD, PUT and DELETE)."""
         headers = self._headers()
         if json_body is not None:
             body = json.dumps(json_body, allow_nan=False).encode("utf-8")
             content_type = "application/json"
         if content_type:
             headers["Content-Type"] = content_type
+        if volume_id and self.affinity:
+            headers[AFFINITY_HEADER] = volume_id
+        if repeatable is None:
+            repeatable = method in _REPEATABLE_METHODS
         timeout = self.timeout if timeout is None else timeout
-        for attempt in (0, 1):
+        deadline = time.monotonic() + self.gateway_retry_s
+        pause = 0.25
+        attempt = 0
+        while True:
             conn = self._connection(timeout)
             reused = conn.sock is not None
             try:
@@ -137,6 +171,7 @@ class ServerClient(TrainingJobsClient):
                     ssl.SSLZeroReturnError) as exc:
                 self.close()
                 if reused and attempt == 0:
+                    attempt = 1
                     continue          # the kept-alive socket had been closed by the service: retry once
                 hint = (" (if the service uses TLS, its URL starts with https://)"
                         if self._scheme == "http" and not reused else "")
@@ -155,9 +190,28 @@ class ServerClient(TrainingJobsClient):
             if response.getheader("Connection", "").lower() == "close":
                 self.close()
             if response.status >= 400:
-                raise self._error(response, data, method, path)
+                error = self._error(response, data, method, path)
+                left = deadline - time.monotonic()
+                if repeatable and left > 0 and self._from_gateway(response.status, data):
+                    wait = min(left, error.retry_after if error.retry_after is not None else pause)
+                    pause = min(2 * pause, 2.0)
+                    self.gateway_retries += 1
+                    time.sleep(max(wait, 0.0))
+                    continue
+                raise error
             return response.status, dict(response.getheaders()), data
-        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _from_gateway(status: int, data: bytes) -> bool:
+        """A 5xx that the service did not write: every answer of the service's own carries a
+        JSON ``detail``; a proxy's (Ray Serve's, when the replica died under the request or
+        none can take it) does not."""
+        if status not in _GATEWAY_STATUSES:
+            return False
+        try:
+            return "detail" not in json.loads(data)
+        except (ValueError, TypeError):
+            return True
 
     def _certificate_message(self, exc: ssl.SSLCertVerificationError) -> str:
         reason = exc.verify_message or str(exc)
@@ -185,8 +239,10 @@ class ServerClient(TrainingJobsClient):
             retry_after = None
         return ServerError(response.status, message, retry_after=retry_after, method=method, path=path)
 
-    def _json(self, method: str, path: str, payload: Any = None, timeout: float | None = None) -> Any:
-        _, _, data = self._request(method, path, json_body=payload, timeout=timeout)
+    def _json(self, method: str, path: str, payload: Any = None, timeout: float | None = None, *,
+              volume_id: str | None = None, repeatable: bool | None = None) -> Any:
+        _, _, data = self._request(method, path, json_body=payload, timeout=timeout, volume_id=volume_id,
+                                   repeatable=repeatable)
         return json.loads(data) if data else None
 
     # ---- service ------------------------------------------------------------------------------
@@ -243,7 +299,7 @@ class ServerClient(TrainingJobsClient):
         return self._json("GET", "/volumes")["volumes"]
 
     def volume(self, volume_id: str) -> dict:
-        return self._json("GET", f"/volumes/{volume_id}")
+        return self._json("GET", f"/volumes/{volume_id}", volume_id=volume_id)
 
     def has_volume(self, volume_id: str) -> bool:
         try:
@@ -262,7 +318,7 @@ class ServerClient(TrainingJobsClient):
             return volume_id, False
         payload = wire.encode_volume(array, spacing=spacing, origin=origin, direction=direction)
         _, _, data = self._request("POST", "/volumes", body=payload, content_type="application/octet-stream",
-                                   timeout=self.upload_timeout)
+                                   timeout=self.upload_timeout, volume_id=volume_id, repeatable=True)
         got = json.loads(data)["volume_id"]
         if got != volume_id:
             raise ServerError(0, f"the service computed volume id {got[:12]}, this client {volume_id[:12]}",
@@ -270,16 +326,17 @@ class ServerClient(TrainingJobsClient):
         return volume_id, True
 
     def delete_volume(self, volume_id: str) -> None:
-        self._request("DELETE", f"/volumes/{volume_id}")
+        self._request("DELETE", f"/volumes/{volume_id}", volume_id=volume_id)
 
     def set_view(self, volume_id: str, axis: str, index: int, window=None) -> dict:
         """Tell the service which slice is on screen (it encodes that one first)."""
         return self._json("PUT", f"/volumes/{volume_id}/view",
-                          {"axis": axis, "index": int(index), "window": _window(window)})
+                          {"axis": axis, "index": int(index), "window": _window(window)}, volume_id=volume_id)
 
     def precompute(self, volume_id: str, axis: str = "k", window=None, cancel: bool = False) -> dict:
         return self._json("POST", f"/volumes/{volume_id}/precompute",
-                          {"axis": axis, "window": _window(window), "cancel": bool(cancel)})
+                          {"axis": axis, "window": _window(window), "cancel": bool(cancel)}, volume_id=volume_id,
+                          repeatable=True)
 
     def progress(self, volume_id: str, axis: str = "k", window=None) -> dict:
         """Slices of the axis cached, queued and running for ``window`` (center, width;
@@ -288,7 +345,8 @@ class ServerClient(TrainingJobsClient):
         if window is not None:
             w = _window(window)
             query += [("window", w["center"]), ("window", w["width"])]  # window=<center>&window=<width>
-        return self._json("GET", f"/volumes/{volume_id}/progress?" + urllib.parse.urlencode(query))
+        return self._json("GET", f"/volumes/{volume_id}/progress?" + urllib.parse.urlencode(query),
+                          volume_id=volume_id)
 
     # ---- segmentation ---------------------------------------------------------------------------
     def segment_prompt(self, volume_id: str, axis: str, index: int, *, points: Sequence | None = None,
@@ -310,7 +368,7 @@ class ServerClient(TrainingJobsClient):
             if mask is not None:
                 payload = wire.encode_mask(np.asarray(mask, bool), axis=axis, offset=int(index))
                 body["mask_input"]["mask"] = base64.b64encode(payload).decode("ascii")
-        answer = self._json("POST", "/segment/prompt", body)
+        answer = self._json("POST", "/segment/prompt", body, volume_id=volume_id, repeatable=True)
         masks = [wire.decode_mask(base64.b64decode(m["mask"])).mask for m in answer["masks"]]
         return PromptResult(axis=answer["axis"], index=answer["index"], masks=np.stack(masks),
                             ious=np.array([m["iou"] for m in answer["masks"]], dtype=np.float32),
@@ -325,7 +383,7 @@ class ServerClient(TrainingJobsClient):
         return self._json("POST", "/segment/auto", {
             "volume_id": volume_id, "axis": axis, "start": start, "stop": stop, "mode": mode, "decoder": decoder,
             "window": _window(window), "grid_size": grid_size, "iou_threshold": iou_threshold,
-            "min_region_area": min_region_area})
+            "min_region_area": min_region_area}, volume_id=volume_id)
 
     def segment_propagate(self, volume_id: str, axis: str, index: int, mask: np.ndarray, *, decoder: str = "sam",
                           start: int | None = None, stop: int | None = None, iou_threshold: float = 0.5,
@@ -345,7 +403,7 @@ class ServerClient(TrainingJobsClient):
             "start": None if start is None else int(start), "stop": None if stop is None else int(stop),
             "iou_threshold": float(iou_threshold), "min_area": int(min_area),
             "min_area_ratio": float(min_area_ratio), "max_area_ratio": float(max_area_ratio),
-            "window": _window(window)})
+            "window": _window(window)}, volume_id=volume_id)
 
     # ---- labels (training data) -------------------------------------------------------------------
     @staticmethod
@@ -358,16 +416,18 @@ class ServerClient(TrainingJobsClient):
         an earlier label of that structure; returns its description (voxels, slices)."""
         payload = wire.encode_mask(np.asarray(mask), axis="k", offset=0, volume_id=volume_id)
         _, _, data = self._request("PUT", self._label_path(volume_id, structure), body=payload,
-                                   content_type="application/octet-stream", timeout=self.upload_timeout)
+                                   content_type="application/octet-stream", timeout=self.upload_timeout,
+                                   volume_id=volume_id)
         return json.loads(data)
 
     def list_labels(self, volume_id: str) -> dict:
         """``{"volume_id", "volume_available", "labels": [...]}``: the volume's labels."""
-        return self._json("GET", f"/volumes/{volume_id}/labels")
+        return self._json("GET", f"/volumes/{volume_id}/labels", volume_id=volume_id)
 
     def get_label(self, volume_id: str, structure: str) -> np.ndarray:
         """The stored label as a bool K x J x I array."""
-        _, _, data = self._request("GET", self._label_path(volume_id, structure), timeout=self.upload_timeout)
+        _, _, data = self._request("GET", self._label_path(volume_id, structure), timeout=self.upload_timeout,
+                                   volume_id=volume_id)
         decoded = wire.decode_mask(data)
         if decoded.mask.ndim != 3 or decoded.axis != "k" or decoded.offset != 0:
             raise ServerError(0, f"the service answered a mask {decoded.mask.shape} along {decoded.axis} at "
@@ -376,7 +436,7 @@ class ServerClient(TrainingJobsClient):
         return decoded.mask
 
     def delete_label(self, volume_id: str, structure: str) -> None:
-        self._request("DELETE", self._label_path(volume_id, structure))
+        self._request("DELETE", self._label_path(volume_id, structure), volume_id=volume_id)
 
     # ---- jobs -------------------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
@@ -386,7 +446,7 @@ class ServerClient(TrainingJobsClient):
         return self._json("GET", f"/jobs/{job_id}")
 
     def cancel_job(self, job_id: str) -> dict:
-        return self._json("POST", f"/jobs/{job_id}/cancel")
+        return self._json("POST", f"/jobs/{job_id}/cancel", repeatable=True)
 
     def job_result(self, job_id: str) -> wire.DecodedMask:
         """The job's N x H x W mask slab (``offset``: its first slice along ``axis``)."""

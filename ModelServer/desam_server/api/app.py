@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -73,9 +73,12 @@ def _in_own_thread(fn, *args):
 
 
 def create_app(settings: ServiceSettings | None = None,
-               service_factory: Callable[[ServiceSettings], Service] | None = None) -> FastAPI:
+               service_factory: Callable[[ServiceSettings], Service] | None = None,
+               routers: Sequence[APIRouter] = ROUTERS) -> FastAPI:
     """``service_factory`` (default ``build_service``) runs in the lifespan; tests pass
-    one that builds a small model."""
+    one that builds a small model. ``routers``: the API's routers (a cluster replica,
+    ``desam_server.cluster``, passes them with its own jobs router, which also answers for
+    jobs of other replicas)."""
     settings = settings or ServiceSettings.load()
     factory = service_factory or build_service
 
@@ -93,7 +96,8 @@ def create_app(settings: ServiceSettings | None = None,
     app = ServiceApp(title="SlicerDeSAM service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.service = None
     app.state.settings = settings
-    for router in ROUTERS:
+    app.state.replica = None          # a cluster replica's identity (desam_server.cluster), shown by /info
+    for router in routers:
         app.include_router(router)
     _add_handlers(app)
     # The last added middleware runs first: CORS before the token check, so that a browser's

@@ -6,7 +6,9 @@ under the structure's name; activating, rolling back, deleting or installing a v
 swaps what is served at once (requests already running finish on the version they
 started with: they hold their ``LoadedDecoder``); a version that does not fit the model is
 not served and the reason is kept. Decoder files given at start win over registry
-structures of the same name. Errors are ``errors.ServiceError`` subclasses.
+structures of the same name. Changes other processes make to the registry (a training
+process, another replica of a cluster) are picked up by ``sync``; ``sync_if_changed`` calls
+it only when the registry's ``fingerprint`` moved. Errors are ``errors.ServiceError`` subclasses.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ class DecoderVersions:
         self._file_decoders = file_decoders
         self._lock = threading.Lock()          # one registry change (and its swap) at a time
         self._problems: dict[str, str] = {}    # structure -> why its active version is not served
+        self._seen: tuple | None = None        # the registry's fingerprint at the last sync_if_changed
         if registry is not None:
+            self._seen = registry.fingerprint()
             self.sync()
 
     def _registry(self) -> DecoderRegistry:
@@ -116,6 +120,24 @@ class DecoderVersions:
                       if d is not None and d.version is not None}
             for structure in sorted(set(registry.structures()) | served | set(self._problems)):
                 self._serve_active(structure)
+
+    def changed(self) -> bool:
+        """Whether the registry on disk changed since the last ``sync_if_changed`` (a few
+        ``stat`` calls: cheap enough for an event loop). False without a registry."""
+        return self.registry is not None and self.registry.fingerprint() != self._seen
+
+    def sync_if_changed(self) -> bool:
+        """``sync`` when another process (a training job, another replica of a cluster)
+        changed the registry since the last call; whether it synced. The fingerprint is
+        taken before syncing, so a change made during the sync is seen by the next call."""
+        if self.registry is None:
+            return False
+        seen = self.registry.fingerprint()
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        self.sync()
+        return True
 
     def _state(self, state: StructureState) -> dict:
         current = self.decoders.peek(state.structure)

@@ -13,6 +13,12 @@ tiers, each with a byte budget that is never exceeded:
   again. Least recently used files go first when the budget would be exceeded, except
   that volumes for which ``keep_longer(id)`` is true (the service: volumes with labels,
   ``label_store``) go only after all others.
+
+Several processes may share one ``volume_dir`` (the replicas of a cluster, ``desam_server.cluster``):
+a volume another process wrote is found on first asking for it (its file is adopted into
+this store's index), and a file another process removed reads as unknown (the client
+uploads again), not as damage. Each process enforces the disk budget over the files it
+knows (those found at start, its own, and those it adopted).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -102,13 +109,22 @@ class VolumeStore:
     # ---- queries --------------------------------------------------------------------------
     def contains(self, volume_id: str) -> bool:
         with self._lock:
-            return volume_id in self._memory or volume_id in self._disk
+            if volume_id in self._memory or volume_id in self._disk:
+                return True
+        return self._adopt_file(volume_id)
 
     def on_disk(self, volume_id: str) -> bool:
         with self._lock:
-            return volume_id in self._disk
+            if volume_id in self._disk:
+                return True
+        return self._adopt_file(volume_id)
 
     def ids(self) -> list[str]:
+        if self.directory is not None:       # volumes other processes wrote since the start
+            with contextlib.suppress(OSError):
+                for entry in os.scandir(self.directory):
+                    if entry.name.endswith(SUFFIX):
+                        self._adopt_file(entry.name[: -len(SUFFIX)])
         with self._lock:
             return sorted(set(self._memory) | set(self._disk))
 
@@ -166,6 +182,7 @@ class VolumeStore:
     def delete(self, volume_id: str) -> bool:
         """Forget a volume (memory and disk). Users in flight keep their reference."""
         check_id(volume_id)
+        self._adopt_file(volume_id)                       # written by another process sharing the folder
         with self._lock:
             stored = self._memory.pop(volume_id, None)
             size = self._disk.pop(volume_id, None)
@@ -223,8 +240,10 @@ class VolumeStore:
                 stored.pins += 1
                 self._memory.move_to_end(volume_id)
                 return stored
-            if volume_id not in self._disk:
-                raise NotFound(f"unknown volume {volume_id[:12]}: upload it first")
+            known = volume_id in self._disk
+        if not known and not self._adopt_file(volume_id):
+            raise NotFound(f"unknown volume {volume_id[:12]}: upload it first")
+        with self._lock:
             gate = self._loading.setdefault(volume_id, threading.Lock())
         with gate:                                        # one reader per file at a time
             with self._lock:
@@ -236,6 +255,11 @@ class VolumeStore:
                 decoded = wire.decode_volume(self._path(volume_id).read_bytes(), max_voxels=self.max_voxels,
                                              max_bytes=self.max_bytes)
                 ok = decoded.volume_id == volume_id
+            except FileNotFoundError:                     # removed by another process sharing the folder
+                with self._lock:
+                    self._disk.pop(volume_id, None)
+                    self._loading.pop(volume_id, None)
+                raise NotFound(f"unknown volume {volume_id[:12]}: upload it first") from None
             except (OSError, wire.WireFormatError):
                 ok = False
             if not ok:
@@ -252,6 +276,22 @@ class VolumeStore:
                 self._loading.pop(volume_id, None)
         self._evict_memory()
         return stored
+
+    def _adopt_file(self, volume_id: str) -> bool:
+        """Index the volume's file when another process sharing the folder wrote it; whether
+        the store has it on disk now."""
+        if self.directory is None or not _ID_RE.match(volume_id):
+            return False
+        try:
+            st = os.stat(self._path(volume_id))
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        with self._lock:
+            if volume_id not in self._disk:
+                self._disk[volume_id] = st.st_size
+        return True
 
     def _touch(self, volume_id: str) -> None:
         with self._lock:
