@@ -10,7 +10,7 @@ Needs Slicer 5.4+ (``slicer.parameterNodeWrapper``); imported only inside Slicer
 
 from typing import Annotated
 
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
 # Axes of the volume's index grid, the service's names (wire.AXES): slices along K, J, I.
@@ -23,8 +23,13 @@ class SlicerDeSAMParameters:
     """
     volume - the volume to segment (its display window/level is the intensity window sent).
     segmentation, segmentId - where results are written.
-    autoMode - DeSAM's automatic mode: "box" (whole-slice box) or "grid" (grid of points).
+    autoMode - the automatic mode: "box" (whole-slice box) or "grid" (grid of points), DeSAM's;
+        "roi" (the box of ``roi`` on every slice it covers); "cam-box" (a SAM-Mix model finds
+        the slices and their boxes).
+    roi - the markups ROI of the "roi" mode.
     decoder - the service's decoder name ("" = the service's default).
+    reviewBy - the Review list's order: "iou" (lowest predicted IoU first) or "presence"
+        (a cam-box run: the slice classifier's least certain decisions first).
     axis - slicing axis of the volume's index grid ("k", "j" or "i"), see AXES.
     wholeVolume - segment every slice along the axis; otherwise [firstSlice, lastSlice].
     gridSize - points per side in grid mode.
@@ -37,8 +42,10 @@ class SlicerDeSAMParameters:
     volume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     segmentId: str = ""
-    autoMode: Annotated[str, Choice(["box", "grid"])] = "box"
+    autoMode: Annotated[str, Choice(["box", "grid", "roi", "cam-box"])] = "box"
+    roi: vtkMRMLMarkupsROINode
     decoder: str = ""
+    reviewBy: Annotated[str, Choice(["iou", "presence"])] = "iou"
     axis: Annotated[str, Choice(list(AXES))] = "k"
     wholeVolume: bool = True
     firstSlice: Annotated[int, WithinRange(0, 100000)] = 0

@@ -1,8 +1,11 @@
 """Segment panel (automatic mode) and its Review list.
 
-Segment: DeSAM's automatic mode on the whole volume or a slice range, along any axis, as a
-job of the service; the button becomes Cancel while the job runs, a progress bar follows it.
-Review: the slices of the last run with their predicted IoU, lowest first; clicking one
+Segment: an automatic mode on the whole volume or a slice range, along any axis, as a
+job of the service: DeSAM's whole box or grid points, the box of a markups ROI on every
+slice it covers (any decoder; DB-SAM's automatic mode), or SAM-Mix's class-activation-map
+boxes; the button becomes Cancel while the job runs, a progress bar follows it.
+Review: the slices of the last run with their predicted IoU, lowest first, or (a cam-box
+run) by the slice classifier's presence probability, least certain first; clicking one
 moves the slice views there.
 
 Threading: ``prepare_*``/``apply_*`` here on the main thread, ``request_*`` on the
@@ -34,10 +37,12 @@ class SegmentPanel:
         self._lastPoll = 0.0
         self._reviewIndices: list[int] = []
         self._reviewAxis = "k"
+        self._lastOutcome = None
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         self.ui.decoderComboBox.connect("currentIndexChanged(int)", self.onDecoderChanged)
+        self.ui.reviewByComboBox.connect("currentIndexChanged(int)", self.onReviewByChanged)
         self.ui.reviewTableWidget.horizontalHeader().setStretchLastSection(True)
         self.ui.reviewTableWidget.connect("cellClicked(int,int)", self.onReviewClicked)
         self.ui.segmentProgressBar.setMaximum(1)
@@ -59,6 +64,7 @@ class SegmentPanel:
         self.ui.firstSliceSpinBox.enabled = not p.wholeVolume
         self.ui.lastSliceSpinBox.enabled = not p.wholeVolume
         self.ui.gridSizeSpinBox.enabled = p.autoMode == "grid"
+        self.ui.roiSelector.enabled = p.autoMode == "roi"
         window = self.module.displayWindow(p.volume) if p.volume else None
         self.ui.windowLabel.text = "-" if window is None else f"center {window[0]:g}, width {window[1]:g}"
         self._updateButton()
@@ -112,8 +118,17 @@ class SegmentPanel:
                 if p.lastSlice < p.firstSlice:
                     raise ValueError(f"The last slice ({p.lastSlice}) is before the first ({p.firstSlice}).")
                 start, stop = p.firstSlice, p.lastSlice + 1
+            box = None
+            if p.autoMode == "roi":
+                if p.roi is None:
+                    raise ValueError("Choose the ROI of the roi mode first (Markups: place an ROI around the "
+                                     "structure).")
+                box, roiStart, roiStop = session.segmentation.prepare_roi(p.volume, p.roi, p.axis)
+                start, stop = (roiStart, roiStop) if start is None else (max(start, roiStart), min(stop, roiStop))
+                if stop <= start:
+                    raise ValueError(f"The ROI covers slices {roiStart} to {roiStop - 1}, outside the chosen range.")
             options = AutoOptions(axis=p.axis, mode=p.autoMode, decoder=p.decoder or None, start=start, stop=stop,
-                                  grid_size=p.gridSize, iou_threshold=p.iouThreshold)
+                                  grid_size=p.gridSize, iou_threshold=p.iouThreshold, box=box)
             ref = session.volume_ref(p.volume)
             window = session.segmentation.window_of(p.volume)
             self._target = (p.volume, p.segmentation, p.segmentId)
@@ -175,7 +190,8 @@ class SegmentPanel:
             volumeNode, segmentationNode, segmentId = self._target
             session = self.module.requireSession()
             session.segmentation.apply_auto(outcome, segmentationNode, segmentId, volumeNode)
-            self.showReview(outcome.axis, session.segmentation.review_items(outcome))
+            self._lastOutcome = outcome
+            self._showOutcome()
             self.ui.segmentStatusLabel.text = f"done: {len(self._reviewIndices)} slices written"
         self._updateButton()
 
@@ -187,8 +203,23 @@ class SegmentPanel:
         slicer.util.errorDisplay(message, windowTitle="DeSAM")
 
     # ---- Review -----------------------------------------------------------------------------
+    def _showOutcome(self) -> None:
+        """The last run's slices in the order the Review list is asked for (by presence only
+        when the run reported it: a cam-box run)."""
+        outcome = self._lastOutcome
+        if outcome is None:
+            return
+        # The combo box, not the parameter: the parameter node may hear of the change after us.
+        by = "presence" if self.ui.reviewByComboBox.currentText == "presence" and outcome.presence else "iou"
+        session = self.module.requireSession()
+        self.showReview(outcome.axis, session.segmentation.review_items(outcome, by=by))
+
+    def onReviewByChanged(self, index: int) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to order the Review list.", waitCursor=False):
+            self._showOutcome()
+
     def showReview(self, axis: str, items) -> None:
-        """``items``: (slice index, predicted IoU), lowest IoU first."""
+        """``items``: (slice index, score): predicted IoU or presence probability, in order."""
         table = self.ui.reviewTableWidget
         table.setRowCount(0)
         self._reviewAxis = axis

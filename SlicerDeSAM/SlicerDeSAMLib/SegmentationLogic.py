@@ -88,12 +88,20 @@ class SegmentationLogic:
         return volume_id
 
     # ---- automatic ----------------------------------------------------------------------------
+    @staticmethod
+    def prepare_roi(volume_node, roi_node, axis: str) -> tuple[tuple[float, float, float, float], int, int]:
+        """Main thread: a markups ROI as the 'roi' mode takes it along ``axis``: (the box in
+        the slice frame, start, stop): the ROI's corners projected along the axis, and the
+        slices its extent along the axis covers. ValueError when it misses the volume."""
+        return nodes.volume_geometry(volume_node).region_box(nodes.roi_corners_world(roi_node), axis)
+
     def request_auto(self, volume_id: str, options: AutoOptions, window=None) -> dict:
         """Worker: start the automatic job; returns its JSON (``id``, ``state``...)."""
         return self.client.segment_auto(volume_id, axis=options.axis, start=options.start, stop=options.stop,
                                         mode=options.mode, decoder=options.decoder, window=window,
                                         grid_size=options.grid_size, iou_threshold=options.iou_threshold,
-                                        min_region_area=options.min_region_area)
+                                        min_region_area=options.min_region_area, box=options.box,
+                                        presence_threshold=options.presence_threshold)
 
     def request_job(self, job_id: str) -> dict:
         """Worker: the job's state and progress (and ``slices`` done so far)."""
@@ -115,8 +123,12 @@ class SegmentationLogic:
         scores = tuple(sorted((int(s["index"]), None if s.get("iou") is None else float(s["iou"]), int(s["area"]))
                               for s in job.get("slices") or ()))
         reached = job.get("reached")
+        presence = tuple(sorted((int(s["index"]), float(s["presence"])) for s in job.get("slices") or ()
+                                if s.get("presence") is not None))
+        threshold = (job.get("spec") or {}).get("presence_threshold") if presence else None
         return AutoOutcome(job_id=job_id, kind=job.get("kind", "auto"), axis=decoded.axis, offset=decoded.offset,
-                           slab=slab, slices=scores, reached=None if reached is None else tuple(reached))
+                           slab=slab, slices=scores, reached=None if reached is None else tuple(reached),
+                           presence=presence, presence_threshold=None if threshold is None else float(threshold))
 
     def apply_auto(self, outcome: AutoOutcome, segmentation_node, segment_id: str, volume_node) -> UndoStep:
         """Main thread: write the job's slices into the segment (one undo step)."""
@@ -124,10 +136,20 @@ class SegmentationLogic:
                              outcome.axis, outcome.offset, outcome.slab)
 
     @staticmethod
-    def review_items(outcome: AutoOutcome, include_empty: bool = False) -> list[tuple[int, float]]:
-        """(slice index, predicted IoU), lowest IoU first (ties by index): the slices to
-        check first. Slices where nothing was found (area 0) are left out unless
-        ``include_empty``, and so is a propagation's seed (its mask was the user's: no IoU)."""
+    def review_items(outcome: AutoOutcome, include_empty: bool = False, *, by: str = "iou") -> list[tuple[int, float]]:
+        """The slices to check first, ties by index.
+
+        by 'iou': (slice index, predicted IoU), lowest IoU first. Slices where nothing was
+        found (area 0) are left out unless ``include_empty``, and so is a propagation's
+        seed (its mask was the user's: no IoU).
+        by 'presence' (a 'cam-box' run): (slice index, presence probability), the
+        classifier's least certain decisions first (probability nearest its threshold),
+        every slice it judged, segmented or not."""
+        if by == "presence":
+            threshold = 0.5 if outcome.presence_threshold is None else outcome.presence_threshold
+            return sorted(outcome.presence, key=lambda item: (abs(item[1] - threshold), item[0]))
+        if by != "iou":
+            raise ValueError(f"review by 'iou' or 'presence', not {by!r}")
         items = [(index, iou) for index, iou, area in outcome.slices
                  if iou is not None and (include_empty or area > 0)]
         return sorted(items, key=lambda item: (item[1], item[0]))

@@ -328,23 +328,28 @@ class ServerClient(TrainingJobsClient):
     def delete_volume(self, volume_id: str) -> None:
         self._request("DELETE", f"/volumes/{volume_id}", volume_id=volume_id)
 
-    def set_view(self, volume_id: str, axis: str, index: int, window=None) -> dict:
-        """Tell the service which slice is on screen (it encodes that one first)."""
+    def set_view(self, volume_id: str, axis: str, index: int, window=None, *, decoder: str | None = None) -> dict:
+        """Tell the service which slice is on screen (it encodes that one first); with a
+        DB-SAM or SAM-Mix model's name, with that model's own encoder."""
         return self._json("PUT", f"/volumes/{volume_id}/view",
-                          {"axis": axis, "index": int(index), "window": _window(window)}, volume_id=volume_id)
+                          {"axis": axis, "index": int(index), "window": _window(window), "decoder": decoder},
+                          volume_id=volume_id)
 
-    def precompute(self, volume_id: str, axis: str = "k", window=None, cancel: bool = False) -> dict:
+    def precompute(self, volume_id: str, axis: str = "k", window=None, cancel: bool = False, *,
+                   decoder: str | None = None) -> dict:
         return self._json("POST", f"/volumes/{volume_id}/precompute",
-                          {"axis": axis, "window": _window(window), "cancel": bool(cancel)}, volume_id=volume_id,
-                          repeatable=True)
+                          {"axis": axis, "window": _window(window), "cancel": bool(cancel), "decoder": decoder},
+                          volume_id=volume_id, repeatable=True)
 
-    def progress(self, volume_id: str, axis: str = "k", window=None) -> dict:
+    def progress(self, volume_id: str, axis: str = "k", window=None, *, decoder: str | None = None) -> dict:
         """Slices of the axis cached, queued and running for ``window`` (center, width;
         default: the volume's default window)."""
         query = [("axis", axis)]
         if window is not None:
             w = _window(window)
             query += [("window", w["center"]), ("window", w["width"])]  # window=<center>&window=<width>
+        if decoder is not None:
+            query.append(("decoder", decoder))
         return self._json("GET", f"/volumes/{volume_id}/progress?" + urllib.parse.urlencode(query),
                           volume_id=volume_id)
 
@@ -378,12 +383,17 @@ class ServerClient(TrainingJobsClient):
 
     def segment_auto(self, volume_id: str, *, axis: str = "k", start: int | None = None, stop: int | None = None,
                      mode: str = "box", decoder: str | None = None, window=None, grid_size: int = 9,
-                     iou_threshold: float = 0.5, min_region_area: int = 64) -> dict:
-        """Start DeSAM's automatic segmentation of slices [start, stop) as a job."""
+                     iou_threshold: float = 0.5, min_region_area: int = 64, box: Sequence[float] | None = None,
+                     presence_threshold: float = 0.5, omega: float = 0.5, largest_only: bool = True) -> dict:
+        """Start an automatic segmentation of slices [start, stop) as a job: DeSAM's 'box'
+        or 'grid' mode, 'roi' (``box``, x0 y0 x1 y1 in slice pixels, on every slice) or
+        'cam-box' (a SAM-Mix model: ``presence_threshold``, ``omega``, ``largest_only``)."""
         return self._json("POST", "/segment/auto", {
             "volume_id": volume_id, "axis": axis, "start": start, "stop": stop, "mode": mode, "decoder": decoder,
             "window": _window(window), "grid_size": grid_size, "iou_threshold": iou_threshold,
-            "min_region_area": min_region_area}, volume_id=volume_id)
+            "min_region_area": min_region_area, "box": None if box is None else [float(v) for v in box],
+            "presence_threshold": float(presence_threshold), "omega": float(omega),
+            "largest_only": bool(largest_only)}, volume_id=volume_id)
 
     def segment_propagate(self, volume_id: str, axis: str, index: int, mask: np.ndarray, *, decoder: str = "sam",
                           start: int | None = None, stop: int | None = None, iou_threshold: float = 0.5,

@@ -143,6 +143,31 @@ class VolumeGeometry:
                              f"y {y0:.1f} .. {y1:.1f} within {w} x {h} pixels)")
         return x0, y0, x1, y1
 
+    def region_box(self, corners_world, axis: str) -> tuple[tuple[float, float, float, float], int, int]:
+        """A 3-D region (its corner points in world RAS, e.g. a markups ROI's 8 corners) as
+        the service's 'roi' mode takes it along ``axis``: ((x0, y0, x1, y1) in the slice
+        frame, the corners projected along the axis and clipped to the slice; start, stop:
+        the slices whose centres lie inside the region's extent along the axis). ValueError
+        when the region misses the volume."""
+        axis_dimension(axis)
+        corners = np.asarray(corners_world, dtype=np.float64).reshape(-1, 3)
+        if not np.isfinite(corners).all():
+            raise ValueError("the region's corners must be finite")
+        ijk = self.world_to_ijk(corners)
+        cx, cy = _IN_PLANE[axis]
+        h, w = self.slice_shape(axis)
+        xs = np.clip(ijk[:, cx] + 0.5, 0.0, w)
+        ys = np.clip(ijk[:, cy] + 0.5, 0.0, h)
+        normal = ijk[:, _NORMAL[axis]]
+        # A slice centre on the region's face counts as inside (1e-4 voxel: a ROI snapped to
+        # voxel centres comes back through float32 matrices a hair off).
+        start = max(0, int(np.ceil(normal.min() - 1e-4)))
+        stop = min(self.axis_length(axis), int(np.floor(normal.max() + 1e-4)) + 1)
+        box = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
+        if box[2] <= box[0] or box[3] <= box[1] or stop <= start:
+            raise ValueError(f"the region misses the volume along axis {axis}: put the ROI over the structure")
+        return box, start, stop
+
     def slice_pixel_to_world(self, x: float, y: float, axis: str, index: int) -> np.ndarray:
         """World RAS of the slice-frame point (x, y) on slice ``index`` along ``axis``
         (the inverse of ``slice_point``)."""

@@ -14,7 +14,7 @@ import vtk
 from .VolumeGeometry import VolumeGeometry
 
 __all__ = ["matrix_to_array", "array_to_matrix", "parent_to_world", "volume_geometry", "volume_ijk_to_segmentation",
-           "NON_LINEAR_MESSAGE"]
+           "roi_corners_world", "NON_LINEAR_MESSAGE"]
 
 NON_LINEAR_MESSAGE = ("'{node}' is under the non-linear transform '{transform}': harden the transform on it "
                       "(Data module: right-click it > Harden transform) or remove it, then try again")
@@ -72,6 +72,20 @@ def volume_geometry(volume_node) -> VolumeGeometry:
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(ijk_to_ras)
     return VolumeGeometry.from_matrices((k, j, i), matrix_to_array(ijk_to_ras), parent_to_world(volume_node))
+
+
+def roi_corners_world(roi_node) -> np.ndarray:
+    """The 8 corners (8 x 3, world RAS) of a markups ROI node (``vtkMRMLMarkupsROINode``):
+    its box of edge lengths ``GetSize()`` around its centre, through
+    ``GetObjectToWorldMatrix()`` (orientation, centre and parent transforms; a non-linear
+    parent is refused)."""
+    _check_linear(roi_node)
+    half = np.asarray(roi_node.GetSize(), dtype=np.float64) / 2.0
+    if not (np.isfinite(half).all() and (half > 0).all()):
+        raise ValueError(f"the ROI '{roi_node.GetName()}' has no volume: give it a size along every axis")
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=np.float64)
+    corners = np.c_[signs * half, np.ones(8)]
+    return (corners @ matrix_to_array(roi_node.GetObjectToWorldMatrix()).T)[:, :3]
 
 
 def volume_ijk_to_segmentation(volume_node, segmentation_node) -> np.ndarray:

@@ -50,8 +50,11 @@ class VolumeInput:
 @dataclass(frozen=True)
 class AutoOptions:
     """An automatic run (``POST /segment/auto``): slices [start, stop) along ``axis``
-    (None: all), ``mode`` 'box' (whole box) or 'grid' (grid points), ``decoder`` the
-    trained decoder's name (None: the only one served), and the service's thresholds."""
+    (None: all), ``mode`` 'box' (whole box), 'grid' (grid points), 'roi' (``box``, x0 y0
+    x1 y1 in the slice frame, on every slice: from a markups ROI, ``prepare_roi``) or
+    'cam-box' (a SAM-Mix model finds the slices and their boxes; ``presence_threshold``),
+    ``decoder`` the model's name (None: the only DeSAM decoder served; 'roi': SAM's), and
+    the service's thresholds."""
 
     axis: str = "k"
     start: int | None = None
@@ -61,6 +64,8 @@ class AutoOptions:
     grid_size: int = 9
     iou_threshold: float = 0.5
     min_region_area: int = 64
+    box: tuple[float, float, float, float] | None = None
+    presence_threshold: float = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,7 +74,8 @@ class AutoOutcome:
     along ``axis``; ``slices``: (index, predicted IoU, area in pixels) of each slice the job
     reports (IoU None for a propagation's seed, whose mask the user gave); ``kind`` 'auto'
     or 'propagate'; ``reached``: the first and last slice a propagation reached (None for
-    'auto')."""
+    'auto'); ``presence``: (index, probability) per slice of a 'cam-box' run (empty
+    otherwise) and ``presence_threshold`` its threshold."""
 
     job_id: str
     kind: str
@@ -78,6 +84,8 @@ class AutoOutcome:
     slab: np.ndarray
     slices: tuple[tuple[int, float | None, int], ...] = ()
     reached: tuple[int, int] | None = None
+    presence: tuple[tuple[int, float], ...] = ()
+    presence_threshold: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "slab", _frozen(self.slab, bool))

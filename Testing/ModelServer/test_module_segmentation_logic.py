@@ -305,3 +305,68 @@ def test_cancelled_job_reports_why_and_writes_nothing(url, scene):
         logic.request_job_result(job["id"])
     assert not logic.can_undo(segmentation)
     assert not logic.slices.read_slab(segmentation, segment_id, volume, "k", 0, 40).any()
+
+
+def test_review_by_presence_puts_the_least_certain_decisions_first():
+    from SlicerDeSAMLib.requests import AutoOutcome
+
+    outcome = AutoOutcome(job_id="j", kind="auto", axis="k", offset=0, slab=np.zeros((4, 2, 2), bool),
+                          slices=((0, None, 0), (1, 0.9, 10), (2, 0.7, 12), (3, None, 0)),
+                          presence=((0, 0.02), (1, 0.97), (2, 0.55), (3, 0.41)), presence_threshold=0.5)
+    assert SegmentationLogic.review_items(outcome, by="presence") == [(2, 0.55), (3, 0.41), (1, 0.97), (0, 0.02)]
+    assert SegmentationLogic.review_items(outcome) == [(2, 0.7), (1, 0.9)]
+    with pytest.raises(ValueError, match="review by 'iou' or 'presence'"):
+        SegmentationLogic.review_items(outcome, by="area")
+
+
+def test_roi_job_from_a_markups_roi(url, scene, case):
+    """The 'roi' mode: a markups ROI under the volume's transform becomes the box and the
+    slices it covers; the job prompts each of those slices with that box."""
+    volume, segmentation, segment_id = case
+    geometry = nodes.volume_geometry(volume)
+    roi = scene.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetXYZ(*geometry.ijk_to_world([32.0, 24.0, 2.5]))
+    roi.SetSize(20.0, 20.0, 4.0)
+    logic = SegmentationLogic(ServerClient(url))
+    box, start, stop = logic.prepare_roi(volume, roi, "k")
+    assert (box, start, stop) == geometry.region_box(nodes.roi_corners_world(roi), "k")
+    prepared = logic.prepare_volume(volume)
+    volume_id = logic.request_upload(prepared)
+    job = logic.request_auto(volume_id, AutoOptions(axis="k", mode="roi", start=start, stop=stop, box=box),
+                             prepared.window)
+    assert job["spec"]["box"] == pytest.approx(list(box)) and job["spec"]["decoder"] == "sam"
+    assert wait_done(logic, job["id"])["state"] == "succeeded"
+    outcome = logic.request_job_result(job["id"])
+    assert (outcome.offset, outcome.slab.shape[0]) == (start, stop - start) and outcome.presence == ()
+    logic.apply_auto(outcome, segmentation, segment_id, volume)
+    np.testing.assert_array_equal(logic.slices.read_slab(segmentation, segment_id, volume, "k", start, stop - start),
+                                  outcome.slab)
+
+
+def test_cam_box_job_reports_presence_for_the_review_list(tmp_path, case):
+    """A SAM-Mix model (a stand-in classifier with a known map) served: the cam-box run's
+    outcome carries each slice's presence probability and the run's threshold."""
+    from family_helpers import TwoBlobClassifier, adapted
+
+    from desam_server.api.service import Service
+    from desam_server.modeling import build_desam
+
+    def factory(settings):
+        model = build_desam("tiny", sam_checkpoint=settings.sam_checkpoint)
+        service = Service(settings, model, model_info={"encoder": "tiny"})
+        service.decoders.put(adapted(model, "sammix", "b2" * 32, name="organ_mix",
+                                     classifier=TwoBlobClassifier().eval()))
+        return service
+
+    volume, segmentation, segment_id = case
+    with live_server(tiny_settings(tmp_path), factory=factory) as (address, _):
+        logic = SegmentationLogic(ServerClient(address))
+        prepared = logic.prepare_volume(volume)
+        volume_id = logic.request_upload(prepared)
+        job = logic.request_auto(volume_id, AutoOptions(mode="cam-box", decoder="organ_mix", presence_threshold=0.6),
+                                 prepared.window)
+        assert wait_done(logic, job["id"])["state"] == "succeeded"
+        outcome = logic.request_job_result(job["id"])
+    assert [index for index, _ in outcome.presence] == list(range(6)) and outcome.presence_threshold == 0.6
+    assert all(p == pytest.approx(0.99330714, abs=1e-6) for _, p in outcome.presence)
+    assert outcome.slab.any() and len(logic.review_items(outcome, by="presence")) == 6

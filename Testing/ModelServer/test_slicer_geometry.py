@@ -236,3 +236,39 @@ def test_slice_center_is_on_that_slice_in_the_middle_of_it(axis):
     assert geometry.slice_point(centre, axis, 4) == pytest.approx((w / 2, h / 2))
     with pytest.raises(ValueError, match="outside"):
         geometry.slice_center(axis, 99)
+
+
+def test_a_markups_roi_becomes_the_roi_modes_box_and_slice_range(scene):
+    """A markups ROI placed around voxels (i 3..8, j 2..6, k 1..4) of an oblique volume under
+    nested transforms: its corners in world (Slicer's ObjectToWorld, the ROI under the same
+    transforms) give the slice-frame box and the slices it covers, on every axis."""
+    parent = nested_transforms(scene)
+    volume = oblique_volume(scene, parent)
+    geometry = nodes.volume_geometry(volume)
+    roi = scene.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetAndObserveTransformNodeID(parent.GetID())
+    # The ROI in the volume's own frame: an oriented box along its index axes (in local RAS).
+    lo, hi = np.array([3.0, 2.0, 1.0]), np.array([8.0, 6.0, 4.0])
+    axes = IJK_TO_RAS[:3, :3]
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3] = axes / np.linalg.norm(axes, axis=0)
+    object_to_node[:3, 3] = (IJK_TO_RAS @ np.r_[(lo + hi) / 2, 1.0])[:3]
+    roi.SetAndObserveObjectToNodeMatrix(nodes.array_to_matrix(object_to_node))
+    roi.SetSize(*((hi - lo) * np.linalg.norm(axes, axis=0)))
+    corners = nodes.roi_corners_world(roi)
+    np.testing.assert_allclose(np.sort(geometry.world_to_ijk(corners), axis=0)[[0, -1]], [lo, hi], atol=1e-5)
+    assert geometry.region_box(corners, "k") == (pytest.approx((3.5, 2.5, 8.5, 6.5), abs=1e-5), 1, 5)
+    assert geometry.region_box(corners, "j") == (pytest.approx((3.5, 1.5, 8.5, 4.5), abs=1e-5), 2, 7)
+    assert geometry.region_box(corners, "i") == (pytest.approx((2.5, 1.5, 6.5, 4.5), abs=1e-5), 3, 9)
+    from SlicerDeSAMLib.SegmentationLogic import SegmentationLogic
+
+    assert SegmentationLogic.prepare_roi(volume, roi, "k") == geometry.region_box(corners, "k")
+    far = scene.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    far.SetXYZ(1e4, 1e4, 1e4)
+    far.SetSize(5.0, 5.0, 5.0)
+    with pytest.raises(ValueError, match="misses the volume"):
+        SegmentationLogic.prepare_roi(volume, far, "k")
+    flat = scene.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    flat.SetSize(5.0, 0.0, 5.0)
+    with pytest.raises(ValueError, match="has no volume"):
+        nodes.roi_corners_world(flat)
