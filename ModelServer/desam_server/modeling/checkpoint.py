@@ -8,7 +8,8 @@ Other model families' trained parts (``training.family``) are written in the sam
 container with a format name of their own (``save_modules`` / ``load_modules``), so that
 the service, which reads ``desam-decoder`` files only, refuses them with a clear message:
 ``sam-mask-decoder`` (SAM's own mask decoder fine-tuned) and ``desam-decoder-no-fusion``
-(the ablation PDMM without PRIM's mask-embedding fusion).
+(the ablation PDMM without PRIM's mask-embedding fusion); DB-SAM's model files
+(``dbsam_file``, ``dbsam-model``) share the container too.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ DECODER_FORMAT_VERSION = 1
 OTHER_FORMATS = {
     "sam-mask-decoder": "SAM's own mask decoder fine-tuned (an evidence model, not a DeSAM decoder)",
     "desam-decoder-no-fusion": "the ablation PDMM without PRIM's mask-embedding fusion (an evidence model)",
+    "dbsam-model": "a DB-SAM model: its own encoder blocks and SAM's mask decoder, served by engine.dbsam_serving",
 }
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 

@@ -9,7 +9,9 @@ they are) with one metadata entry ``dbsam`` whose value is JSON:
     encoder_weights_sha256 (the SAM checkpoint's sha256, null for random weights),
     hyper_parameters (those that fix the shapes, and the adapters' drop-path rate),
     dbsam_weights_sha256 (sha256 over the tensors: a key for caches of DB-SAM features),
-    metadata (the caller's, e.g. a training summary).
+    metadata (the caller's, e.g. a training summary); and, for the ablations only, parts
+    (the trainable parts present; absent means all four, so the full model's files are
+    the same as before the ablations existed).
 
 Files are written atomically; loading is strict (every key, every shape).
 """
@@ -31,7 +33,7 @@ from torch import nn
 
 from ..atomic import atomic_write_bytes
 from .checkpoint import CheckpointError, _check_keys
-from .dbsam_encoder import DBSAMEncoder
+from .dbsam_encoder import TRAINABLE_PARTS, DBSAMEncoder
 from .dbsam_parameters import dbsam_layout
 from .desam import DeSAM
 
@@ -104,6 +106,8 @@ def save_dbsam(encoder: DBSAMEncoder, path: str | os.PathLike, *, metadata: Mapp
         "dbsam_weights_sha256": dbsam_weights_sha256(state),
         "metadata": dict(metadata or {}),
     }
+    if encoder.parts != TRAINABLE_PARTS:
+        meta["parts"] = list(encoder.parts)
     data = st_save(state, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     atomic_write_bytes(Path(path), data)
     return meta
@@ -144,6 +148,10 @@ def load_dbsam(encoder: DBSAMEncoder, path: str | os.PathLike) -> dict[str, Any]
     if theirs != ours:
         raise CheckpointError(f"{path}: DB-SAM weights were trained on encoder weights {theirs or 'random (none)'}, "
                               f"this encoder's weights are {ours or 'random (none)'}")
+    parts = tuple(meta.get("parts", TRAINABLE_PARTS))
+    if parts != encoder.parts:
+        raise CheckpointError(f"{path}: DB-SAM weights hold the parts {', '.join(parts)}; this encoder has "
+                              f"{', '.join(encoder.parts)}")
     hyper = meta.get("hyper_parameters", {})
     differ = [k for k in SHAPE_HYPER_PARAMETERS if hyper.get(k) != encoder.hyper_parameters[k]]
     if differ:

@@ -64,7 +64,9 @@ class BilateralCrossAttention(nn.Module):
 
     Arguments: deep_dim (ViT width at this stage), shallow_dim (convolution-branch width).
     Keyword-only: deep_heads, shallow_heads (heads of the layer whose queries are deep /
-    shallow), num_points, ffn_ratio, drop_path.
+    shallow), num_points, ffn_ratio, drop_path; update_shallow: False leaves the
+    shallow <- deep layer out and returns the shallow features unchanged (the last stage
+    of the ablation without fusion, where nothing reads them afterwards).
 
     forward(deep: B x Hd x Wd x Cd (ViT tokens, channels-last, as SAM's blocks pass them),
       shallow: B x Cs x Hs x Ws (convolution features, channels-first))
@@ -73,17 +75,20 @@ class BilateralCrossAttention(nn.Module):
     """
 
     def __init__(self, deep_dim: int, shallow_dim: int, *, deep_heads: int, shallow_heads: int,
-                 num_points: int = 4, ffn_ratio: float = 0.25, drop_path: float = 0.0) -> None:
+                 num_points: int = 4, ffn_ratio: float = 0.25, drop_path: float = 0.0,
+                 update_shallow: bool = True) -> None:
         super().__init__()
         self.deep_from_shallow = DeformableCrossAttentionLayer(
             deep_dim, shallow_dim, num_heads=deep_heads, num_points=num_points,
             ffn_ratio=ffn_ratio, drop_path=drop_path)
         self.shallow_from_deep = DeformableCrossAttentionLayer(
             shallow_dim, deep_dim, num_heads=shallow_heads, num_points=num_points,
-            ffn_ratio=ffn_ratio, drop_path=drop_path)
+            ffn_ratio=ffn_ratio, drop_path=drop_path) if update_shallow else None
 
     def forward(self, deep: torch.Tensor, shallow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shallow_last = shallow.permute(0, 2, 3, 1)
         new_deep = self.deep_from_shallow(deep, shallow_last)
+        if self.shallow_from_deep is None:
+            return new_deep, shallow
         new_shallow = self.shallow_from_deep(shallow_last, deep)
         return new_deep, new_shallow.permute(0, 3, 1, 2)

@@ -130,8 +130,37 @@ def _desam_no_fusion():
     return NoFusionFamily()
 
 
+def _dbsam():
+    from .dbsam_family import DBSAMFamily
+
+    return DBSAMFamily()
+
+
+def _dbsam_no_fusion():
+    from .dbsam_family import DBSAMNoFusionFamily
+
+    return DBSAMNoFusionFamily()
+
+
+def _dbsam_adapters():
+    from .dbsam_family import DBSAMAdaptersFamily
+
+    return DBSAMAdaptersFamily()
+
+
+def _dbsam_decoder_only():
+    from .dbsam_decoder_family import DBSAMDecoderOnlyFamily
+
+    return DBSAMDecoderOnlyFamily()
+
+
 #: desam: DeSAM (PRIM + PDMM; the service's decoders). The evidence's comparisons
 #: (scripts/evidence_training.py), trained through the same machinery but not served:
 #: sam_decoder (SAM's own mask decoder fine-tuned, grid strategy) and desam_no_fusion
 #: (PDMM without PRIM's mask-embedding fusion, grid strategy).
-FAMILIES = {"desam": _desam, "sam_decoder": _sam_decoder, "desam_no_fusion": _desam_no_fusion}
+#: dbsam: DB-SAM (docs/DBSAM.md; an image family, its files served by
+#: engine.dbsam_serving), and its ablation's rows: dbsam_decoder_only (SAM's mask decoder on
+#: cached features), dbsam_adapters, dbsam_no_fusion.
+FAMILIES = {"desam": _desam, "sam_decoder": _sam_decoder, "desam_no_fusion": _desam_no_fusion,
+            "dbsam": _dbsam, "dbsam_decoder_only": _dbsam_decoder_only, "dbsam_adapters": _dbsam_adapters,
+            "dbsam_no_fusion": _dbsam_no_fusion}
