@@ -34,6 +34,7 @@ DECODER_FORMAT_VERSION = 1
 OTHER_FORMATS = {
     "sam-mask-decoder": "SAM's own mask decoder fine-tuned (an evidence model, not a DeSAM decoder)",
     "desam-decoder-no-fusion": "the ablation PDMM without PRIM's mask-embedding fusion (an evidence model)",
+    "sam-mix": "a SAM-Mix model (classifier + LoRA + mask decoder; engine.sammix_serving.load_servable)",
 }
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
