@@ -162,7 +162,7 @@ def test_label_box_jitter_stays_in_the_slice():
         assert abs(x0 - 5) <= 0.2 * 25 + 1e-9 and abs(y1 - 20) <= 0.2 * 10 + 1e-9
 
 
-def test_family_options_are_checked():
+def test_family_options_are_checked(tiny_model):
     with pytest.raises(ValueError, match="unknown sammix options: depth"):
         get_family("sammix", {"depth": 18})
     with pytest.raises(ValueError, match="the desam family takes no options"):
@@ -172,6 +172,11 @@ def test_family_options_are_checked():
     with pytest.raises(ValueError, match="JSON"):
         TrainConfig(family="sammix", family_options={"x": object()})
     assert get_family("sammix", OPTIONS).settings.classifier_depth == 18
+    with pytest.raises(ValueError, match="bn_momentum"):
+        get_family("sammix", {"bn_momentum": 0.0})
+    sammix = get_family("sammix", {**OPTIONS, "bn_momentum": 0.3}).prepare_model(tiny_model)
+    norms = [m for m in sammix.classifier.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.momentum == 0.3 for m in norms)
 
 
 # ---------------------------------------------------------------- training

@@ -62,7 +62,9 @@ class SamMixSettings:
     (rank 8 the paper's); focal_alpha, focal_gamma, focal_weight, dice_weight: the loss
     (``SamMixLoss``); classifier_lr_scale, weight_decay: the optimizer; box_jitter: see
     ``label_box``; segmented_repeat: how often each segmented slice holding the structure
-    appears per epoch (``sammix_data``); threshold, omega, largest_only: inference
+    appears per epoch (``sammix_data``); bn_momentum: the classifier's batch-norm momentum
+    for its running statistics (torch's 0.1; higher for short runs, whose running
+    statistics would otherwise still lean on their start); threshold, omega, largest_only: inference
     (``SamMix.predict_slice``), written into the trained file."""
 
     classifier_depth: int = 50
@@ -77,6 +79,7 @@ class SamMixSettings:
     weight_decay: float = 0.01
     box_jitter: float = 0.1
     segmented_repeat: int = 1
+    bn_momentum: float = 0.1
     threshold: float = 0.5
     omega: float = 0.5
     largest_only: bool = True
@@ -88,6 +91,8 @@ class SamMixSettings:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if not 0.0 < self.omega <= 1.0:
             raise ValueError(f"omega must be in (0, 1], got {self.omega}")
+        if not 0.0 < self.bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {self.bn_momentum}")
         if not self.classifier_lr_scale > 0 or self.weight_decay < 0:
             raise ValueError("classifier_lr_scale must be positive and weight_decay >= 0")
         if isinstance(self.segmented_repeat, bool) or not isinstance(self.segmented_repeat, int) \
@@ -161,8 +166,13 @@ class SamMixFamily:
         if isinstance(model, SamMix):
             return model
         s = self.settings
-        return build_sammix(model, classifier_depth=s.classifier_depth,
-                            classifier_output_stride=s.classifier_output_stride, rank=s.rank, lora_alpha=s.lora_alpha)
+        sammix = build_sammix(model, classifier_depth=s.classifier_depth,
+                              classifier_output_stride=s.classifier_output_stride, rank=s.rank,
+                              lora_alpha=s.lora_alpha)
+        for module in sammix.classifier.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = s.bn_momentum
+        return sammix
 
     def prepare_data(self, cases, options) -> SamMixTrainingData:
         """``run_training``'s data for this family (``sammix_data.build_sammix_data``)."""
