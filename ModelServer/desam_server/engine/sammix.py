@@ -54,6 +54,46 @@ class SamMixPrediction:
     ious: tuple[float, ...] = ()
 
 
+@dataclass(frozen=True)
+class Location:
+    """The classifier's answer for one slice (``locate``): probability = sigmoid(logit);
+    boxes: the CAM boxes (x0, y0, x1, y1, slice pixels, largest region first), empty when
+    the slice was called absent or the map gave none; gray: the windowed slice (uint8 H x
+    W) the classifier saw, which SAM's input is made of."""
+
+    probability: float
+    boxes: tuple[tuple[int, int, int, int], ...]
+    gray: np.ndarray
+
+
+@torch.no_grad()
+def locate(classifier: SliceClassifier, slice_hw: np.ndarray, window: IntensityWindow | None, *,
+           device: torch.device, threshold: float = 0.5, omega: float = 0.5, largest_only: bool = True) -> Location:
+    """Classify one slice and, when the probability reaches ``threshold``, cut the box
+    prompts from its class activation map at ``g >= omega * max(g)`` (``cam_boxes``).
+    The classifier must be in eval mode (its batch norm would otherwise use this slice's
+    statistics). Shared by ``SamMix.predict_slice`` and the serving form
+    (``sammix_serving``); ``device``: where the classifier's weights are."""
+    if classifier.training:
+        raise RuntimeError("the classifier must be in eval mode: in train mode its batch norm would use and "
+                           "update this slice's statistics")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if classifier.in_chans != 1:
+        raise ValueError(f"the classifier is fed one windowed slice; this one wants {classifier.in_chans} channels")
+    image = np.asarray(slice_hw)
+    if image.ndim != 2:
+        raise ValueError(f"expected an H x W slice, got shape {image.shape}")
+    gray = to_rgb(image, window)[:, :, 0]  # the engine's windowing and its checks
+    out = classifier(SamMix.classifier_input(gray, device))
+    probability = float(torch.sigmoid(out.logits[0].float()))
+    if probability < threshold:
+        return Location(probability, (), gray)
+    cam = classifier.class_activation_map(out.features, size=gray.shape)[0]
+    regions = cam_boxes(cam, omega, largest_only=largest_only)
+    return Location(probability, tuple(r.xyxy() for r in regions), gray)
+
+
 class SamMix(nn.Module):
     """Keyword-only arguments: the modules (already built, see ``build_sammix``), the
     encoder's registry name and its input convention.
@@ -69,9 +109,12 @@ class SamMix(nn.Module):
     mask_threshold: float = 0.0
 
     def __init__(self, *, encoder_name: str, classifier: SliceClassifier, image_encoder: nn.Module,
-                 prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, convention: InputConvention) -> None:
+                 prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder, convention: InputConvention,
+                 encoder_weights_sha256: str | None = None) -> None:
         super().__init__()
         self.encoder_name = encoder_name
+        #: sha256 of the base encoder's checkpoint (None: random weights), as on ``DeSAM``
+        self.encoder_weights_sha256 = encoder_weights_sha256
         self.classifier = classifier
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -207,28 +250,14 @@ class SamMix(nn.Module):
         if self.training:
             raise RuntimeError("predict_slice needs eval mode (call eval()): in train mode the classifier's "
                                "batch norm would use and update this slice's statistics")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        if self.classifier.in_chans != 1:
-            raise ValueError("predict_slice feeds the classifier one windowed slice; this one wants "
-                             f"{self.classifier.in_chans} channels")
-        image = np.asarray(slice_hw)
-        if image.ndim != 2:
-            raise ValueError(f"expected an H x W slice, got shape {image.shape}")
-        gray = to_rgb(image, window)[:, :, 0]  # the engine's windowing and its checks
-        out = self.classifier(self.classifier_input(gray, self.device))
-        probability = float(torch.sigmoid(out.logits[0]))
-        empty = np.zeros(gray.shape, dtype=bool)
-        if probability < threshold:
-            return SamMixPrediction(probability=probability, box=None, mask=empty, iou=None)
-        cam = self.classifier.class_activation_map(out.features, size=gray.shape)[0]
-        regions = cam_boxes(cam, omega, largest_only=largest_only)
-        if not regions:
-            return SamMixPrediction(probability=probability, box=None, mask=empty, iou=None)
-        boxes = tuple(r.xyxy() for r in regions)
-        masks, ious = self._segment_rgb(np.repeat(gray[:, :, None], 3, axis=2), boxes)
-        return SamMixPrediction(probability=probability, box=boxes[0], mask=masks.any(axis=0), iou=ious[0],
-                                boxes=boxes, ious=tuple(ious))
+        found = locate(self.classifier, slice_hw, window, device=self.device, threshold=threshold, omega=omega,
+                       largest_only=largest_only)
+        empty = np.zeros(found.gray.shape, dtype=bool)
+        if not found.boxes:
+            return SamMixPrediction(probability=found.probability, box=None, mask=empty, iou=None)
+        masks, ious = self._segment_rgb(np.repeat(found.gray[:, :, None], 3, axis=2), found.boxes)
+        return SamMixPrediction(probability=found.probability, box=found.boxes[0], mask=masks.any(axis=0),
+                                iou=ious[0], boxes=found.boxes, ious=tuple(ious))
 
     # ---- serving form -------------------------------------------------------------------
     def merged(self) -> SamMix:
@@ -241,7 +270,8 @@ class SamMix(nn.Module):
         out = SamMix(encoder_name=self.encoder_name, classifier=copy.deepcopy(self.classifier),
                      image_encoder=merge_lora(self.image_encoder, copy=True),
                      prompt_encoder=copy.deepcopy(self.prompt_encoder),
-                     mask_decoder=copy.deepcopy(self.mask_decoder), convention=self.convention)
+                     mask_decoder=copy.deepcopy(self.mask_decoder), convention=self.convention,
+                     encoder_weights_sha256=self.encoder_weights_sha256)
         return out.to(self.device).requires_grad_(False).eval()
 
 
@@ -260,7 +290,8 @@ def build_sammix(model: DeSAM, *, classifier_depth: int = 50, classifier_output_
     sammix = SamMix(encoder_name=model.encoder_name,
                     classifier=SliceClassifier(depth=classifier_depth, output_stride=classifier_output_stride),
                     image_encoder=encoder, prompt_encoder=copy.deepcopy(model.prompt_encoder),
-                    mask_decoder=copy.deepcopy(model.mask_decoder), convention=model.convention)
+                    mask_decoder=copy.deepcopy(model.mask_decoder), convention=model.convention,
+                    encoder_weights_sha256=getattr(model, "encoder_weights_sha256", None))
     sammix = sammix.to(model.device)
     sammix.set_trainable()
     return sammix.train()

@@ -36,6 +36,7 @@ OTHER_FORMATS = {
     "sam-mask-decoder": "SAM's own mask decoder fine-tuned (an evidence model, not a DeSAM decoder)",
     "desam-decoder-no-fusion": "the ablation PDMM without PRIM's mask-embedding fusion (an evidence model)",
     "dbsam-model": "a DB-SAM model: its own encoder blocks and SAM's mask decoder, served by engine.dbsam_serving",
+    "sam-mix": "a SAM-Mix model (classifier + LoRA + mask decoder; engine.sammix_serving.load_servable)",
 }
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import json
+from dataclasses import asdict, dataclass, field, fields
 
 __all__ = ["TrainConfig", "PRECISIONS"]
 
@@ -18,7 +19,9 @@ class TrainConfig:
     and backward: 'auto' is bf16 (fp16 without bf16 support) autocast on CUDA, bf16 on CPUs
     with native bf16 (avx512_bf16 / AMX: 2.8x faster steps measured with MobileSAM) and
     fp32 on other CPUs (emulated bf16 is slower); validation_grid_size / min_region_area /
-    iou_threshold: the automatic mode used for validation Dice."""
+    iou_threshold: the automatic mode used for validation Dice; family_options: the
+    family's own settings (JSON values; ``family.get_family``; DeSAM's families take
+    none, SAM-Mix's are listed in ``sammix_family.SamMixSettings``)."""
 
     family: str = "desam"
     strategy: str = "grid"
@@ -31,6 +34,7 @@ class TrainConfig:
     validation_grid_size: int = 9
     min_region_area: int = 64
     iou_threshold: float = 0.5
+    family_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "validation_grid_size"):
@@ -43,6 +47,12 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.min_region_area < 0:
             raise ValueError("min_region_area must be >= 0")
+        if not isinstance(self.family_options, dict) or not all(isinstance(k, str) for k in self.family_options):
+            raise ValueError("family_options must be a dict with string keys")
+        try:
+            json.dumps(self.family_options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"family_options must hold JSON values: {exc}") from exc
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -49,13 +49,15 @@ class SliceImage:
 class TrainItem:
     """One training slice: what the family reads (``features``: its cached features on the
     training device, for ``input_kind == "features"``; ``image``: the slice, for
-    ``"image"``; the other one is None), its label (bool H x W, the slice's own frame) and
-    whether the structure is present."""
+    ``"image"``; the other one is None), its label (bool H x W, the slice's own frame),
+    whether the structure is present and whether the slice is segmented (False: a slice
+    with a presence label only, SAM-Mix's; its ``mask`` is then not a label)."""
 
     features: ImageFeatures | None
     mask: np.ndarray
     positive: bool
     image: SliceImage | None = None
+    segmented: bool = True
 
 
 class ModelFamily(Protocol):
@@ -105,53 +107,77 @@ class ModelFamily(Protocol):
         """Load a file written by ``save`` into a model from ``prepare_model``; returns its
         metadata (a file of another family is refused: ``CheckpointError``)."""
 
+    # Optional: ``prepare_data(cases, options) -> TrainingData``. A family whose data is not
+    # "one label per case" builds its own (``run_training`` calls it instead of
+    # ``run.prepare_data``): SAM-Mix's presence labels plus a few segmented slices.
 
-def get_family(name: str) -> ModelFamily:
+
+def get_family(name: str, options: dict[str, Any] | None = None) -> ModelFamily:
+    """The family ``name`` with its ``options`` (``TrainConfig.family_options``; a family
+    without options refuses any)."""
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
-    return FAMILIES[name]()
+    return FAMILIES[name](**(options or {}))
 
 
-def _desam():
+def _no_options(name: str, options: dict[str, Any]) -> None:
+    if options:
+        raise ValueError(f"the {name} family takes no options, got {', '.join(sorted(options))}")
+
+
+def _desam(**options):
     from .desam_family import DeSAMFamily
 
+    _no_options("desam", options)
     return DeSAMFamily()
 
 
-def _sam_decoder():
+def _sam_decoder(**options):
     from .sam_decoder_family import SAMDecoderFamily
 
+    _no_options("sam_decoder", options)
     return SAMDecoderFamily()
 
 
-def _desam_no_fusion():
+def _desam_no_fusion(**options):
     from .desam_family import NoFusionFamily
 
+    _no_options("desam_no_fusion", options)
     return NoFusionFamily()
 
 
-def _dbsam():
+def _dbsam(**options):
     from .dbsam_family import DBSAMFamily
 
+    _no_options("dbsam", options)
     return DBSAMFamily()
 
 
-def _dbsam_no_fusion():
+def _dbsam_no_fusion(**options):
     from .dbsam_family import DBSAMNoFusionFamily
 
+    _no_options("dbsam_no_fusion", options)
     return DBSAMNoFusionFamily()
 
 
-def _dbsam_adapters():
+def _dbsam_adapters(**options):
     from .dbsam_family import DBSAMAdaptersFamily
 
+    _no_options("dbsam_adapters", options)
     return DBSAMAdaptersFamily()
 
 
-def _dbsam_decoder_only():
+def _dbsam_decoder_only(**options):
     from .dbsam_decoder_family import DBSAMDecoderOnlyFamily
 
+    _no_options("dbsam_decoder_only", options)
     return DBSAMDecoderOnlyFamily()
+
+
+def _sammix(**options):
+    from .sammix_family import SamMixFamily
+
+    return SamMixFamily(**options)
 
 
 #: desam: DeSAM (PRIM + PDMM; the service's decoders). The evidence's comparisons
@@ -161,6 +187,8 @@ def _dbsam_decoder_only():
 #: dbsam: DB-SAM (docs/DBSAM.md; an image family, its files served by
 #: engine.dbsam_serving), and its ablation's rows: dbsam_decoder_only (SAM's mask decoder on
 #: cached features), dbsam_adapters, dbsam_no_fusion.
+#: sammix: SAM-Mix (slice classifier + CAM boxes + LoRA SAM, an image family with its own
+#: data: sammix_family.py; its files served by engine.sammix_serving).
 FAMILIES = {"desam": _desam, "sam_decoder": _sam_decoder, "desam_no_fusion": _desam_no_fusion,
             "dbsam": _dbsam, "dbsam_decoder_only": _dbsam_decoder_only, "dbsam_adapters": _dbsam_adapters,
-            "dbsam_no_fusion": _dbsam_no_fusion}
+            "dbsam_no_fusion": _dbsam_no_fusion, "sammix": _sammix}

@@ -95,9 +95,10 @@ def run_training(model, cases: Sequence[Case], options: TrainingOptions, *, outp
                  features_bytes: int = DEFAULT_FEATURES_BYTES) -> TrainResult:
     events = events or (lambda event: None)
     ctx = distributed or DistributedContext()
-    family = get_family(options.config.family)
+    family = get_family(options.config.family, options.config.family_options)
     model = family.prepare_model(model)  # DeSAM: the model itself; see TrainResult.model
-    data = prepare_data(cases, options)
+    # a family with data of its own kind (SAM-Mix: presence labels + a few segmented slices)
+    data = family.prepare_data(cases, options) if hasattr(family, "prepare_data") else prepare_data(cases, options)
     events({"event": "data", **data.summary()})
     if family.input_kind == "image":
         reader = SliceImageReader()

@@ -26,12 +26,14 @@ __all__ = ["SliceRef", "TrainingData", "build_training_data"]
 
 @dataclass(frozen=True)
 class SliceRef:
-    """Slice ``index`` along ``axis`` of ``TrainingData.cases[case]``."""
+    """Slice ``index`` along ``axis`` of ``TrainingData.cases[case]``; ``segmented`` False:
+    a slice with a presence label only (SAM-Mix, ``sammix_data``), its mask unknown."""
 
     case: int
     axis: str
     index: int
     positive: bool
+    segmented: bool = True
 
 
 @dataclass

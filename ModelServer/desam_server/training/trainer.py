@@ -171,9 +171,9 @@ class Trainer:
             loaded = self.reader.load(case, ref.axis, ref.index, self.device)
             mask = np.asarray(slice_view(case.mask, ref.axis, ref.index))
             if self.family.input_kind == "image":
-                out.append(TrainItem(None, mask, ref.positive, image=loaded))
+                out.append(TrainItem(None, mask, ref.positive, image=loaded, segmented=ref.segmented))
             else:
-                out.append(TrainItem(loaded, mask, ref.positive))
+                out.append(TrainItem(loaded, mask, ref.positive, segmented=ref.segmented))
         return out
 
     def validate(self) -> tuple[float, list[float]]:
