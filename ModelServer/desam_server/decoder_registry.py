@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_bytes
-from .modeling.checkpoint import CheckpointError, read_decoder
+from .modeling.checkpoint import SERVED_FORMATS, CheckpointError, read_model_metadata
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,9 @@ def check_structure_name(name: str) -> str:
 @dataclass(frozen=True)
 class VersionInfo:
     """One registered version. created: Unix time of its registration; sha256 and
-    size_bytes: of its decoder file; encoder / encoder_weights_sha256: what it was trained
-    for (from the file's metadata); curve: whether a training-curve PNG came with it."""
+    size_bytes: of its model file; encoder / encoder_weights_sha256: what it was trained
+    for (from the file's metadata); curve: whether a training-curve PNG came with it;
+    family: the model family its file's format serves (``checkpoint.SERVED_FORMATS``)."""
 
     structure: str
     version: str
@@ -115,6 +116,7 @@ class VersionInfo:
     encoder: str | None
     encoder_weights_sha256: str | None
     curve: bool
+    family: str = "desam"
 
     @property
     def number(self) -> int:
@@ -123,7 +125,7 @@ class VersionInfo:
     def to_json(self) -> dict[str, Any]:
         return {"structure": self.structure, "version": self.version, "created": self.created,
                 "sha256": self.sha256, "size_bytes": self.size_bytes, "encoder": self.encoder,
-                "encoder_weights_sha256": self.encoder_weights_sha256, "curve": self.curve}
+                "encoder_weights_sha256": self.encoder_weights_sha256, "curve": self.curve, "family": self.family}
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,7 @@ class DecoderRegistry:
         structure name is not usable; ``ValueError`` when ``curve_png`` is not a PNG file.
         The source files are only read."""
         source = Path(decoder_file)
-        _, meta = read_decoder(source)
+        family, meta = read_model_metadata(source)
         try:
             structure = check_structure_name(meta.get("structure"))
         except ValueError as exc:
@@ -274,7 +276,7 @@ class DecoderRegistry:
             target = directory / f"{version}.safetensors"
             atomic_write_bytes(target, data)
             try:
-                _, written = read_decoder(target)
+                _, written = read_model_metadata(target)
                 if written != meta:
                     raise CheckpointError(f"{source}: the file changed while it was being registered")
             except CheckpointError:
@@ -285,7 +287,7 @@ class DecoderRegistry:
             info = VersionInfo(structure=structure, version=version, created=round(time.time(), 3),
                                sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
                                encoder=meta.get("encoder"), encoder_weights_sha256=meta.get("encoder_weights_sha256"),
-                               curve=curve is not None)
+                               curve=curve is not None, family=family)
             active, history = state.active, list(state.history)
             if activate:
                 if active is not None:
@@ -410,7 +412,8 @@ class DecoderRegistry:
                                             sha256=entry["sha256"], size_bytes=entry["size_bytes"],
                                             encoder=meta.get("encoder"),
                                             encoder_weights_sha256=meta.get("encoder_weights_sha256"),
-                                            curve=entry["curve"]))
+                                            curve=entry["curve"],
+                                            family=SERVED_FORMATS.get(meta.get("format"), "desam")))
             versions.sort(key=lambda v: v.number)
             return StructureState(structure=directory.name, versions=tuple(versions), active=data["active"],
                                   history=tuple(data["history"]), last_number=int(data["last_number"]),

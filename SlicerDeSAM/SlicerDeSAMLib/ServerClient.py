@@ -384,16 +384,19 @@ class ServerClient(TrainingJobsClient):
     def segment_auto(self, volume_id: str, *, axis: str = "k", start: int | None = None, stop: int | None = None,
                      mode: str = "box", decoder: str | None = None, window=None, grid_size: int = 9,
                      iou_threshold: float = 0.5, min_region_area: int = 64, box: Sequence[float] | None = None,
-                     presence_threshold: float = 0.5, omega: float = 0.5, largest_only: bool = True) -> dict:
+                     presence_threshold: float | None = None, omega: float | None = None,
+                     largest_only: bool | None = None) -> dict:
         """Start an automatic segmentation of slices [start, stop) as a job: DeSAM's 'box'
         or 'grid' mode, 'roi' (``box``, x0 y0 x1 y1 in slice pixels, on every slice) or
-        'cam-box' (a SAM-Mix model: ``presence_threshold``, ``omega``, ``largest_only``)."""
+        'cam-box' (a SAM-Mix model: ``presence_threshold``, ``omega``, ``largest_only``; None:
+        the model's own)."""
         return self._json("POST", "/segment/auto", {
             "volume_id": volume_id, "axis": axis, "start": start, "stop": stop, "mode": mode, "decoder": decoder,
             "window": _window(window), "grid_size": grid_size, "iou_threshold": iou_threshold,
             "min_region_area": min_region_area, "box": None if box is None else [float(v) for v in box],
-            "presence_threshold": float(presence_threshold), "omega": float(omega),
-            "largest_only": bool(largest_only)}, volume_id=volume_id)
+            "presence_threshold": None if presence_threshold is None else float(presence_threshold),
+            "omega": None if omega is None else float(omega),
+            "largest_only": None if largest_only is None else bool(largest_only)}, volume_id=volume_id)
 
     def segment_propagate(self, volume_id: str, axis: str, index: int, mask: np.ndarray, *, decoder: str = "sam",
                           start: int | None = None, stop: int | None = None, iou_threshold: float = 0.5,

@@ -52,7 +52,8 @@ class AutoOptions:
     """An automatic run (``POST /segment/auto``): slices [start, stop) along ``axis``
     (None: all), ``mode`` 'box' (whole box), 'grid' (grid points), 'roi' (``box``, x0 y0
     x1 y1 in the slice frame, on every slice: from a markups ROI, ``prepare_roi``) or
-    'cam-box' (a SAM-Mix model finds the slices and their boxes; ``presence_threshold``),
+    'cam-box' (a SAM-Mix model finds the slices and their boxes; ``presence_threshold``,
+    None: the model's own),
     ``decoder`` the model's name (None: the only DeSAM decoder served; 'roi': SAM's), and
     the service's thresholds."""
 
@@ -65,7 +66,7 @@ class AutoOptions:
     iou_threshold: float = 0.5
     min_region_area: int = 64
     box: tuple[float, float, float, float] | None = None
-    presence_threshold: float = 0.5
+    presence_threshold: float | None = None
 
 
 @dataclass(frozen=True, eq=False)

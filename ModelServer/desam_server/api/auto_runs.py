@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..engine import IntensityWindow, SlicePredictor
-from ..engine.sammix_presence import slice_presence
+from ..engine.sammix import locate
 from ..modeling.desam import DeSAM, ImageFeatures
 from .decoders import LoadedDecoder
 from .jobs import AutoJob, AutoJobSpec, SliceScore
@@ -89,10 +89,10 @@ def _cam_box_slice(job: AutoJob, loaded: LoadedDecoder, predictor: SlicePredicto
                    index: int) -> tuple[SliceScore, np.ndarray]:
     spec: AutoJobSpec = job.spec
     window = IntensityWindow(center=spec.window[0], width=spec.window[1])
-    presence = access.on_worker(lambda: slice_presence(
-        loaded.classifier, access.slice(spec.axis, index), window, threshold=spec.presence_threshold,
-        omega=spec.omega, largest_only=spec.largest_only))
-    if not presence.present:
+    presence = access.on_worker(lambda: locate(
+        loaded.classifier, access.slice(spec.axis, index), window, device=loaded.model.device,
+        threshold=spec.presence_threshold, omega=spec.omega, largest_only=spec.largest_only))
+    if not presence.boxes:
         shape = access.slice(spec.axis, index).shape
         return SliceScore(index, None, 0, presence=presence.probability), np.zeros(shape, dtype=bool)
     features = access.features(spec.axis, index, False, loaded.encoder)
@@ -104,5 +104,6 @@ def _cam_box_slice(job: AutoJob, loaded: LoadedDecoder, predictor: SlicePredicto
         return np.logical_or.reduce([m for m, _ in answers]), answers[0][1]
 
     mask, iou = access.on_worker(segment)
-    return SliceScore(index, iou, int(mask.sum()), presence=presence.probability, box=presence.boxes[0]), mask
+    box = tuple(float(v) for v in presence.boxes[0])
+    return SliceScore(index, iou, int(mask.sum()), presence=presence.probability, box=box), mask
 

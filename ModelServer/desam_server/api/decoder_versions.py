@@ -26,7 +26,7 @@ from ..decoder_registry import (
     UnknownVersion,
     VersionInfo,
 )
-from ..modeling.checkpoint import CheckpointError, read_decoder
+from ..modeling.checkpoint import CheckpointError, read_model_metadata
 from .decoders import DecoderSet, LoadedDecoder
 from .errors import Conflict, NotFound
 
@@ -229,7 +229,7 @@ class DecoderVersions:
         with self._lock:
             loaded = None
             if activate:  # fits the model? (before anything is registered)
-                structure = read_decoder(decoder_file)[1].get("structure")
+                structure = read_model_metadata(decoder_file)[1].get("structure")
                 loaded = self.decoders.build(decoder_file, structure)
                 self._check_servable(structure)
             info = registry.register(decoder_file, curve_png=curve_png, activate=activate)

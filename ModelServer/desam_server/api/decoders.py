@@ -30,7 +30,7 @@ from typing import Any
 from ..decoder_registry import NAME_RE, check_structure_name
 from ..hashing import sha256_file
 from ..modeling.build import build_decoders
-from ..modeling.checkpoint import CheckpointError, load_decoder
+from ..modeling.checkpoint import CheckpointError, load_decoder, read_model_metadata
 from ..modeling.desam import DeSAM
 from .errors import Conflict, NotFound, Unprocessable
 
@@ -99,13 +99,27 @@ class DecoderSet:
         return self.put(self.build(path, name))
 
     def build(self, path: str | Path, name: str | None = None, *, version: str | None = None) -> LoadedDecoder:
-        """A decoder from a file, not yet served (``put`` serves it)."""
+        """A structure model from a file, not yet served (``put`` serves it): a DeSAM decoder,
+        or a DB-SAM / SAM-Mix model file (its family's loader builds it beside the base
+        model, refusing a file made for another encoder or weights)."""
         path = Path(path)
         name = name or path.name.split(".")[0]
         try:
             check_structure_name(name)
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
+        family, _ = read_model_metadata(path)
+        if family == "dbsam":
+            from ..engine.dbsam_serving import load_servable as load_dbsam
+
+            model = load_dbsam(self.base, path)
+            return LoadedDecoder(name, model, read_model_metadata(path)[1], sha256_file(path), version, family="dbsam")
+        if family == "sammix":
+            from ..engine.sammix_serving import load_servable as load_sammix
+
+            servable = load_sammix(self.base, path)
+            return LoadedDecoder(name, servable, servable.sammix_metadata, sha256_file(path), version,
+                                 family="sammix", classifier=servable.classifier)
         base = self.base
         prim, pdmm = build_decoders(base.encoder_name)
         variant = DeSAM(encoder_name=base.encoder_name, image_encoder=base.image_encoder,

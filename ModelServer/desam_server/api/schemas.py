@@ -49,7 +49,7 @@ class Strict(BaseModel):
     def _no_booleans_for_numbers(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for name, field in cls.model_fields.items():
-                if field.annotation is not bool and name in data and _holds_a_bool(data[name]):
+                if field.annotation not in (bool, bool | None) and name in data and _holds_a_bool(data[name]):
                     raise ValueError(f"{name}: true and false are not numbers")
         return data
 
@@ -242,12 +242,14 @@ class AutoRequest(Strict):
     min_region_area: int = Field(64, ge=0, le=1 << 24)
     box: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=4, max_length=4)] | None = \
         Field(None, description="roi: x0, y0, x1, y1 in slice pixels, the same on every slice")
-    presence_threshold: float = Field(0.5, ge=0, le=1,
-                                      description="cam-box: presence probability from which a slice is segmented")
-    omega: float = Field(0.5, gt=0, le=1, description="cam-box: the activation map's threshold, a fraction of its "
-                                                       "maximum")
-    largest_only: bool = Field(True, description="cam-box: prompt with the largest activated region's box only "
-                                                 "(else with every region's, masks united)")
+    presence_threshold: float | None = Field(
+        None, ge=0, le=1, description="cam-box: presence probability from which a slice is segmented (default: the "
+                                      "SAM-Mix model's own, else 0.5)")
+    omega: float | None = Field(None, gt=0, le=1, description="cam-box: the activation map's threshold, a fraction of "
+                                                               "its maximum (default: the model's own, else 0.5)")
+    largest_only: bool | None = Field(None, description="cam-box: prompt with the largest activated region's box only "
+                                                        "(else with every region's, masks united; default: the "
+                                                        "model's own, else true)")
 
 
 _RULES = StopRules()
@@ -464,6 +466,7 @@ class DecoderVersion(BaseModel):
     encoder: str | None
     encoder_weights_sha256: str | None
     curve: bool
+    family: Literal["desam", "dbsam", "sammix"] = Field("desam", description="the model family the file serves")
 
 
 class RegistryStructure(BaseModel):

@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Service"]
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 @dataclass(frozen=True)
 class _Slice:
     stored: StoredVolume
@@ -396,11 +400,12 @@ class Service:
     # ---- automatic segmentation jobs ---------------------------------------------------------------
     def submit_job(self, volume_id: str, *, axis: str, start: int | None, stop: int | None, mode: str,
                    decoder: str | None, window: dict | None, grid_size: int, iou_threshold: float,
-                   min_region_area: int, box: list[float] | None = None, presence_threshold: float = 0.5,
-                   omega: float = 0.5, largest_only: bool = True) -> AutoJob:
+                   min_region_area: int, box: list[float] | None = None, presence_threshold: float | None = None,
+                   omega: float | None = None, largest_only: bool | None = None) -> AutoJob:
         """Check the request and queue an automatic job (``auto_runs``): the decoder must
         run the mode (``LoadedDecoder.automatic_modes``; "roi" also runs with "sam"), "roi"
-        needs a box inside the slice."""
+        needs a box inside the slice; cam-box options left None are the SAM-Mix model's own
+        (its file's ``inference``: what it was validated with)."""
         if mode == "roi" and decoder in (None, "sam"):
             name = "sam"
         elif mode in ("box", "grid"):
@@ -410,8 +415,10 @@ class Service:
                 raise Unprocessable(f"mode {mode!r} needs a decoder: name a "
                                     f"{'SAM-Mix model' if mode == 'cam-box' else 'model, or sam'}")
             name = decoder
+        inference = {"threshold": 0.5, "omega": 0.5, "largest_only": True}
         if name != "sam":
             loaded = self.decoders.get(name)
+            inference.update(loaded.metadata.get("inference") or {})
             if mode not in loaded.automatic_modes:
                 raise Unprocessable(f"decoder {name!r} is a {loaded.family} model: its automatic modes are "
                                     f"{', '.join(loaded.automatic_modes)}, not {mode!r}")
@@ -433,7 +440,9 @@ class Service:
         spec = AutoJobSpec(volume_id=volume_id, axis=axis, start=start, stop=stop, mode=mode, decoder=name,
                            window=(s.window.center, s.window.width), grid_size=grid_size, iou_threshold=iou_threshold,
                            min_region_area=min_region_area, box=None if box is None else tuple(float(v) for v in box),
-                           presence_threshold=presence_threshold, omega=omega, largest_only=largest_only)
+                           presence_threshold=_given(presence_threshold, inference["threshold"]),
+                           omega=_given(omega, inference["omega"]),
+                           largest_only=_given(largest_only, inference["largest_only"]))
         return self.jobs.submit(spec)
 
     def _run_job(self, job: AutoJob) -> bytes:

@@ -38,6 +38,9 @@ OTHER_FORMATS = {
     "dbsam-model": "a DB-SAM model: its own encoder blocks and SAM's mask decoder, served by engine.dbsam_serving",
     "sam-mix": "a SAM-Mix model (classifier + LoRA + mask decoder; engine.sammix_serving.load_servable)",
 }
+#: Formats of files the service serves, by model family (``api.decoders.LoadedDecoder.family``):
+#: DeSAM decoders, DB-SAM models (``modeling.dbsam_file``), SAM-Mix models (``engine.sammix_file``).
+SERVED_FORMATS = {DECODER_FORMAT: "desam", "dbsam-model": "dbsam", "sam-mix": "sammix"}
 SAM_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
 
 
@@ -177,6 +180,32 @@ def read_decoder(path: str | os.PathLike, *, format: str = DECODER_FORMAT,
             f"(this build reads version {DECODER_FORMAT_VERSION})"
         )
     return tensors, meta
+
+
+def read_model_metadata(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(family, metadata) of a file the service serves (``SERVED_FORMATS``): the container
+    and its metadata read, the format known, the structure named; the tensors' fit to a
+    model is the family's loader's to check. A DeSAM decoder file is read whole
+    (``read_decoder``); the others' own readers check their tensors when loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found")
+    raw = path.read_bytes()
+    try:
+        header_len = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8: 8 + header_len])
+        meta = json.loads(header["__metadata__"]["desam"])
+    except (ValueError, OverflowError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable model file (truncated, corrupt or without our metadata): "
+                              f"{exc}") from exc
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found not in SERVED_FORMATS:
+        what = f" ({OTHER_FORMATS[found]})" if found in OTHER_FORMATS else ""
+        raise CheckpointError(f"{path}: format {found!r}{what} is not one the service serves "
+                              f"({', '.join(SERVED_FORMATS)})")
+    if found == DECODER_FORMAT:
+        meta = read_decoder(path)[1]
+    return SERVED_FORMATS[found], meta
 
 
 def load_modules(model: DeSAM, path: str | os.PathLike, modules: Mapping[str, torch.nn.Module], *,
