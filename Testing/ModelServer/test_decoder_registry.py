@@ -115,8 +115,17 @@ def test_unknown_and_invalid_input(tmp_path, files, curve):
     before = sorted(p.name for p in (tmp_path / "registry" / "organ").iterdir())
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a decoder")
-    with pytest.raises(CheckpointError, match="not a readable DeSAM decoder file"):
+    with pytest.raises(CheckpointError, match="not a readable model file"):
         registry.register(junk)
+    import torch
+
+    from desam_server.modeling import build_desam, save_decoder
+
+    torch.manual_seed(0)
+    evidence = tmp_path / "ablation.safetensors"
+    save_decoder(build_desam("tiny"), evidence, structure="organ", format="desam-decoder-no-fusion")
+    with pytest.raises(CheckpointError, match="the ablation PDMM .* is not one the service serves"):
+        registry.register(evidence)
     with pytest.raises(CheckpointError, match="not found"):
         registry.register(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="not a PNG"):
