@@ -25,6 +25,11 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     return tuple(float(p) for p in parts)
 
 
+#: The families whose files the service serves, and their default strategies.
+SERVED_FAMILIES = ("desam", "dbsam", "sammix")
+DEFAULT_STRATEGIES = {"desam": "grid", "dbsam": "box", "sammix": "gt_box"}
+
+
 def _add_case_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--case", nargs=2, action="append", required=True, metavar=("VOLUME", "LABEL"),
                    help="a training case: volume file or DICOM folder, and its label (labelmap or .seg.nrrd); repeat")
@@ -49,7 +54,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slice-step", type=int, default=1, help="train on every n-th slice (validation: all)")
     p.add_argument("--augment", default="none",
                    help=f"image-changing augmentations, comma-separated: {', '.join(AUGMENTATIONS)} (default none)")
-    p.add_argument("--strategy", choices=["grid", "box"], default="grid")
+    p.add_argument("--family", choices=list(SERVED_FAMILIES), default="desam",
+                   help="the model family: desam (PRIM + PDMM on cached features), dbsam (DB-SAM's encoder adapters "
+                        "and SAM's mask decoder, box prompts; docs/DBSAM.md), sammix (SAM-Mix: slice classifier + "
+                        "LoRA SAM; docs/SAMMIX.md)")
+    p.add_argument("--strategy", default=None,
+                   help="the family's prompt strategy (desam: grid (default) or box; dbsam: box; sammix: gt_box "
+                        "(default) or cam_box)")
+    p.add_argument("--segmented-slices", action="append", default=None, metavar="I,J,...",
+                   help="sammix: the slices of a case whose segmentation trains SAM (the other slices give presence "
+                        "labels only, from the case's label); once per --case, in order")
+    p.add_argument("--family-option", action="append", default=[], metavar="KEY=JSON",
+                   help="an option of the family (training.family.get_family), e.g. classifier_depth=18; repeat")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8, help="global batch (over all torchrun processes)")
     p.add_argument("--learning-rate", type=float, default=1e-4)
@@ -71,15 +87,50 @@ def _cases(args):
     from .training.cases import load_case
 
     window = IntensityWindow(*args.window) if args.window else None
-    return [load_case(v, lab, structure=args.structure, segment=args.segment, window=window,
-                      modality=args.modality) for v, lab in args.case]
+    cases = [load_case(v, lab, structure=args.structure, segment=args.segment, window=window,
+                       modality=args.modality) for v, lab in args.case]
+    segmented = getattr(args, "segmented_slices", None)
+    if getattr(args, "family", "desam") != "sammix":
+        if segmented:
+            raise ValueError("--segmented-slices is for --family sammix")
+        return cases
+    from .training.sammix_data import sammix_case_from_case
+
+    if not segmented or len(segmented) != len(cases):
+        raise ValueError(f"--family sammix needs one --segmented-slices per --case ({len(cases)}), got "
+                         f"{len(segmented or [])}")
+    return [sammix_case_from_case(case, axis=args.axis, segmented=[int(i) for i in _ints(text, "--segmented-slices")])
+            for case, text in zip(cases, segmented, strict=True)]
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise ValueError(f"{what}: comma-separated slice indices, got {text!r}") from None
+
+
+def _family_options(items: list[str]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--family-option: KEY=JSON, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--family-option {key}: the value must be JSON (a number, true/false, a quoted "
+                             f"string), got {value!r}") from None
+    return options
 
 
 def _options(args):
     from .training.config import TrainConfig
     from .training.run import TrainingOptions
 
-    config = TrainConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size,
+    strategy = args.strategy or DEFAULT_STRATEGIES[args.family]
+    config = TrainConfig(family=args.family, family_options=_family_options(args.family_option),
+                         strategy=strategy, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=args.seed, precision=args.train_precision,
                          validation_grid_size=args.validation_grid_size, min_region_area=args.min_region_area)
     return TrainingOptions(axis=args.axis, validation_fraction=args.validation_fraction, slabs=args.slabs,
@@ -117,8 +168,12 @@ def _registry(directory: Path | None):
 
 def cmd_precompute(args: argparse.Namespace) -> int:
     from .engine.feature_config import parse_bytes
+    from .training.family import get_family
     from .training.run import default_training_features_dir, precompute, prepare_data
 
+    if get_family(args.family, _family_options(args.family_option)).input_kind == "image":
+        raise ValueError(f"the {args.family} family trains with its encoder in the loop: it reads the slices "
+                         "themselves, there is nothing to precompute")
     model = _model(args)
     data = prepare_data(_cases(args), _options(args))
     progress = _progress(args.quiet)

@@ -167,6 +167,33 @@ def test_cli_precompute_train_evaluate(cli_data, tmp_path):
     assert bad.returncode == 2 and "error:" in err
 
 
+def test_cli_trains_and_installs_dbsam_and_sammix_models(cli_data, tmp_path):
+    """``train --family dbsam`` and ``--family sammix`` (a few segmented slices per case,
+    presence from the label): their files become registry versions of their family; a
+    family's wrong options are refused before anything runs."""
+    from desam_server.decoder_registry import DecoderRegistry
+
+    _, common, _, _ = cli_data
+    data = ["--batch-size", "2", "--learning-rate", "1e-3", "--empty-ratio", "0.5", "--validation-fraction", "0.25",
+            "--epochs", "1", "--train-precision", "fp32", "--install", "--registry-dir", str(tmp_path / "registry")]
+    proc = _cli("train", *common, *data, "--family", "dbsam", "--structure", "blob_db",
+                "--output", str(tmp_path / "db"), "-q")
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["installed"] == "blob_db v1"
+    segmented = ["--segmented-slices", "2,4"] * 4
+    proc = _cli("train", *common, *data, "--family", "sammix", "--structure", "blob_mix", *segmented,
+                "--family-option", "classifier_depth=18", "--output", str(tmp_path / "mix"), "-q")
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["installed"] == "blob_mix v1"
+    registry = DecoderRegistry(tmp_path / "registry")
+    assert registry.active("blob_db").family == "dbsam" and registry.active("blob_mix").family == "sammix"
+    bad = _cli("train", *common, *data, "--family", "sammix", "--structure", "x", "--output", str(tmp_path / "x"))
+    _, err = bad.communicate(timeout=300)
+    assert bad.returncode != 0 and "needs one --segmented-slices per --case" in err
+
+
 def test_killed_at_random_moments_never_leaves_a_corrupt_file(cli_data, tmp_path):
     root, common, train, _ = cli_data
     out_dir = tmp_path / "run"
