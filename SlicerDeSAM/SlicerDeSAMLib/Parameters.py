@@ -36,7 +36,8 @@ class SlicerDeSAMParameters:
     iouThreshold - automatic mode: drop a slice's mask under this predicted IoU.
     propagationIou, minArea - propagation stops, per direction, at the first slice whose
         predicted IoU or mask area (pixels) falls under these.
-    trainStructure, trainStrategy, trainEpochs - the Train panel's options.
+    trainStructure, trainFamily, trainStrategy, trainEpochs - the Train panel's options
+        (trainFamily "desam" or "dbsam"; DB-SAM trains with boxes only).
     """
 
     volume: vtkMRMLScalarVolumeNode
@@ -55,5 +56,6 @@ class SlicerDeSAMParameters:
     propagationIou: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     minArea: Annotated[int, WithinRange(1, 100000)] = 20
     trainStructure: str = ""
+    trainFamily: Annotated[str, Choice(["desam", "dbsam"])] = "desam"
     trainStrategy: Annotated[str, Choice(["grid", "box"])] = "grid"
     trainEpochs: Annotated[int, WithinRange(1, 1000)] = 20

@@ -99,7 +99,9 @@ class TrainPanel:
                 if volumeNode is None or segmentationNode is None:
                     raise ValueError("A training case's volume or segmentation was removed from the scene.")
                 prepared.append(session.training.prepare_case(volumeNode, segmentationNode, segmentId, structure))
-            options = {"strategy": p.trainStrategy, "epochs": p.trainEpochs}
+            # DB-SAM trains with (jittered ground-truth) boxes only.
+            strategy = "box" if p.trainFamily == "dbsam" else p.trainStrategy
+            options = {"family": p.trainFamily, "strategy": strategy, "epochs": p.trainEpochs}
             self.ui.trainingStatusLabel.text = f"uploading {len(prepared)} case(s) ..."
             self.ui.startTrainingButton.enabled = False
             session.worker.submit(self._start, session, structure, prepared, options, on_done=self._started,

@@ -137,6 +137,23 @@ def test_a_decoder_trains_end_to_end_over_http(served):
     print(f"\ntiny training job end to end: {seconds:.1f} s")
 
 
+def test_a_dbsam_model_trains_over_http(served):
+    """family 'dbsam' through the API: the encoder in the loop (nothing precomputed), its
+    model file handed to the install hook."""
+    from desam_server.modeling.checkpoint import read_model_metadata
+
+    client, _, ids, installed = served
+    options = {**OPTIONS, "config": {**OPTIONS["config"], "family": "dbsam", "epochs": 1, "precision": "fp32"}}
+    job = client.start_training("organ", _cases(ids), options)
+    events = list(client.training_events(job["id"], timeout=300))
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "finished" and events[-1]["state"] == "finished", events[-1]
+    assert "precompute" not in kinds and "epoch" in kinds
+    _, copy = installed.calls[-1]
+    family, meta = read_model_metadata(copy)
+    assert family == "dbsam" and meta["structure"] == "organ" and meta["training"]["family"] == "dbsam"
+
+
 def test_cancel_stops_the_job_within_seconds(served):
     client, service, ids, _ = served
     job = client.start_training("organ", _cases(ids), LONG)

@@ -333,8 +333,11 @@ _CONFIG, _OPTIONS = TrainConfig(), TrainingOptions()
 class TrainConfigBody(Strict):
     """The optimisation side of a training run (``training.TrainConfig``; defaults as there)."""
 
-    family: Literal["desam"] = Field(_CONFIG.family, description="the model family")
-    strategy: Literal["grid", "box"] = Field(_CONFIG.strategy, description="grid points or whole box (DeSAM)")
+    family: Literal["desam", "dbsam"] = Field(
+        _CONFIG.family, description="the model family: desam (PRIM + PDMM on cached features) or dbsam (DB-SAM's "
+                                    "encoder adapters and SAM's mask decoder, the encoder in the loop: box strategy)")
+    strategy: Literal["grid", "box"] = Field(_CONFIG.strategy, description="grid points or whole box (DeSAM); "
+                                                                          "box for DB-SAM (a jittered box per slice)")
     epochs: int = Field(_CONFIG.epochs, ge=1, le=100_000)
     batch_size: int = Field(_CONFIG.batch_size, ge=1, le=4096, description="slices per optimizer step")
     learning_rate: float = Field(_CONFIG.learning_rate, gt=0, le=1)
