@@ -306,7 +306,8 @@ def test_servable_is_merged_has_its_own_identity_and_predicts_as_sammix(trained,
     servable = load_servable(tiny_model, first)
     assert servable.encoder_name == "tiny+sammix" and servable.image_encoder is not tiny_model.image_encoder
     assert not lora_modules(servable.image_encoder)  # merged: SAM's own layout, the base encoder's cost
-    assert set(servable.image_encoder.state_dict()) == set(tiny_model.image_encoder.state_dict())
+    # the merged encoder (inside the embedding-only wrapper): SAM's own state-dict layout
+    assert set(servable.image_encoder.encoder.state_dict()) == set(tiny_model.image_encoder.state_dict())
     assert servable.encoder_weights_sha256 not in (None, tiny_model.encoder_weights_sha256)
     assert not servable.has_trained_decoder and not servable.training
     with torch.no_grad():

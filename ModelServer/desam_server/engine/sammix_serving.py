@@ -6,7 +6,8 @@ SamMix on the base DeSAM's encoder and **merges the LoRA adapters into the encod
 weights** (``merge_lora``: W + (alpha / r) B A, no adapter left), so that serving costs
 what the base encoder costs. The result, ``SamMixServable``, is a ``DeSAM`` whose
 
-- ``image_encoder`` is the merged encoder, ``mask_decoder`` the trained one and
+- ``image_encoder`` is the merged encoder (returning the embedding only:
+  ``adapted_sam.EmbeddingOnlyEncoder``), ``mask_decoder`` the trained one and
   ``prompt_encoder`` SAM's (frozen in training, a copy);
 - ``encoder_name`` is ``<base>+sammix`` and ``encoder_weights_sha256`` the sha256 of the
   base weights' hash and the adapters (``adapted_encoder_sha256``): its features differ
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..modeling.desam import DeSAM
+from .adapted_sam import EmbeddingOnlyEncoder
 from .preprocess import IntensityWindow
 from .sammix import Location, SamMix, locate
 from .sammix_file import build_from_file
@@ -58,7 +60,10 @@ class SamMixServable(DeSAM):
     def __init__(self, base: DeSAM, merged: SamMix, meta: dict[str, Any]) -> None:
         if not merged.is_merged:
             raise ValueError("the servable takes a merged SamMix (SamMix.merged())")
-        super().__init__(encoder_name=base.encoder_name + SERVABLE_SUFFIX, image_encoder=merged.image_encoder,
+        # Embedding only: nothing reads the taps of SAM-Mix's features (SAM's prompted decoder
+        # is all it serves), so its cache entries hold one tensor, not four.
+        encoder = EmbeddingOnlyEncoder(merged.image_encoder, passes_steps=True)
+        super().__init__(encoder_name=base.encoder_name + SERVABLE_SUFFIX, image_encoder=encoder,
                          prompt_encoder=merged.prompt_encoder, mask_decoder=merged.mask_decoder, prim=base.prim,
                          pdmm=base.pdmm, convention=base.convention, tap_indices=base.tap_indices)
         self.classifier = merged.classifier
