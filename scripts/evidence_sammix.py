@@ -11,8 +11,10 @@ spaced over the training slices holding the brain), presence labels for every
 
 Compared, on the whole validation slabs (empty slices included; 3-D Dice over the slabs):
 - SAM-Mix (``sammix`` family through ``run_training``; MobileSAM with LoRA rank 8, the
-  mask decoder, a ResNet classifier of --classifier-depth; label boxes with jitter train
-  the segmenter (``gt_box``); inference: classify -> CAM box -> SAM);
+  mask decoder, a ResNet classifier of --classifier-depth; --strategy: the segmenter
+  trained on the classifier's CAM boxes (``cam_box``, default: the boxes it will get at
+  inference) or on jittered label boxes (``gt_box``); inference: classify -> CAM box ->
+  SAM);
 - SAM prompted by CAM boxes without segmentation training: the same run's classifier
   (it shares no parameter with the segmenter, so it is what training the classifier
   alone gives) with MobileSAM's own encoder and mask decoder;
@@ -128,7 +130,7 @@ def run_sammix(args, case, split, n: int, segmented: list[int], repeat: int) -> 
     config = TrainConfig(family="sammix", strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=0, family_options=options)
     topts = TrainingOptions(axis=AXIS, slice_step=args.slice_step, config=config, **SPLIT)
-    out = args.work_dir / f"sammix-{n}"
+    out = args.work_dir / f"sammix-{args.strategy}-{n}"
     t0 = time.perf_counter()
     result = run_training(base_model(args.tiny), [sm_case], topts, output_dir=out, resume=False,
                           events=lambda e: log.info("sammix-%d %s", n, {k: e[k] for k in ("event", "epoch", "step",
@@ -206,16 +208,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--segmented", default="5,50", help="numbers of segmented slices")
     parser.add_argument("--segmented-passes", type=int, default=25, help="segmentation passes per epoch (repeats)")
-    parser.add_argument("--epochs", type=int, default=2, help="SAM-Mix epochs")
+    parser.add_argument("--epochs", type=int, default=3, help="SAM-Mix epochs")
     parser.add_argument("--desam-epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--classifier-lr-scale", type=float, default=2.0)
+    parser.add_argument("--classifier-lr-scale", type=float, default=4.0)
     parser.add_argument("--classifier-depth", type=int, default=18)
     parser.add_argument("--box-jitter", type=float, default=0.1)
     parser.add_argument("--bn-momentum", type=float, default=0.3)
-    parser.add_argument("--strategy", default="gt_box", choices=("gt_box", "cam_box"))
-    parser.add_argument("--slice-step", type=int, default=2,
+    parser.add_argument("--strategy", default="cam_box", choices=("gt_box", "cam_box"))
+    parser.add_argument("--only-sammix", action="store_true", help="leave out the CAM -> SAM and DeSAM baselines")
+    parser.add_argument("--slice-step", type=int, default=1,
                         help="every n-th training slice carries its presence label")
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "slicer-desam" / "runs" / "sammix")
     parser.add_argument("--tiny", action="store_true", help="a phantom and the tiny test encoder (a smoke test)")
@@ -239,23 +242,27 @@ def main(argv=None) -> int:
         repeat = max(1, args.segmented_passes // n)
         row, model = run_sammix(args, case, split, n, segmented, repeat)
         report["runs"][f"sammix-{n}"] = row
-        report["runs"][f"cam-sam-{n}"] = cam_zero_shot(args, case, split, model)
-        report["runs"][f"desam-box-{n}"] = run_desam(args, case, split, n, segmented, repeat)
+        row["strategy"] = args.strategy
+        if not args.only_sammix:
+            report["runs"][f"cam-sam-{n}"] = cam_zero_shot(args, case, split, model)
+            report["runs"][f"desam-box-{n}"] = run_desam(args, case, split, n, segmented, repeat)
         report["runs"][f"sammix-{n}"]["segmented_slices"] = segmented
         report["runs"][f"sammix-{n}"]["repeat"] = repeat
         del model
     report["total_seconds"] = time.perf_counter() - t_all
     print("\nValidation slabs (whole, empty slices included):",
           {k: report["runs"][f"sammix-{counts[0]}"][k] for k in ("slices", "empty_slices")})
-    print(f"{'model':34}{'Dice':>8}{'presence acc.':>15}{'empty with mask':>17}{'s/step':>8}{'train s':>9}")
+    print(f"{'model':40}{'Dice':>8}{'presence acc.':>15}{'empty with mask':>17}{'s/step':>8}{'train s':>9}")
     for n in counts:
-        for key, label in ((f"sammix-{n}", f"SAM-Mix, {n} segmented"),
+        for key, label in ((f"sammix-{n}", f"SAM-Mix ({args.strategy}), {n} segmented"),
                            (f"cam-sam-{n}", f"CAM boxes -> SAM (classifier of {n})"),
                            (f"desam-box-{n}", f"DeSAM whole box, {n} segmented")):
-            r = report["runs"][key]
+            r = report["runs"].get(key)
+            if r is None:
+                continue
             step = f"{r['seconds_per_step']:8.2f}" if "seconds_per_step" in r else f"{'-':>8}"
             train = f"{r['train_seconds']:9.0f}" if "train_seconds" in r else f"{'-':>9}"
-            print(f"{label:34}{r['dice']:8.4f}{r['presence_accuracy']:15.3f}{r['empty_slices_with_mask']:17d}"
+            print(f"{label:40}{r['dice']:8.4f}{r['presence_accuracy']:15.3f}{r['empty_slices_with_mask']:17d}"
                   f"{step}{train}")
     print(f"total {report['total_seconds']:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
