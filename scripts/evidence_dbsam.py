@@ -111,11 +111,13 @@ def slabs(indices) -> list[list[int]]:
 
 
 class Answers:
-    """One slab's slices encoded once; box answers through SlicePredictor (fp32 decoder)."""
+    """One slab's slices encoded once (image families: DB-SAM's encoder at the service's
+    "auto" precision, as their validation; feature families: the cached features); box
+    answers through SlicePredictor (fp32 decoder)."""
 
     def __init__(self, model, family, case, axis, indices, features_dir: Path) -> None:
         self.model = model
-        self.predictor = SlicePredictor(model, precision="fp32")
+        self.predictor = SlicePredictor(model, precision="auto")
         self.features = {}
         model.eval()
         reader = (SliceImageReader() if family.input_kind == "image"
@@ -229,9 +231,9 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder", default="mobile_sam", choices=["mobile_sam", "lite_medsam"])
     parser.add_argument("--data", default="brain", choices=["brain", "head"])
     parser.add_argument("--families", default=",".join((*ROWS, "desam")))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--slice-step", type=int, default=16)
-    parser.add_argument("--validation-fraction", type=float, default=0.05)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--slice-step", type=int, default=24)
+    parser.add_argument("--validation-fraction", type=float, default=0.03)
     parser.add_argument("--empty-ratio", type=float, default=0.3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=3e-4)

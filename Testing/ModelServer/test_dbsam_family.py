@@ -13,7 +13,7 @@ from desam_server.engine.dbsam_serving import load_servable
 from desam_server.engine.predictor import SlicePredictor
 from desam_server.modeling import CheckpointError, build_desam
 from desam_server.training.config import TrainConfig
-from desam_server.training.dbsam_family import jittered_box, truth_box, whole_box
+from desam_server.training.dbsam_family import DBSAMFamily, jittered_box, truth_box, whole_box
 from desam_server.training.family import get_family
 from desam_server.training.run import TrainingOptions, run_training
 from desam_server.training.slice_images import SliceImageReader
@@ -40,10 +40,10 @@ def base(tiny_sam_checkpoint):
 
 @pytest.fixture(scope="module")
 def trained(base, cases, tmp_path_factory):
-    """The full DB-SAM trained 3 epochs on the phantoms; the base's state before."""
+    """The full DB-SAM trained 2 epochs on the phantoms; the base's state before."""
     before = {k: v.clone() for k, v in base.state_dict().items()}
     out = tmp_path_factory.mktemp("dbsam-run")
-    result = run_training(base, cases, _options("dbsam", 3), output_dir=out, resume=False)
+    result = run_training(base, cases, _options("dbsam", 2), output_dir=out, resume=False)
     return result, before
 
 
@@ -94,8 +94,8 @@ def test_the_file_loads_back_and_resuming_finds_the_run(base, cases, trained):
     meta = family.load(model, result.best_path)
     assert meta["training"]["family"] == "dbsam" and meta["structure"] == "blob"
     # a finished run resumes to nothing new (the prepared model's identity is the run's)
-    again = run_training(base, cases, _options("dbsam", 3), output_dir=result.output_dir, resume=True)
-    assert again.resumed_from == 3 and len(again.history) == 3
+    again = run_training(base, cases, _options("dbsam", 2), output_dir=result.output_dir, resume=True)
+    assert again.resumed_from == 2 and len(again.history) == 2
     with pytest.raises(CheckpointError, match="parts"):
         get_family("dbsam_adapters").load(get_family("dbsam_adapters").prepare_model(base), result.best_path)
 
@@ -116,7 +116,7 @@ def test_ablation_families_train_and_load_back(base, cases, tmp_path, name):
 
 def test_the_servable_answers_as_the_family_with_its_own_identity(base, cases, trained, tmp_path):
     result, _ = trained
-    family = get_family("dbsam")
+    family = DBSAMFamily(precision="fp32")
     servable = load_servable(base, result.best_path)
     assert not servable.training and servable.encoder_name == "tiny+dbsam"
     own = family.prepare_model(base)

@@ -130,6 +130,10 @@ def test_model_shares_the_frozen_parts_and_copies_the_mask_decoder(base):
         assert torch.equal(a, b)
     assert model.decoder_modules() == {} and not model.has_trained_decoder
     assert model.encoder_name == "tiny+dbsam" and not model.training
+    model.train()  # the shared parts keep their mode
+    assert model.mask_decoder.training and model.dbsam.fusion.training
+    assert not base.prompt_encoder.training and not base.image_encoder.training
+    model.eval()
     assert build_dbsam_model(base, with_branch=False, with_fusion=False).encoder_name == "tiny+dbsam[adapters]"
     with pytest.raises(TypeError, match="from a DeSAM base"):
         build_dbsam_model(model)

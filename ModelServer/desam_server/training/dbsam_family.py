@@ -26,7 +26,8 @@ Prediction (validation, evaluation): prompt-free means a box that needs no groun
 slice, the same prompt DeSAM's whole-box decoder gets), holes and islands under
 ``min_region_area`` removed as there. ``predict_box`` answers any box (the ground-truth
 box of the paper's evaluation, a propagation's neighbour box, a ROI); both go through
-``engine.SlicePredictor`` as the service would, in eval mode.
+``engine.SlicePredictor`` as the service would (its "auto" encoder precision by
+default), in eval mode.
 
 Ablations (the paper's, in its direction): ``dbsam_adapters`` (channel attention
 adapters only), ``dbsam_no_fusion`` (+ convolution branch and cross-attention), ``dbsam``
@@ -138,9 +139,11 @@ class DBSAMFamily:
     with_fusion = True
 
     def __init__(self, *, box_jitter: int = BOX_JITTER, checkpoint_stages: bool | None = None,
-                 precision: str = "fp32", loss: DeSAMLoss | None = None) -> None:
+                 precision: str = "auto", loss: DeSAMLoss | None = None) -> None:
         """box_jitter: see ``jittered_box``; checkpoint_stages: None chooses by encoder
-        (``build_dbsam_model``); precision: the encoder pass of ``predict`` (SlicePredictor's)."""
+        (``build_dbsam_model``); precision: the encoder pass of ``predict`` and
+        ``predict_box`` (``SlicePredictor``'s; "auto" encodes as the service does: bf16 on
+        a GPU or a CPU with native bf16, else fp32; the decoder runs in fp32)."""
         self.box_jitter = int(box_jitter)
         self.checkpoint_stages = checkpoint_stages
         self.precision = precision
