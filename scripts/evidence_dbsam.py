@@ -26,7 +26,10 @@ mm (``evaluate.dice_and_nsd``, the volume's spacing), in the settings:
   the largest true area, seeded with that slice's true mask (the seed slice counts with
   its true mask, as the product keeps the user's), both directions to the slab's ends.
 
-One encoder pass per slice serves all three settings. Also prints each run's training
+Each model is evaluated after its last epoch (the budget's end), not at its best
+validation epoch: validation scores the whole-box mode, which is not what the box-trained
+rows are for (on the brain it stays near 0 and would pick the first epoch). One encoder
+pass per slice serves all three settings. Also prints each run's training
 step time (the trainer's compute seconds per image) and validation time.
 
     nice -n 10 env PYTHONPATH=ModelServer python scripts/evidence_dbsam.py --json out/evidence_dbsam.json
@@ -187,7 +190,7 @@ def train_and_evaluate(name: str, cases, args, features_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     family = get_family(name)
     model = family.prepare_model(base)
-    family.load(model, result.best_path)
+    family.load(model, result.last_path)  # the budget's end (the whole-box validation Dice is no guide here)
     data = prepare_data(cases, options(args, name))
     t1 = time.perf_counter()
     scores = evaluate(model, name, data, args, features_dir)

@@ -21,10 +21,10 @@ from desam_server.training.slice_images import SliceImageReader
 from training_helpers import phantom_cases
 
 
-def _options(family: str, epochs: int) -> TrainingOptions:
+def _options(family: str, epochs: int, slice_step: int = 1) -> TrainingOptions:
     config = TrainConfig(family=family, strategy="box", batch_size=2, epochs=epochs, learning_rate=1e-3,
                          precision="fp32")
-    return TrainingOptions(validation_fraction=0.25, empty_ratio=0.5, config=config)
+    return TrainingOptions(validation_fraction=0.25, empty_ratio=0.5, slice_step=slice_step, config=config)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ def test_the_file_loads_back_and_resuming_finds_the_run(base, cases, trained):
 
 @pytest.mark.parametrize("name", ["dbsam_decoder_only", "dbsam_adapters", "dbsam_no_fusion"])
 def test_ablation_families_train_and_load_back(base, cases, tmp_path, name):
-    result = run_training(base, cases, _options(name, 1), output_dir=tmp_path, features_dir=tmp_path / "f",
-                          resume=False)
+    result = run_training(base, cases, _options(name, 1, slice_step=2), output_dir=tmp_path,
+                          features_dir=tmp_path / "f", resume=False)
     assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
     family = get_family(name)
     model = family.prepare_model(base)

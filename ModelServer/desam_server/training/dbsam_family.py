@@ -14,9 +14,12 @@ the slice as 1024: up to 20 px in a 1024 px SAM input, 5 px in LiteMedSAM's 256 
 MedSAM's jitter) and clipped to the slice, drawn with the item's own generator. A slice
 without the structure (only when the data has some: ``TrainingOptions.empty_ratio``; the
 paper trains on slices with the structure only, ``empty_ratio=0``) gets the whole slice
-as its box and an empty target: what the whole-slice automatic mode and a propagation's
-stop need. Loss: Dice + cross-entropy (MONAI's ``DiceCELoss`` through ``DeSAMLoss``,
-sigmoid, per-sample Dice) on the single mask's low-resolution logits. Optimizer: AdamW
+as its box and an empty target (DeSAM's box prompt there). Measured consequence
+(docs/DBSAM.md, evidence): the model then answers the whole-slice box with an empty mask
+on every slice, so the whole-slice mode is no automatic setting for DB-SAM.
+
+Loss: Dice + cross-entropy (MONAI's ``DiceCELoss`` through ``DeSAMLoss``, sigmoid,
+per-sample Dice) on the single mask's low-resolution logits. Optimizer: AdamW
 (weight decay 0.01, PyTorch's default; the paper gives AdamW, lr 1e-4, 12 epochs) with the
 loop's polynomial learning rate. Activation checkpointing per stage: on for SAM's ViTs,
 off for TinyViT by default (``build_dbsam_model``; docs/DBSAM.md measured both).
