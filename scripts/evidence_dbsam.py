@@ -26,7 +26,10 @@ mm (``evaluate.dice_and_nsd``, the volume's spacing), in the settings:
   the largest true area, seeded with that slice's true mask (the seed slice counts with
   its true mask, as the product keeps the user's), both directions to the slab's ends.
 
-One encoder pass per slice serves all three settings. Also prints each run's training
+Each model is evaluated after its last epoch (the budget's end), not at its best
+validation epoch: validation scores the whole-box mode, which is not what the box-trained
+rows are for (on the brain it stays near 0 and would pick the first epoch). One encoder
+pass per slice serves all three settings. Also prints each run's training
 step time (the trainer's compute seconds per image) and validation time.
 
     nice -n 10 env PYTHONPATH=ModelServer python scripts/evidence_dbsam.py --json out/evidence_dbsam.json
@@ -111,11 +114,13 @@ def slabs(indices) -> list[list[int]]:
 
 
 class Answers:
-    """One slab's slices encoded once; box answers through SlicePredictor (fp32 decoder)."""
+    """One slab's slices encoded once (image families: DB-SAM's encoder at the service's
+    "auto" precision, as their validation; feature families: the cached features); box
+    answers through SlicePredictor (fp32 decoder)."""
 
     def __init__(self, model, family, case, axis, indices, features_dir: Path) -> None:
         self.model = model
-        self.predictor = SlicePredictor(model, precision="fp32")
+        self.predictor = SlicePredictor(model, precision="auto")
         self.features = {}
         model.eval()
         reader = (SliceImageReader() if family.input_kind == "image"
@@ -185,7 +190,7 @@ def train_and_evaluate(name: str, cases, args, features_dir: Path) -> dict:
     seconds = time.perf_counter() - t0
     family = get_family(name)
     model = family.prepare_model(base)
-    family.load(model, result.best_path)
+    family.load(model, result.last_path)  # the budget's end (the whole-box validation Dice is no guide here)
     data = prepare_data(cases, options(args, name))
     t1 = time.perf_counter()
     scores = evaluate(model, name, data, args, features_dir)
@@ -229,9 +234,9 @@ def main(argv=None) -> int:
     parser.add_argument("--encoder", default="mobile_sam", choices=["mobile_sam", "lite_medsam"])
     parser.add_argument("--data", default="brain", choices=["brain", "head"])
     parser.add_argument("--families", default=",".join((*ROWS, "desam")))
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--slice-step", type=int, default=16)
-    parser.add_argument("--validation-fraction", type=float, default=0.05)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--slice-step", type=int, default=24)
+    parser.add_argument("--validation-fraction", type=float, default=0.03)
     parser.add_argument("--empty-ratio", type=float, default=0.3)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=3e-4)

@@ -13,7 +13,7 @@ from desam_server.engine.dbsam_serving import load_servable
 from desam_server.engine.predictor import SlicePredictor
 from desam_server.modeling import CheckpointError, build_desam
 from desam_server.training.config import TrainConfig
-from desam_server.training.dbsam_family import jittered_box, truth_box, whole_box
+from desam_server.training.dbsam_family import DBSAMFamily, jittered_box, truth_box, whole_box
 from desam_server.training.family import get_family
 from desam_server.training.run import TrainingOptions, run_training
 from desam_server.training.slice_images import SliceImageReader
@@ -21,10 +21,10 @@ from desam_server.training.slice_images import SliceImageReader
 from training_helpers import phantom_cases
 
 
-def _options(family: str, epochs: int) -> TrainingOptions:
+def _options(family: str, epochs: int, slice_step: int = 1) -> TrainingOptions:
     config = TrainConfig(family=family, strategy="box", batch_size=2, epochs=epochs, learning_rate=1e-3,
                          precision="fp32")
-    return TrainingOptions(validation_fraction=0.25, empty_ratio=0.5, config=config)
+    return TrainingOptions(validation_fraction=0.25, empty_ratio=0.5, slice_step=slice_step, config=config)
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,10 @@ def base(tiny_sam_checkpoint):
 
 @pytest.fixture(scope="module")
 def trained(base, cases, tmp_path_factory):
-    """The full DB-SAM trained 3 epochs on the phantoms; the base's state before."""
+    """The full DB-SAM trained 2 epochs on the phantoms; the base's state before."""
     before = {k: v.clone() for k, v in base.state_dict().items()}
     out = tmp_path_factory.mktemp("dbsam-run")
-    result = run_training(base, cases, _options("dbsam", 3), output_dir=out, resume=False)
+    result = run_training(base, cases, _options("dbsam", 2), output_dir=out, resume=False)
     return result, before
 
 
@@ -94,16 +94,16 @@ def test_the_file_loads_back_and_resuming_finds_the_run(base, cases, trained):
     meta = family.load(model, result.best_path)
     assert meta["training"]["family"] == "dbsam" and meta["structure"] == "blob"
     # a finished run resumes to nothing new (the prepared model's identity is the run's)
-    again = run_training(base, cases, _options("dbsam", 3), output_dir=result.output_dir, resume=True)
-    assert again.resumed_from == 3 and len(again.history) == 3
+    again = run_training(base, cases, _options("dbsam", 2), output_dir=result.output_dir, resume=True)
+    assert again.resumed_from == 2 and len(again.history) == 2
     with pytest.raises(CheckpointError, match="parts"):
         get_family("dbsam_adapters").load(get_family("dbsam_adapters").prepare_model(base), result.best_path)
 
 
 @pytest.mark.parametrize("name", ["dbsam_decoder_only", "dbsam_adapters", "dbsam_no_fusion"])
 def test_ablation_families_train_and_load_back(base, cases, tmp_path, name):
-    result = run_training(base, cases, _options(name, 1), output_dir=tmp_path, features_dir=tmp_path / "f",
-                          resume=False)
+    result = run_training(base, cases, _options(name, 1, slice_step=2), output_dir=tmp_path,
+                          features_dir=tmp_path / "f", resume=False)
     assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
     family = get_family(name)
     model = family.prepare_model(base)
@@ -116,7 +116,7 @@ def test_ablation_families_train_and_load_back(base, cases, tmp_path, name):
 
 def test_the_servable_answers_as_the_family_with_its_own_identity(base, cases, trained, tmp_path):
     result, _ = trained
-    family = get_family("dbsam")
+    family = DBSAMFamily(precision="fp32")
     servable = load_servable(base, result.best_path)
     assert not servable.training and servable.encoder_name == "tiny+dbsam"
     own = family.prepare_model(base)

@@ -113,6 +113,13 @@ class DBSAM(DeSAM):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for module in self.trainable_modules().values() for p in module.parameters()]
 
+    def train(self, mode: bool = True) -> DBSAM:
+        """Set DB-SAM's own parts to ``mode``; the parts shared with the base (its image
+        encoder, through ``DBSAMEncoder.train``, and the prompt encoder) stay in eval mode."""
+        super().train(mode)
+        self.prompt_encoder.eval()
+        return self
+
     def freeze_frozen_parts(self) -> None:
         """The base's image encoder (already frozen: ``DBSAMEncoder`` refuses it otherwise)
         and the prompt encoder never train."""

@@ -14,9 +14,12 @@ the slice as 1024: up to 20 px in a 1024 px SAM input, 5 px in LiteMedSAM's 256 
 MedSAM's jitter) and clipped to the slice, drawn with the item's own generator. A slice
 without the structure (only when the data has some: ``TrainingOptions.empty_ratio``; the
 paper trains on slices with the structure only, ``empty_ratio=0``) gets the whole slice
-as its box and an empty target: what the whole-slice automatic mode and a propagation's
-stop need. Loss: Dice + cross-entropy (MONAI's ``DiceCELoss`` through ``DeSAMLoss``,
-sigmoid, per-sample Dice) on the single mask's low-resolution logits. Optimizer: AdamW
+as its box and an empty target (DeSAM's box prompt there). Measured consequence
+(docs/DBSAM.md, evidence): the model then answers the whole-slice box with an empty mask
+on every slice, so the whole-slice mode is no automatic setting for DB-SAM.
+
+Loss: Dice + cross-entropy (MONAI's ``DiceCELoss`` through ``DeSAMLoss``, sigmoid,
+per-sample Dice) on the single mask's low-resolution logits. Optimizer: AdamW
 (weight decay 0.01, PyTorch's default; the paper gives AdamW, lr 1e-4, 12 epochs) with the
 loop's polynomial learning rate. Activation checkpointing per stage: on for SAM's ViTs,
 off for TinyViT by default (``build_dbsam_model``; docs/DBSAM.md measured both).
@@ -26,7 +29,8 @@ Prediction (validation, evaluation): prompt-free means a box that needs no groun
 slice, the same prompt DeSAM's whole-box decoder gets), holes and islands under
 ``min_region_area`` removed as there. ``predict_box`` answers any box (the ground-truth
 box of the paper's evaluation, a propagation's neighbour box, a ROI); both go through
-``engine.SlicePredictor`` as the service would, in eval mode.
+``engine.SlicePredictor`` as the service would (its "auto" encoder precision by
+default), in eval mode.
 
 Ablations (the paper's, in its direction): ``dbsam_adapters`` (channel attention
 adapters only), ``dbsam_no_fusion`` (+ convolution branch and cross-attention), ``dbsam``
@@ -138,9 +142,11 @@ class DBSAMFamily:
     with_fusion = True
 
     def __init__(self, *, box_jitter: int = BOX_JITTER, checkpoint_stages: bool | None = None,
-                 precision: str = "fp32", loss: DeSAMLoss | None = None) -> None:
+                 precision: str = "auto", loss: DeSAMLoss | None = None) -> None:
         """box_jitter: see ``jittered_box``; checkpoint_stages: None chooses by encoder
-        (``build_dbsam_model``); precision: the encoder pass of ``predict`` (SlicePredictor's)."""
+        (``build_dbsam_model``); precision: the encoder pass of ``predict`` and
+        ``predict_box`` (``SlicePredictor``'s; "auto" encodes as the service does: bf16 on
+        a GPU or a CPU with native bf16, else fp32; the decoder runs in fp32)."""
         self.box_jitter = int(box_jitter)
         self.checkpoint_stages = checkpoint_stages
         self.precision = precision
