@@ -105,6 +105,8 @@ STATE_DEPENDENT = {
     "POST /segment/propagate": [  # the extent, the seed within the bounds, the wire mask's contents
         SLICE, r"slice range \[[0-9]+, [0-9]+\) is not within", "the seed slice [0-9]+ is outside the range",
         "^mask", "the seed mask is empty"],
+    "POST /training": ["strategy '[a-z_]+' is not one of the [a-z_]+ family's"],  # JSON Schema cannot tie the
+    # strategy to the family's value (DB-SAM trains with boxes only)
     "PUT /volumes/{volume_id}/labels/{structure}": [  # the mask payload's bytes, and its fit to the volume
         "label payload rejected: ", "does not match the volume's shape", "a label is the whole volume along",
         "the label of .* is empty", "the label payload belongs to volume"],
