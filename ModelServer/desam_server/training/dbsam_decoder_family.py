@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,12 +27,11 @@ from torch import nn
 
 from ..engine.postprocess import remove_small_regions
 from ..engine.predictor import SlicePredictor
-from ..modeling.checkpoint import load_modules, save_modules
 from ..modeling.desam import DeSAM, ImageFeatures
 from .dbsam_family import BOX_JITTER, box_prompts, freeze_unread_decoder_parts, jittered_box, whole_box
 from .desam_family import DeSAMLoss, low_res_target, model_module
 from .family import TrainItem
-from .sam_decoder_family import SAM_DECODER_FORMAT
+from .sam_decoder_family import MaskDecoderState
 
 __all__ = ["DBSAMDecoderOnlyFamily", "DecoderBoxTrainingModule", "with_own_mask_decoder"]
 
@@ -69,7 +67,7 @@ class DecoderBoxTrainingModule(nn.Module):
                                                 multimask_output=False)[0] for n, e in enumerate(embeddings)])
 
 
-class DBSAMDecoderOnlyFamily:
+class DBSAMDecoderOnlyFamily(MaskDecoderState):
     name = "dbsam_decoder_only"
     strategies = ("box",)
     input_kind = "features"
@@ -123,19 +121,3 @@ class DBSAMDecoderOnlyFamily:
         self.check_strategy(strategy)
         mask = self.predict_box(model, features, whole_box(features.original_size))
         return remove_small_regions(mask, int(options.get("min_region_area", 64)))
-
-    def trainable_state(self, model: DeSAM) -> dict[str, torch.Tensor]:
-        return {f"mask_decoder.{k}": v.detach().clone() for k, v in model.mask_decoder.state_dict().items()}
-
-    def load_trainable_state(self, model: DeSAM, state: dict[str, torch.Tensor]) -> None:
-        prefix = "mask_decoder."
-        model.mask_decoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                           strict=True)
-        model.weights_changed()
-
-    def save(self, model: DeSAM, path: Path, *, structure: str, training: dict[str, Any]) -> dict[str, Any]:
-        return save_modules(model, path, {"mask_decoder": model.mask_decoder}, format=SAM_DECODER_FORMAT,
-                            structure=structure, training=training)
-
-    def load(self, model: DeSAM, path: Path) -> dict[str, Any]:
-        return load_modules(model, path, {"mask_decoder": model.mask_decoder}, format=SAM_DECODER_FORMAT)

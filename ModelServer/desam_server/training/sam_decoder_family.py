@@ -103,7 +103,29 @@ def sam_grid_predict(model: DeSAM, features: ImageFeatures, *, grid_size: int = 
                          shape=(h, w)).mask
 
 
-class SAMDecoderFamily:
+class MaskDecoderState:
+    """The trained part of a family that fine-tunes SAM's mask decoder alone: its state for
+    resuming and its file (``sam-mask-decoder``). Shared by ``SAMDecoderFamily`` and DB-SAM's
+    decoder-only ablation row."""
+
+    def trainable_state(self, model: DeSAM) -> dict[str, torch.Tensor]:
+        return {f"mask_decoder.{k}": v.detach().clone() for k, v in model.mask_decoder.state_dict().items()}
+
+    def load_trainable_state(self, model: DeSAM, state: dict[str, torch.Tensor]) -> None:
+        prefix = "mask_decoder."
+        model.mask_decoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
+                                           strict=True)
+        model.weights_changed()
+
+    def save(self, model: DeSAM, path: Path, *, structure: str, training: dict[str, Any]) -> dict[str, Any]:
+        return save_modules(model, path, {"mask_decoder": model.mask_decoder}, format=SAM_DECODER_FORMAT,
+                            structure=structure, training=training)
+
+    def load(self, model: DeSAM, path: Path) -> dict[str, Any]:
+        return load_modules(model, path, {"mask_decoder": model.mask_decoder}, format=SAM_DECODER_FORMAT)
+
+
+class SAMDecoderFamily(MaskDecoderState):
     name = "sam_decoder"
     strategies = ("grid",)
     input_kind = "features"
@@ -149,19 +171,3 @@ class SAMDecoderFamily:
         return sam_grid_predict(model, features, grid_size=int(options.get("grid_size", 9)),
                                 iou_threshold=float(options.get("iou_threshold", 0.5)),
                                 min_region_area=int(options.get("min_region_area", 64)))
-
-    def trainable_state(self, model: DeSAM) -> dict[str, torch.Tensor]:
-        return {f"mask_decoder.{k}": v.detach().clone() for k, v in model.mask_decoder.state_dict().items()}
-
-    def load_trainable_state(self, model: DeSAM, state: dict[str, torch.Tensor]) -> None:
-        prefix = "mask_decoder."
-        model.mask_decoder.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                                           strict=True)
-        model.weights_changed()
-
-    def save(self, model: DeSAM, path: Path, *, structure: str, training: dict[str, Any]) -> dict[str, Any]:
-        return save_modules(model, path, {"mask_decoder": model.mask_decoder}, format=SAM_DECODER_FORMAT,
-                            structure=structure, training=training)
-
-    def load(self, model: DeSAM, path: Path) -> dict[str, Any]:
-        return load_modules(model, path, {"mask_decoder": model.mask_decoder}, format=SAM_DECODER_FORMAT)
