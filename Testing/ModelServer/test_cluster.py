@@ -112,6 +112,16 @@ def test_upload_view_click_and_an_automatic_job_through_the_client(cluster):
     job = client.segment_auto(volume_id, axis="k", mode="box", decoder="phantom", window=WINDOW)
     final = client.wait_job(job["id"], timeout=120, poll=0.2)
     assert final["state"] == "succeeded", final
+    # Its result, asked at once of either replica: the one that did not run it waits for
+    # the board to hear of the end instead of answering 409 "running".
+    answered: set[str] = set()
+    for _ in range(60):
+        status, replica, answer = raw(url, "GET", f"/jobs/{job['id']}/result")
+        assert status == 200, answer
+        answered.add(replica)
+        if len(answered) == 2:
+            break
+    assert len(answered) == 2, answered
     slab = client.job_result(job["id"])
     assert slab.mask.shape == (6, 48, 64) and slab.offset == 0
     # The job is known to both replicas (the one that ran it and the other, from the board).

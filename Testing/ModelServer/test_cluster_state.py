@@ -83,6 +83,75 @@ def test_a_job_is_seen_from_the_board_with_its_progress_result_and_a_remote_canc
         jobs.close(5)
 
 
+def test_another_replica_answers_the_result_of_a_job_that_just_finished_and_409_for_a_running_one():
+    """A client that saw a job succeed on its replica and asks another one for the result
+    gets it, even while the board has not heard of the end yet (publications held back
+    here); a job still running gets 409 once its replica has published twice more."""
+    from desam_server.api.errors import Conflict
+    from desam_server.cluster import job_routes
+
+    board = JobBoard(stale_s=5.0)
+    gate = threading.Event()
+
+    def run(job):
+        gate.wait(10)
+        return b"mask-bytes"
+
+    flowing = threading.Event()                                   # publications held while clear
+    flowing.set()
+
+    def held(method, *args):
+        if method == "publish":
+            flowing.wait(10)
+        return getattr(board, method)(*args)
+
+    owner = JobManager(run, max_jobs=4, keep=8)
+    other = JobManager(lambda job: b"", max_jobs=4, keep=8)      # the replica asked; it holds no job
+    sync = JobSync(owner, held, "replica-a", interval=0.2).start()
+    reader = job_routes.BoardClient(_direct(board), settle_s=5.0, poll_s=0.01)
+    service_b = type("ReplicaB", (), {"jobs": other})()
+    try:
+        running = owner.submit(_spec())
+        sync.publish()
+        started = time.monotonic()
+        with pytest.raises(Conflict, match="running: no result"):
+            job_routes.job_result(running.id, service=service_b, board=reader)
+        assert time.monotonic() - started >= 0.2                  # it waited for two publications
+        flowing.clear()
+        time.sleep(0.3)                                           # a publication under way has ended
+        gate.set()
+        owner.wait(running.id, timeout=10)
+        assert board.get(running.id)["state"] == "running"        # the board has not heard yet
+        threading.Timer(0.3, flowing.set).start()
+        response = job_routes.job_result(running.id, service=service_b, board=reader)
+        assert response.body == b"mask-bytes"
+        assert job_routes.get_job(running.id, service=service_b, board=reader).state == "succeeded"
+    finally:
+        gate.set()
+        flowing.set()
+        sync.stop()
+        owner.close(5)
+        other.close(5)
+
+
+def test_a_replica_publishes_a_finished_job_at_once_not_at_its_next_interval():
+    board = JobBoard(stale_s=60.0)
+    gate = threading.Event()
+    jobs = JobManager(lambda job: gate.wait(10) and b"r", max_jobs=2, keep=4)
+    sync = JobSync(jobs, _direct(board), "r", interval=30.0).start()
+    try:
+        job = jobs.submit(_spec())
+        sync.publish()
+        gate.set()
+        jobs.wait(job.id, timeout=10)
+        _wait(lambda: board.get(job.id)["state"] == "succeeded", timeout=5.0)
+        assert board.result(job.id) == b"r"
+    finally:
+        gate.set()
+        sync.stop()
+        jobs.close(5)
+
+
 def test_a_silent_replica_s_active_jobs_read_as_failed_for_good():
     board = JobBoard(stale_s=0.3)
     record = {"id": "j1", "state": "running", "error": None, "created": 1.0, "cancel_requested": False}

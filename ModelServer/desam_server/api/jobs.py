@@ -266,6 +266,23 @@ class JobManager:
                 count += 1
         return count
 
+    def finished_count(self) -> int:
+        """Jobs finished since the service started (any end: succeeded, failed, cancelled)."""
+        with self._lock:
+            return sum(self._counters.values())
+
+    def wait_for_finish(self, seen: int, timeout: float) -> int:
+        """Block until more than ``seen`` jobs have finished, or ``timeout`` seconds; returns
+        ``finished_count()`` (a replica's job publication wakes on it, ``cluster.job_sync``)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while sum(self._counters.values()) == seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(left)
+            return sum(self._counters.values())
+
     def active_count(self) -> int:
         with self._lock:
             return sum(j.state in ACTIVE for j in self._jobs.values())

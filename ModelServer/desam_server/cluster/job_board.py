@@ -15,6 +15,9 @@ Python and knows nothing of Ray.
   id, without its jobs): its queued and running jobs then read as failed with ``LOST``, for
   good, so a client polling such a job gets a clear end instead of a job that never moves.
 - Finished jobs are kept until ``keep`` newer ones have finished (results included).
+- ``publications(job_id)`` counts the publications of the job's replica: a replica asked
+  for the result of a job the board shows as active waits for the next publications of
+  its owner (``job_routes``), which publishes as soon as a job finishes (``job_sync``).
 
 Time is the board's own monotonic clock, so clocks of different nodes never meet.
 """
@@ -55,6 +58,7 @@ class JobBoard:
         self._lock = threading.Lock()
         self._jobs: dict[str, _Entry] = {}
         self._seen: dict[str, float] = {}                  # replica -> its last heartbeat
+        self._publications: dict[str, int] = {}            # replica -> its publications so far
         self._finished: collections.deque[str] = collections.deque()
 
     # ---- replicas -------------------------------------------------------------------------------
@@ -63,6 +67,7 @@ class JobBoard:
         holds; ``{"cancel": [...], "missing": [...]}``."""
         with self._lock:
             self._seen[replica] = time.monotonic()
+            self._publications[replica] = self._publications.get(replica, 0) + 1
             for record in records:
                 entry = self._jobs.get(record["id"])
                 if entry is None:
@@ -86,6 +91,12 @@ class JobBoard:
         with self._lock:
             entry = self._jobs.get(job_id)
             return None if entry is None else self._current(job_id, entry)
+
+    def publications(self, job_id: str) -> int | None:
+        """How many times the job's replica has published so far (None: unknown job)."""
+        with self._lock:
+            entry = self._jobs.get(job_id)
+            return None if entry is None else self._publications.get(entry.owner, 0)
 
     def list(self) -> list[dict]:
         with self._lock:

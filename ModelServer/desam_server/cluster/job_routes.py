@@ -7,10 +7,18 @@ any other from the job board (``job_board``), where every replica publishes its 
 board passes to the job's replica at its next heartbeat. A job whose replica stopped
 reads as failed (``job_board.LOST``). The board is reached through ``app.state.job_board``
 (a ``BoardClient``); when it cannot be reached the answer is a 503 with Retry-After.
+
+The board lags the job's replica by one publication (``job_sync`` publishes as soon as a
+job finishes): a client that saw a job succeed on its replica may ask another one for the
+result before the board has it. So the result of a job the board shows as queued or
+running is answered only after two more publications of the job's replica (the second
+was taken after the request arrived) or its end, whichever comes first; a job still
+running then gets the 409 it would get from its own replica.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +28,7 @@ from ..api.errors import Conflict, NotFound, Unavailable
 from ..api.routers.deps import get_service
 from ..api.routers.jobs import MASK_RESPONSE
 from ..api.schemas import JobInfo, JobList, errors
+from .job_board import ACTIVE_STATES
 
 __all__ = ["BoardClient", "router"]
 
@@ -28,10 +37,14 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 class BoardClient:
     """The board's reading side for request handlers: ``call(method, *args)`` reaches it;
-    any failure becomes a 503 (the board is restarting, or its node is gone)."""
+    any failure becomes a 503 (the board is restarting, or its node is gone).
+    ``settle_s``: the longest wait for a job's replica to publish (the cluster's
+    ``job_stale_s``: by then it has published or its jobs read as lost)."""
 
-    def __init__(self, call: Callable[..., Any]) -> None:
+    def __init__(self, call: Callable[..., Any], *, settle_s: float = 10.0, poll_s: float = 0.05) -> None:
         self._call = call
+        self.settle_s = settle_s
+        self.poll_s = poll_s
 
     def __call__(self, method: str, *args: Any) -> Any:
         try:
@@ -46,6 +59,21 @@ def get_board(request: Request) -> BoardClient:
 
 def _unknown(job_id: str) -> NotFound:
     return NotFound(f"unknown job {job_id[:32]!r} on every replica (finished jobs are forgotten after newer ones)")
+
+
+def _settled(board: BoardClient, job_id: str, record: dict) -> dict:
+    """The board's record of a job of another replica once it shows what that replica knew
+    when the request arrived (see the module's docstring)."""
+    if record["state"] not in ACTIVE_STATES:
+        return record
+    first = board("publications", job_id)
+    deadline = time.monotonic() + board.settle_s
+    while record["state"] in ACTIVE_STATES and time.monotonic() < deadline:
+        if first is None or (board("publications", job_id) or 0) >= first + 2:
+            break
+        time.sleep(board.poll_s)
+        record = board("get", job_id) or record
+    return record
 
 
 def _local(service, job_id: str):
@@ -95,6 +123,7 @@ def job_result(job_id: str, service=Depends(get_service), board: BoardClient = D
         record = board("get", job_id)
         if record is None:
             raise _unknown(job_id)
+        record = _settled(board, job_id, record)
         state, error = record["state"], record["error"]
         data = board("result", job_id) if state == "succeeded" else None
     if data is None:

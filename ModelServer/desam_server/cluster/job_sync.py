@@ -1,12 +1,13 @@
 """A replica's side of the job board: ``JobSync``.
 
-A thread publishes the replica's jobs to the board (``job_board.JobBoard.publish``) every
-``interval`` seconds: the records that changed since the last publication, the result of
-a job that succeeded (once), and the ids it holds; this call is also the replica's
-heartbeat. It applies the cancels the board passes on (asked on another replica) and
-sends again in full, at the next interval, what the board says it lacks. ``publish`` may also be called
-directly: the replica does so before it answers a job submission, so that the job's id
-is known to every replica before the client has it.
+A thread publishes the replica's jobs to the board (``job_board.JobBoard.publish``) as
+soon as one of them finishes and otherwise every ``interval`` seconds: the records that
+changed since the last publication, the result of a job that succeeded (once), and the
+ids it holds; this call is also the replica's heartbeat. It applies the cancels the
+board passes on (asked on another replica) and sends again in full, at the next
+interval, what the board says it lacks. ``publish`` may also be called directly: the
+replica does so before it answers a job submission, so that the job's id is known to
+every replica before the client has it.
 
 ``call(method, *args)`` reaches the board (in a cluster: a Ray Serve deployment handle;
 in tests: a ``JobBoard`` in the same process). A failing call is logged and retried at
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +27,9 @@ from ..api.jobs import JobManager
 log = logging.getLogger(__name__)
 
 __all__ = ["JobSync"]
+
+#: Longest time ``stop`` waits for the thread to hear it.
+STOP_POLL_S = 0.25
 
 
 class JobSync:
@@ -75,7 +80,17 @@ class JobSync:
                 log.debug("job %s: cancel from the board not applied (%s)", job_id[:8], exc)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        seen = self.jobs.finished_count()
+        beat = time.monotonic() + self.interval
+        while not self._stop.is_set():
+            # Wakes when a job finishes, so its end and result reach the board at once; in
+            # short waits, so that ``stop`` is heard soon.
+            finished = self.jobs.wait_for_finish(seen, min(STOP_POLL_S, max(beat - time.monotonic(), 0.0)))
+            if self._stop.is_set():
+                return
+            if finished == seen and time.monotonic() < beat:
+                continue
+            seen, beat = finished, time.monotonic() + self.interval
             try:
                 self.publish()
                 self.failures = 0

@@ -91,7 +91,7 @@ class DeSAMReplica:
     def __serve_build_asgi_app__(self):
         routers = tuple(job_routes.router if router is api_jobs.router else router for router in ROUTERS)
         app = create_app(self.settings, service_factory=self._build_service, routers=routers)
-        app.state.job_board = job_routes.BoardClient(self._board_call)
+        app.state.job_board = job_routes.BoardClient(self._board_call, settle_s=self.options.job_stale_s)
         app.state.replica = {"id": self.replica_id, "pid": os.getpid(),
                              "cache_slot": None if self.slot is None else self.slot.number}
         return ReplicaMiddleware(app, publish_jobs=self._publish_jobs, replica=self.replica_id)
