@@ -174,6 +174,16 @@ def test_family_options_are_checked(tiny_model):
     assert get_family("sammix", OPTIONS).settings.classifier_depth == 18
     with pytest.raises(ValueError, match="bn_momentum"):
         get_family("sammix", {"bn_momentum": 0.0})
+    # Options arrive as JSON (training jobs through the API): types and ranges checked at once.
+    for bad, message in [({"rank": "eight"}, "rank must be an integer"), ({"rank": 0}, "rank must be at least 1"),
+                         ({"classifier_depth": 19}, "classifier_depth must be one of"),
+                         ({"classifier_depth": 18, "classifier_output_stride": 8}, "classifier_output_stride 8"),
+                         ({"largest_only": 1}, "largest_only must be true or false"),
+                         ({"omega": True}, "omega must be a number"), ({"focal_alpha": 2.0}, "focal_alpha"),
+                         ({"lora_alpha": -1.0}, "lora_alpha")]:
+        with pytest.raises(ValueError, match=message):
+            get_family("sammix", bad)
+    assert get_family("sammix", {"omega": 1, "lora_alpha": None}).settings.omega == 1
     sammix = get_family("sammix", {**OPTIONS, "bn_momentum": 0.3}).prepare_model(tiny_model)
     norms = [m for m in sammix.classifier.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.momentum == 0.3 for m in norms)

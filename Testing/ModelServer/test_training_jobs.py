@@ -72,6 +72,9 @@ def served(tmp_path_factory, tiny_sam_checkpoint):
             vid, _ = client.upload_volume(vol, spacing=SPACING, origin=ORIGIN, direction=DIRECTION)
             LABELS[(vid, "organ")] = vol > 30
             LABELS[(vid, "nothing")] = np.zeros(vol.shape, bool)
+            partial = vol > 30                   # SAM-Mix: the organ on slices 0 and 1, slice 2 empty
+            partial[2] = False
+            LABELS[(vid, "partial")] = partial
             ids.append(vid)
         yield client, app.state.service, ids, installed
     LABELS.clear()
@@ -154,6 +157,33 @@ def test_a_dbsam_model_trains_over_http(served):
     assert family == "dbsam" and meta["structure"] == "organ" and meta["training"]["family"] == "dbsam"
 
 
+SAMMIX = {**OPTIONS, "config": {**OPTIONS["config"], "family": "sammix", "strategy": "gt_box", "epochs": 1,
+                                 "precision": "fp32",
+                                 "family_options": {"classifier_depth": 18, "classifier_lr_scale": 1.0}}}
+
+
+def test_a_sammix_model_trains_over_http_from_presence_labels_and_one_segmented_slice(served):
+    """family 'sammix' through the API: per case one segmented slice (0) and presence labels
+    from the label volume (slices 0 and 1 present, 2 absent); the model file handed to the
+    install hook keeps the family options given."""
+    from desam_server.modeling.checkpoint import read_model_metadata
+
+    client, service, ids, installed = served
+    cases = [{"volume_id": v, "structure": "partial", "segmented_slices": [0]} for v in ids]
+    job = client.start_training("organ", cases, SAMMIX)
+    events = list(client.training_events(job["id"], timeout=300))
+    kinds = [e["event"] for e in events]
+    assert kinds[-1] == "finished" and events[-1]["state"] == "finished", events[-1]
+    data = next(e for e in events if e["event"] == "data")
+    assert data["family_data"] == "sammix" and data["train_segmented"] == 1, data
+    assert data["train_labelled_present"] == 2 and data["train_labelled_absent"] == 1, data
+    _, copy = installed.calls[-1]
+    family, meta = read_model_metadata(copy)
+    assert family == "sammix" and meta["structure"] == "organ"
+    assert meta["training"]["family"] == "sammix"
+    assert meta["training"]["config"]["family_options"]["classifier_depth"] == 18
+
+
 def test_cancel_stops_the_job_within_seconds(served):
     client, service, ids, _ = served
     job = client.start_training("organ", _cases(ids), LONG)
@@ -226,13 +256,28 @@ def test_clicks_are_answered_while_a_job_trains(served):
     ({"structure": "organ", "cases": "NOLABEL"}, 404, "no such label volume"),
     ({"structure": "organ", "cases": "EMPTY"}, 422, "is empty"),
     ({"structure": "organ", "cases": "TWICE"}, 422, "same volume"),
+    ({"structure": "organ", "cases": "MIX", "options": SAMMIX}, 422, "needs segmented_slices"),
+    ({"structure": "organ", "cases": "MIX_OUTSIDE", "options": SAMMIX}, 422, "outside the volume"),
+    ({"structure": "organ", "cases": "MIX_CONTRADICTS", "options": SAMMIX}, 422, "labelled present but its "
+                                                                                 "segmentation is empty"),
+    ({"structure": "organ", "cases": "MIX", "options": {"config": {"family_options": {"rank": 4}}}}, 422,
+     "options"),
+    ({"structure": "organ", "cases": "MIX_SEGMENTED"}, 422, "segmented_slices is for the sammix family"),
+    ({"structure": "organ", "cases": "MIX_SEGMENTED",
+      "options": {**SAMMIX, "config": {**SAMMIX["config"], "family_options": {"rank": "eight"}}}}, 422, "rank"),
 ])
 def test_bad_training_requests_get_clear_4xx(served, body, status, message):
     client, service, ids, _ = served
     cases = {"ALL": "all", "IDS": [{"volume_id": v, "structure": "organ"} for v in ids],
              "NOLABEL": [{"volume_id": ids[0], "structure": "liver"}],
              "EMPTY": [{"volume_id": v, "structure": "nothing"} for v in ids],
-             "TWICE": [{"volume_id": ids[0], "structure": "organ"}, {"volume_id": ids[0], "structure": "organ"}]}
+             "TWICE": [{"volume_id": ids[0], "structure": "organ"}, {"volume_id": ids[0], "structure": "organ"}],
+             "MIX": [{"volume_id": v, "structure": "partial"} for v in ids],
+             "MIX_SEGMENTED": [{"volume_id": v, "structure": "partial", "segmented_slices": [0]} for v in ids],
+             "MIX_OUTSIDE": [{"volume_id": v, "structure": "partial", "segmented_slices": [7]} for v in ids],
+             # slice 2 (empty in the label) listed as present and segmented: the lists contradict the label
+             "MIX_CONTRADICTS": [{"volume_id": v, "structure": "partial", "segmented_slices": [0, 2],
+                                  "present_slices": [0, 1, 2]} for v in ids]}
     body = {**body, "cases": cases.get(body["cases"], body["cases"]) if isinstance(body["cases"], str) else
             body["cases"]}
     before = len(service.training.list())

@@ -333,11 +333,20 @@ _CONFIG, _OPTIONS = TrainConfig(), TrainingOptions()
 class TrainConfigBody(Strict):
     """The optimisation side of a training run (``training.TrainConfig``; defaults as there)."""
 
-    family: Literal["desam", "dbsam"] = Field(
-        _CONFIG.family, description="the model family: desam (PRIM + PDMM on cached features) or dbsam (DB-SAM's "
-                                    "encoder adapters and SAM's mask decoder, the encoder in the loop: box strategy)")
-    strategy: Literal["grid", "box"] = Field(_CONFIG.strategy, description="grid points or whole box (DeSAM); "
-                                                                          "box for DB-SAM (a jittered box per slice)")
+    family: Literal["desam", "dbsam", "sammix"] = Field(
+        _CONFIG.family, description="the model family: desam (PRIM + PDMM on cached features), dbsam (DB-SAM's "
+                                    "encoder adapters and SAM's mask decoder, the encoder in the loop: box strategy) "
+                                    "or sammix (SAM-Mix: a slice classifier whose CAM box prompts SAM with LoRA; "
+                                    "presence labels for every slice, segmentations for a few: see the cases' "
+                                    "segmented_slices)")
+    strategy: Literal["grid", "box", "gt_box", "cam_box"] = Field(
+        _CONFIG.strategy, description="grid points or whole box (DeSAM); box for DB-SAM (a jittered box per slice); "
+                                      "gt_box or cam_box for SAM-Mix (the box SAM trains on: the label's, jittered, "
+                                      "or the classifier's CAM box)")
+    family_options: dict[str, Any] = Field(
+        default_factory=dict, max_length=64,
+        description="the family's own options (SAM-Mix: classifier_depth, rank, focal_alpha, segmented_repeat, "
+                    "threshold, omega, ... - docs/SAMMIX.md); DeSAM and DB-SAM take none")
     epochs: int = Field(_CONFIG.epochs, ge=1, le=100_000)
     batch_size: int = Field(_CONFIG.batch_size, ge=1, le=4096, description="slices per optimizer step")
     learning_rate: float = Field(_CONFIG.learning_rate, gt=0, le=1)
@@ -367,8 +376,21 @@ class TrainingOptionsBody(Strict):
 
 
 class TrainingCaseRef(Strict):
+    """A training case. SAM-Mix cases also say which slices (along the run's ``axis``) hold
+    a segmentation that trains SAM (``segmented_slices``), and which hold the structure
+    (``present_slices``; default: the slices where the label volume is not empty); other
+    families take neither."""
+
     volume_id: str = Field(pattern=ID_PATTERN, description="an uploaded volume")
     structure: str = Field(min_length=1, max_length=128, description="the name its label volume is stored under")
+    segmented_slices: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, max_length=65_536,
+        description="sammix (required there): the slice indices whose label trains SAM; the label elsewhere is "
+                    "not used for segmentation")
+    present_slices: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, max_length=65_536,
+        description="sammix: the slice indices holding the structure (every other slice is labelled absent); "
+                    "default: the slices where the label volume is not empty")
 
 
 class TrainingRequest(Strict):

@@ -45,7 +45,7 @@ from .label_store import LabelInfo, LabelStore, check_structure
 from .prompting import LogitsStore, decode_slice_mask, mask_payload, mask_to_logits
 from .propagation import StopRules, box_around, propagate
 from .settings import ServiceSettings
-from .training_cases import LabelProvider, cases_from_store
+from .training_cases import LabelProvider, cases_from_store, family_cases
 from .training_jobs import TrainingJob, TrainingJobManager, TrainingOutputs, TrainingProcessSettings
 from .volume_store import StoredVolume, VolumeStore
 
@@ -590,11 +590,11 @@ class Service:
         """Check the request (options, the encoder, each case's volume and label, the
         split and the batch) and start a training job; 422 / 404 / 409 with the reason."""
         from ..training.family import get_family
-        from ..training.run import TrainingOptions, prepare_data
+        from ..training.run import TrainingOptions, family_data
 
         try:
             parsed = TrainingOptions.from_json(options)
-            family = get_family(parsed.config.family)
+            family = get_family(parsed.config.family, parsed.config.family_options)
         except (ValueError, TypeError) as exc:
             raise Unprocessable(f"options: {exc}") from None
         if parsed.config.strategy not in family.strategies:
@@ -606,9 +606,10 @@ class Service:
             raise Conflict("the service's encoder has random weights (no checkpoint): a decoder trained on its "
                            "features would be meaningless; start the service with real weights")
         self.training.check_idle()              # before loading every case (submit checks again)
-        built = cases_from_store(self.store, cases, self.label_provider, structure=structure)
+        built = family_cases(cases_from_store(self.store, cases, self.label_provider, structure=structure), cases,
+                             family=family.name, axis=parsed.axis)
         try:
-            data = prepare_data(built, parsed)
+            data = family_data(family, built, parsed)
         except ValueError as exc:
             raise Unprocessable(str(exc)) from None
         if len(data.train) < parsed.config.batch_size:

@@ -8,6 +8,12 @@ default window (the one clicks use). Where labels come from is the caller's: a
 ``LabelProvider`` called as ``labels(volume_id, label_structure)`` returns the bool
 K x J x I mask, or raises ``LookupError`` (no such label: 404), ``ValueError`` (422) or a
 ``ServiceError`` of its own.
+
+SAM-Mix cases (``family_cases``): each ref also names its ``segmented_slices`` (the
+slices whose label trains SAM) and optionally its ``present_slices`` (default: the slices
+where the label is not empty); the label is kept on the segmented slices only and
+checked against the presence labels (``training.sammix_data.SamMixCase``). Other
+families refuse both lists.
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ import numpy as np
 
 from ..io import Geometry, Volume
 from ..training.cases import Case, CaseError, case_from_arrays
+from ..training.sammix_data import keep_slices, presence_from_mask, sammix_case
+from ..wire import axis_dimension
 from .errors import NotFound, ServiceError, Unprocessable
 from .volume_store import VolumeStore
 
-__all__ = ["LabelProvider", "cases_from_store", "no_labels"]
+__all__ = ["LabelProvider", "cases_from_store", "family_cases", "no_labels"]
+
+#: The family whose cases carry per-slice lists.
+SLICE_LISTS_FAMILY = "sammix"
 
 LabelProvider = Callable[[str, str], np.ndarray]
 
@@ -61,3 +72,39 @@ def cases_from_store(store: VolumeStore, refs: Sequence[dict], labels: LabelProv
         except CaseError as exc:
             raise Unprocessable(f"{what}: {exc}") from None
     return cases
+
+
+def family_cases(cases: list[Case], refs: Sequence[dict], *, family: str, axis: str) -> list[Case]:
+    """``cases`` (``cases_from_store``'s, in the order of ``refs``) as the family trains
+    them: SAM-Mix cases from each ref's slice lists (422 for a missing list, an index
+    outside the volume, or lists that contradict the label); the cases themselves for the
+    other families, which refuse the lists (422)."""
+    if family != SLICE_LISTS_FAMILY:
+        for n, ref in enumerate(refs):
+            for name in ("segmented_slices", "present_slices"):
+                if ref.get(name) is not None:
+                    raise Unprocessable(f"case {n}: {name} is for the {SLICE_LISTS_FAMILY} family (this run trains "
+                                        f"{family})")
+        return cases
+    out = []
+    for n, (case, ref) in enumerate(zip(cases, refs, strict=True)):
+        what = f"case {n} (volume {ref['volume_id'][:12]}, label {ref['structure']!r})"
+        segmented = ref.get("segmented_slices")
+        if not segmented:
+            raise Unprocessable(f"{what}: a {SLICE_LISTS_FAMILY} case needs segmented_slices: the slices (along "
+                                f"{axis}) whose label trains SAM")
+        count = case.volume.shape[axis_dimension(axis)]
+        outside = [i for i in segmented if i >= count]
+        if outside:
+            raise Unprocessable(f"{what}: segmented slice {outside[0]} is outside the volume's {count} slices "
+                                f"along {axis}")
+        present = ref.get("present_slices")
+        try:
+            out.append(sammix_case(case.volume, structure=case.structure,
+                                   segmentation=keep_slices(case.mask, axis, segmented), segmented=segmented,
+                                   axis=axis, window=case.window, group=case.group,
+                                   presence=None if present is not None else presence_from_mask(case.mask, axis),
+                                   present_slices=present))
+        except CaseError as exc:
+            raise Unprocessable(f"{what}: {exc}") from None
+    return out

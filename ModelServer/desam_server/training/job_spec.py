@@ -24,7 +24,9 @@ import numpy as np
 from ..atomic import atomic_write_bytes
 from ..engine.preprocess import IntensityWindow
 from ..io import Geometry, Volume
+from ..wire import axis_dimension
 from .cases import Case
+from .sammix_data import SamMixCase
 
 __all__ = ["JobSpec", "write_cases", "read_cases", "write_spec", "read_spec", "SPEC_FILE", "OUTPUT_DIR", "CASES_DIR"]
 
@@ -75,7 +77,7 @@ def _npy(array: np.ndarray) -> bytes:
 def write_cases(job_dir: Path, cases: Sequence[Case]) -> list[dict]:
     """Each case's volume and mask as ``.npy`` files under ``job_dir/cases/<n>/``; returns
     the entries for ``JobSpec.cases`` (relative file names, geometry, window, structure,
-    group)."""
+    group; a SAM-Mix case's axis, present and segmented slices)."""
     entries = []
     for n, case in enumerate(cases):
         folder = Path(job_dir) / CASES_DIR / str(n)
@@ -87,6 +89,9 @@ def write_cases(job_dir: Path, cases: Sequence[Case]) -> list[dict]:
                         "spacing": list(g.spacing), "origin": list(g.origin),
                         "direction": np.asarray(g.direction).reshape(9).tolist(),
                         "window": case.window.to_json(), "structure": case.structure, "group": case.group})
+        if isinstance(case, SamMixCase):          # its slice labels (the mask holds the segmented slices)
+            entries[-1]["sammix"] = {"axis": case.axis, "present_slices": np.flatnonzero(case.presence).tolist(),
+                                     "segmented_slices": list(case.segmented)}
     return entries
 
 
@@ -99,7 +104,16 @@ def read_cases(job_dir: Path, entries: Sequence[dict]) -> list[Case]:
         mask = np.load(Path(job_dir) / entry["mask"], allow_pickle=False)
         geometry = Geometry(tuple(entry["spacing"]), tuple(entry["origin"]), np.asarray(entry["direction"]))
         window = IntensityWindow(center=float(entry["window"]["center"]), width=float(entry["window"]["width"]))
-        cases.append(Case(volume=Volume(array, geometry), mask=mask, structure=entry["structure"], window=window,
+        volume = Volume(array, geometry)
+        if "sammix" in entry:
+            labels = entry["sammix"]
+            presence = np.zeros(volume.shape[axis_dimension(labels["axis"])], dtype=bool)
+            presence[labels["present_slices"]] = True
+            cases.append(SamMixCase(volume=volume, mask=mask, structure=entry["structure"], window=window,
+                                    group=entry.get("group"), axis=labels["axis"], presence=presence,
+                                    segmented=tuple(labels["segmented_slices"])))
+            continue
+        cases.append(Case(volume=volume, mask=mask, structure=entry["structure"], window=window,
                           group=entry.get("group")))
     return cases
 

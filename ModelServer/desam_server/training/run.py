@@ -88,6 +88,13 @@ def prepare_data(cases: Sequence[Case], options: TrainingOptions) -> TrainingDat
                                slice_step=options.slice_step)
 
 
+def family_data(family, cases: Sequence[Case], options: TrainingOptions) -> TrainingData:
+    """The run's data as ``family`` trains on it: its own ``prepare_data`` where it has one
+    (SAM-Mix: presence labels and a few segmented slices), else ``prepare_data``."""
+    own = getattr(family, "prepare_data", None)
+    return own(cases, options) if own is not None else prepare_data(cases, options)
+
+
 def run_training(model, cases: Sequence[Case], options: TrainingOptions, *, output_dir: Path,
                  features_dir: Path | None = None, events: Callable[[dict], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, resume: bool = True,
@@ -98,7 +105,7 @@ def run_training(model, cases: Sequence[Case], options: TrainingOptions, *, outp
     family = get_family(options.config.family, options.config.family_options)
     model = family.prepare_model(model)  # DeSAM: the model itself; see TrainResult.model
     # a family with data of its own kind (SAM-Mix: presence labels + a few segmented slices)
-    data = family.prepare_data(cases, options) if hasattr(family, "prepare_data") else prepare_data(cases, options)
+    data = family_data(family, cases, options)
     events({"event": "data", **data.summary()})
     if family.input_kind == "image":
         reader = SliceImageReader()

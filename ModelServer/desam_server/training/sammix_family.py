@@ -46,6 +46,7 @@ from ..engine.sammix_file import load_sammix_into, sammix_tensors, save_sammix
 from ..modeling.cam import cam_boxes
 from ..modeling.lora import lora_modules
 from ..modeling.sammix_loss import SamMixLoss
+from ..modeling.slice_classifier import DILATIONS, RESNETS
 from .desam_family import low_res_target
 from .family import SliceImage, TrainItem
 from .sammix_data import SamMixTrainingData, build_sammix_data
@@ -53,6 +54,9 @@ from .sammix_data import SamMixTrainingData, build_sammix_data
 __all__ = ["SamMixFamily", "SamMixSettings", "SamMixTrainingModule", "label_box", "STRATEGIES"]
 
 STRATEGIES = ("gt_box", "cam_box")
+
+
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,27 @@ class SamMixSettings:
     largest_only: bool = True
 
     def __post_init__(self) -> None:
+        for f in fields(self):                   # options arrive as JSON: check each one's type first
+            value, kind = getattr(self, f.name), f.type.split(" | ")[0]
+            if value is None and f.type.endswith("| None"):
+                continue
+            if kind == "bool":
+                right = isinstance(value, bool)
+            else:
+                right = isinstance(value, int if kind == "int" else (int, float)) and not isinstance(value, bool)
+            if not right:
+                raise ValueError(f"{f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
+        if self.classifier_depth not in RESNETS:
+            raise ValueError(f"classifier_depth must be one of {sorted(RESNETS)}, got {self.classifier_depth}")
+        stride = self.classifier_output_stride
+        if stride is not None and (stride not in DILATIONS or (self.classifier_depth < 50 and stride != 32)):
+            raise ValueError(f"classifier_output_stride {stride} is not one of ResNet-{self.classifier_depth}'s "
+                             "(18, 34: 32; 50, 101: 8, 16 or 32)")
+        if self.rank < 1 or (self.lora_alpha is not None and not self.lora_alpha > 0):
+            raise ValueError("rank must be at least 1 and lora_alpha positive")
+        if self.focal_gamma < 0 or self.focal_weight < 0 or self.dice_weight < 0 or not (
+                self.focal_alpha is None or 0.0 <= self.focal_alpha <= 1.0):
+            raise ValueError("focal_gamma and the loss weights must be >= 0, focal_alpha in [0, 1]")
         if not 0.0 <= self.box_jitter < 0.5:
             raise ValueError(f"box_jitter must be in [0, 0.5), got {self.box_jitter}")
         if not 0.0 <= self.threshold <= 1.0:
