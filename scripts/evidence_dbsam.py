@@ -21,10 +21,21 @@ mm (``evaluate.dice_and_nsd``, the volume's spacing), in the settings:
 - ``whole box`` (automatic, no user input): the whole slice as the box on every slice,
   small regions removed (min area ``--min-region-area``) - exactly DeSAM's box mode's
   prompt, and the families' validation ``predict``.
+- ``point`` (prompted, one click per slice): a positive click at the truth's interior
+  point (the pixel farthest from its border; the largest region's on a slice with
+  several), SAM's three masks and the one with the highest predicted IoU (SAM's answer to
+  a single ambiguous click); slices without the structure get no click (empty).
+- ``3 points``: the ``point`` answer corrected by two more clicks, each at the interior
+  point of the largest error region (positive where the structure was missed, negative
+  where the mask is extra), with the previous answer's low-resolution logits as the mask
+  input and one mask out: SAM's own interactive protocol, the product's click refinement.
 - ``propagation`` (one user mask per slab, then automatic): the product's propagation
   (``api.propagation``: neighbour's box + 4 px, its stop rules) from the slab's slice with
   the largest true area, seeded with that slice's true mask (the seed slice counts with
   its true mask, as the product keeps the user's), both directions to the slab's ends.
+
+The ``sam`` row is SAM with no training at all (the encoder's own mask decoder), in
+the prompted settings: the zero-shot reference for boxes and clicks.
 
 Each model is evaluated after its last epoch (the budget's end), not at its best
 validation epoch: validation scores the whole-box mode, which is not what the box-trained
@@ -46,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from desam_server.api.propagation import StopRules, box_around, propagate
 from desam_server.atomic import atomic_write_bytes
@@ -66,8 +78,22 @@ log = logging.getLogger("evidence_dbsam")
 ROWS = ("dbsam_decoder_only", "dbsam_adapters", "dbsam_no_fusion", "dbsam")
 LABELS = {"dbsam_decoder_only": "decoder only (MedSAM-style)", "dbsam_adapters": "+ channel attention",
           "dbsam_no_fusion": "+ conv branch & cross-attention", "dbsam": "+ fusion (DB-SAM)",
-          "desam": "DeSAM, whole box"}
-SETTINGS = ("truth_box", "whole_box", "propagation")
+          "desam": "DeSAM, whole box", "sam": "SAM, no training"}
+SETTINGS = ("truth_box", "point", "points_3", "whole_box", "propagation")
+HEADERS = {"truth_box": "truth box", "point": "1 point", "points_3": "3 points", "whole_box": "whole box",
+           "propagation": "propagation"}
+CORRECTIONS = 2
+
+
+def interior_point(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the pixel of ``mask``'s largest region farthest from its border."""
+    regions, count = ndimage.label(mask)
+    if count > 1:
+        sizes = ndimage.sum_labels(mask, regions, index=range(1, count + 1))
+        mask = regions == 1 + int(np.argmax(sizes))
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return float(x), float(y)
 
 
 def build_base(encoder: str, seed: int):
@@ -118,16 +144,16 @@ class Answers:
     "auto" precision, as their validation; feature families: the cached features); box
     answers through SlicePredictor (fp32 decoder)."""
 
-    def __init__(self, model, family, case, axis, indices, features_dir: Path) -> None:
+    def __init__(self, model, input_kind: str, case, axis, indices, features_dir: Path) -> None:
         self.model = model
         self.predictor = SlicePredictor(model, precision="auto")
         self.features = {}
         model.eval()
-        reader = (SliceImageReader() if family.input_kind == "image"
+        reader = (SliceImageReader() if input_kind == "image"
                   else FeatureReader(model, features_dir, storage_dtype=STORAGE_DTYPE))
         for index in indices:
             source = reader.load(case, axis, index, model.device)
-            if family.input_kind == "image":
+            if input_kind == "image":
                 self.predictor.set_image(source.image, source.window)
                 self.features[index] = self.predictor.features
             else:
@@ -138,13 +164,37 @@ class Answers:
         masks, iou, _ = self.predictor.predict(box=np.asarray(box, np.float64), multimask_output=False)
         return masks[0], float(iou[0])
 
+    def clicks(self, index: int, truth: np.ndarray, corrections: int) -> np.ndarray:
+        """One click at the interior point (best of SAM's three masks by predicted IoU),
+        then ``corrections`` clicks on the largest error region, each refining the last
+        answer (its low-resolution logits as the mask input)."""
+        self.predictor.set_features(self.features[index])
+        points, labels = [interior_point(truth)], [1]
+        masks, iou, low_res = self.predictor.predict(point_coords=np.asarray(points), point_labels=np.asarray(labels),
+                                                     multimask_output=True)
+        best = int(np.argmax(iou))
+        mask, logits = masks[best], low_res[best:best + 1]
+        for _ in range(corrections):
+            missed, extra = truth & ~mask, mask & ~truth
+            if not missed.any() and not extra.any():
+                break
+            positive = missed.sum() >= extra.sum()
+            points.append(interior_point(missed if positive else extra))
+            labels.append(1 if positive else 0)
+            masks, _, low_res = self.predictor.predict(point_coords=np.asarray(points),
+                                                       point_labels=np.asarray(labels), mask_input=logits,
+                                                       multimask_output=False)
+            mask, logits = masks[0], low_res[0:1]
+        return mask
+
     def desam_whole_box(self, index: int, min_region_area: int) -> np.ndarray:
         self.predictor.set_features(self.features[index])
         return self.predictor.predict_auto("box", min_region_area=min_region_area, allow_untrained=True).mask
 
 
 def evaluate(model, family_name: str, data, args, features_dir: Path) -> dict:
-    family = get_family(family_name)
+    """``family_name`` ``sam``: the untrained model, its slices encoded as an image family's."""
+    input_kind = "image" if family_name == "sam" else get_family(family_name).input_kind
     axis = data.split.axis
     dim = axis_dimension(axis)
     results = {s: [] for s in (("whole_box",) if family_name == "desam" else SETTINGS)}
@@ -153,7 +203,7 @@ def evaluate(model, family_name: str, data, args, features_dir: Path) -> dict:
         spacing = tuple(float(s) for s in case.volume.geometry.spacing)[::-1]
         slab_spacing = tuple(s for d, s in enumerate(spacing) if d != dim)
         for run in slabs(portion.indices):
-            answers = Answers(model, family, case, axis, run, features_dir)
+            answers = Answers(model, input_kind, case, axis, run, features_dir)
             truth = np.stack([np.asarray(slice_view(case.mask, axis, i)) for i in run])
             shape = truth.shape[1:]
             predicted = {s: np.zeros_like(truth) for s in results}
@@ -165,6 +215,8 @@ def evaluate(model, family_name: str, data, args, features_dir: Path) -> dict:
                 predicted["whole_box"][n] = remove_small_regions(mask, args.min_region_area)
                 if truth[n].any():
                     predicted["truth_box"][n] = answers.box(index, truth_box(truth[n]))[0]
+                    predicted["point"][n] = answers.clicks(index, truth[n], 0)
+                    predicted["points_3"][n] = answers.clicks(index, truth[n], CORRECTIONS)
             if "propagation" in results and truth.any():
                 seed = int(np.argmax(truth.reshape(len(run), -1).sum(1)))
                 walked = propagate(truth[seed], seed, 0, len(run), StopRules(),
@@ -179,6 +231,17 @@ def evaluate(model, family_name: str, data, args, features_dir: Path) -> dict:
                                          "nsd": nsd})
     return {s: {"dice": float(np.mean([r["dice"] for r in rs])), "nsd": float(np.mean([r["nsd"] for r in rs])),
                 "per_slab": rs} for s, rs in results.items()}
+
+
+def evaluate_untrained(cases, args, features_dir: Path) -> dict:
+    """The ``sam`` row: SAM as it comes, on the same validation slabs."""
+    model = build_base(args.encoder, args.seed)
+    data = prepare_data(cases, options(args, "dbsam"))
+    t1 = time.perf_counter()
+    scores = evaluate(model, "sam", data, args, features_dir)
+    log.info("sam: %s", {s: (round(v["dice"], 4), round(v["nsd"], 4)) for s, v in scores.items()})
+    return {"family": "sam", "label": LABELS["sam"], "train_seconds": 0.0,
+            "evaluate_seconds": round(time.perf_counter() - t1, 1), "data": data.summary(), "scores": scores}
 
 
 def train_and_evaluate(name: str, cases, args, features_dir: Path) -> dict:
@@ -211,8 +274,8 @@ def train_and_evaluate(name: str, cases, args, features_dir: Path) -> dict:
 def print_tables(report: dict) -> None:
     rows = report["rows"]
     print(f"\nBudget: {report['budget']}")
-    print("\n| model | truth box Dice | NSD | whole box Dice | NSD | propagation Dice | NSD |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | " + " | ".join(f"{HEADERS[s]} Dice | NSD" for s in SETTINGS) + " |")
+    print("|---|" + "---:|---:|" * len(SETTINGS))
     for row in rows.values():
         s = row["scores"]
         cells = []
@@ -225,6 +288,8 @@ def print_tables(report: dict) -> None:
     print("\n| model | step s / image | validation s / epoch | training s | loss by epoch |")
     print("|---|---:|---:|---:|---|")
     for row in rows.values():
+        if row["family"] == "sam":
+            continue
         print(f"| {row['label']} | {row['step_seconds_per_image']} | {row['validation_seconds_per_epoch']} | "
               f"{row['train_seconds']} | {' '.join(str(v) for v in row['loss'])} |")
 
@@ -233,7 +298,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", default="mobile_sam", choices=["mobile_sam", "lite_medsam"])
     parser.add_argument("--data", default="brain", choices=["brain", "head"])
-    parser.add_argument("--families", default=",".join((*ROWS, "desam")))
+    parser.add_argument("--families", default=",".join((*ROWS, "desam", "sam")))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--slice-step", type=int, default=24)
     parser.add_argument("--validation-fraction", type=float, default=0.03)
@@ -261,7 +326,8 @@ def main(argv=None) -> int:
     report = {"budget": budget, "args": {k: str(v) for k, v in vars(args).items()}, "rows": {}}
     t0 = time.perf_counter()
     for name in families:
-        report["rows"][name] = train_and_evaluate(name, cases, args, features_dir)
+        report["rows"][name] = (evaluate_untrained(cases, args, features_dir) if name == "sam"
+                                else train_and_evaluate(name, cases, args, features_dir))
         report["wall_seconds"] = round(time.perf_counter() - t0, 1)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(args.json, json.dumps(report, indent=1).encode())
