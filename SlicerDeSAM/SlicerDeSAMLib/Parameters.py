@@ -37,7 +37,9 @@ class SlicerDeSAMParameters:
     propagationIou, minArea - propagation stops, per direction, at the first slice whose
         predicted IoU or mask area (pixels) falls under these.
     trainStructure, trainFamily, trainStrategy, trainEpochs - the Train panel's options
-        (trainFamily "desam" or "dbsam"; DB-SAM trains with boxes only).
+        (trainFamily "desam", "dbsam" or "sammix"; DB-SAM trains with boxes only, SAM-Mix with
+        the painted slices' boxes and presence for every slice between the first and last
+        painted one).
     """
 
     volume: vtkMRMLScalarVolumeNode
@@ -56,6 +58,6 @@ class SlicerDeSAMParameters:
     propagationIou: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     minArea: Annotated[int, WithinRange(1, 100000)] = 20
     trainStructure: str = ""
-    trainFamily: Annotated[str, Choice(["desam", "dbsam"])] = "desam"
+    trainFamily: Annotated[str, Choice(["desam", "dbsam", "sammix"])] = "desam"
     trainStrategy: Annotated[str, Choice(["grid", "box"])] = "grid"
     trainEpochs: Annotated[int, WithinRange(1, 1000)] = 20

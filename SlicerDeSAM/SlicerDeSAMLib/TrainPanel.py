@@ -14,6 +14,8 @@ import qt
 import slicer
 
 STATUS_POLL_S = 1.0
+#: The families that train with one strategy whatever the Strategy box shows.
+FAMILY_STRATEGIES = {"dbsam": "box", "sammix": "gt_box"}
 
 
 class TrainPanel:
@@ -99,8 +101,9 @@ class TrainPanel:
                 if volumeNode is None or segmentationNode is None:
                     raise ValueError("A training case's volume or segmentation was removed from the scene.")
                 prepared.append(session.training.prepare_case(volumeNode, segmentationNode, segmentId, structure))
-            # DB-SAM trains with (jittered ground-truth) boxes only.
-            strategy = "box" if p.trainFamily == "dbsam" else p.trainStrategy
+            # DB-SAM trains with (jittered ground-truth) boxes only; SAM-Mix's SAM with the
+            # painted slices' (jittered) boxes.
+            strategy = FAMILY_STRATEGIES.get(p.trainFamily, p.trainStrategy)
             options = {"family": p.trainFamily, "strategy": strategy, "epochs": p.trainEpochs}
             self.ui.trainingStatusLabel.text = f"uploading {len(prepared)} case(s) ..."
             self.ui.startTrainingButton.enabled = False
@@ -167,7 +170,8 @@ class TrainPanel:
         table.setRowCount(len(self._versions))
         for row, v in enumerate(self._versions):
             created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v["created"])) if v.get("created") else ""
-            for column, text in enumerate((v["structure"], v["version"], "yes" if v.get("active") else "", created)):
+            cells = (v["structure"], v["version"], v.get("family") or "", "yes" if v.get("active") else "", created)
+            for column, text in enumerate(cells):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
 
     def _selectedVersion(self) -> dict:

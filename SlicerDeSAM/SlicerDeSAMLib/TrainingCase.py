@@ -60,3 +60,13 @@ class TrainingCase:
     @property
     def voxels(self) -> int:
         return int(self.label.sum())
+
+    def slice_lists(self) -> dict[str, list[int]]:
+        """SAM-Mix's labels of this case along k (the axis the module trains along): the
+        painted slices are the segmented ones (their label trains SAM), and every slice from
+        the first painted one to the last holds the structure (a structure is one run of
+        slices along an axis; the slices between painted ones need no painting, only
+        presence); the slices outside that run are labelled absent."""
+        painted = np.flatnonzero(self.label.any(axis=(1, 2)))
+        return {"segmented_slices": painted.tolist(),
+                "present_slices": list(range(int(painted[0]), int(painted[-1]) + 1))}

@@ -21,6 +21,9 @@ from .TrainingStatus import TrainingStatus
 
 __all__ = ["TrainingLogic"]
 
+#: The model family whose cases carry per-slice lists (the service's ``TrainingCaseRef``).
+SLICE_LISTS_FAMILY = "sammix"
+
 #: The options that belong to the training loop's configuration (``options.config`` on the
 #: wire); every other option is the data's (split, empty slices, augmentations, axis).
 CONFIG_KEYS = ("family", "strategy", "epochs", "batch_size", "learning_rate", "poly_power", "seed", "precision",
@@ -78,7 +81,8 @@ class TrainingLogic:
         """Each case's volume (once per content id; skipped when the service holds it) and
         its label (PUT under the case's structure name). Returns one reference per case:
         ``{"volume_id", "structure", "name", "uploaded" (volume bytes sent), "voxels",
-        "slices"}``; pass them to ``start``."""
+        "slices", "segmented_slices", "present_slices"}`` (the last two:
+        ``TrainingCase.slice_lists``, used by a SAM-Mix run); pass them to ``start``."""
         refs, sent = [], {}
         for case in cases:
             volume_id = case.volume_id
@@ -92,7 +96,8 @@ class TrainingLogic:
             except ServerError as exc:
                 raise self._error(exc, f"Could not upload the training case {case.name}") from None
             refs.append({"volume_id": volume_id, "structure": case.structure, "name": case.name,
-                         "uploaded": sent[volume_id], "voxels": label.get("voxels"), "slices": label.get("slices")})
+                         "uploaded": sent[volume_id], "voxels": label.get("voxels"), "slices": label.get("slices"),
+                         **case.slice_lists()})
         return refs
 
     @staticmethod
@@ -111,12 +116,17 @@ class TrainingLogic:
         """Start training a decoder for ``structure`` on uploaded cases (``upload_cases``'s
         references); ``options``: flat or nested (``training_options``), e.g.
         ``{"strategy": "box", "epochs": 50}``. Returns the job's status (``id``). One job at
-        a time: a second is refused with the service's message naming the first."""
-        cases = [{"volume_id": r["volume_id"], "structure": r["structure"]} for r in case_refs]
+        a time: a second is refused with the service's message naming the first. A SAM-Mix
+        run (family ``sammix``) sends each case's segmented and present slices."""
+        nested = self.training_options(options)
+        keys = ("volume_id", "structure")
+        if nested.get("config", {}).get("family") == SLICE_LISTS_FAMILY:
+            keys += ("segmented_slices", "present_slices")
+        cases = [{key: r[key] for key in keys} for r in case_refs]
         if not cases:
             raise DeSAMError("Add at least one training case (a volume and a segment) first.")
         try:
-            return self.client.start_training(structure, cases, self.training_options(options))
+            return self.client.start_training(structure, cases, nested)
         except ServerError as exc:
             raise self._error(exc, "Could not start training") from None
 
@@ -153,8 +163,8 @@ class TrainingLogic:
     # ---- decoder registry -----------------------------------------------------------------------
     def versions(self, structure: str | None = None) -> list[dict]:
         """The registry's decoder versions (of ``structure``, or of every structure), oldest
-        first per structure: ``{"structure", "version", "created", "active", "encoder",
-        "size_bytes", "curve", "problem"}``."""
+        first per structure: ``{"structure", "version", "created", "active", "family",
+        "encoder", "size_bytes", "curve", "problem"}`` (``family``: desam, dbsam or sammix)."""
         try:
             states = [self.client.registry_structure(structure)] if structure else self.client.registry()
         except ServerError as exc:
@@ -163,7 +173,8 @@ class TrainingLogic:
         for state in states:
             for v in state.get("versions", []):
                 out.append({"structure": state["structure"], "version": v["version"], "created": v.get("created"),
-                            "active": v["version"] == state.get("active"), "encoder": v.get("encoder"),
+                            "active": v["version"] == state.get("active"), "family": v.get("family"),
+                            "encoder": v.get("encoder"),
                             "size_bytes": v.get("size_bytes"), "curve": v.get("curve"),
                             "problem": state.get("problem")})
         return out

@@ -235,6 +235,35 @@ def test_cancel_stops_a_job_within_seconds(service, scene_cases):
     print(f"\ncancel to cancelled through TrainingLogic: {seconds:.1f} s")
 
 
+def test_a_sammix_run_sends_the_painted_and_present_slices_and_installs_a_sammix_version(service):
+    """SAM-Mix from the Train panel's logic: a segment painted on slices 1 and 3 of 6 ->
+    segmented [1, 3], present 1..3, the rest absent; the run finishes and its model is a
+    ``sammix`` version of the registry."""
+    volumes = [phantom_volume(k=6, seed=seed) for seed in (2, 3)]
+    with slicer_helpers.core_scene() as core:
+        cases = []
+        for n, volume in enumerate(volumes):
+            painted = volume > 30
+            painted[[0, 2, 4, 5]] = False
+            node, segmentation, organ, _ = add_case(core.scene, volume, painted, f"Sparse {n}")
+            cases.append(TrainingLogic.prepare_case(node, segmentation, organ, "sparse"))
+    assert cases[0].slice_lists() == {"segmented_slices": [1, 3], "present_slices": [1, 2, 3]}
+    client = ServerClient(service[0], timeout=60)
+    logic = TrainingLogic(client)
+    refs = logic.upload_cases(cases)
+    assert refs[0]["segmented_slices"] == [1, 3] and refs[0]["present_slices"] == [1, 2, 3]
+    options = {**OPTIONS, "family": "sammix", "strategy": "gt_box", "epochs": 1, "precision": "fp32",
+               "config": {"family_options": {"classifier_depth": 18}}}
+    job = logic.start("sparse", refs, options)
+    with worker_scope() as worker:
+        final = _poll(worker, logic, job["id"], timeout=300)[-1]
+    assert final.state == "finished", final.message
+    assert final.installed == "sparse v1"
+    data = final.raw["data"]
+    assert (data["train_segmented"], data["train_labelled_present"], data["train_labelled_absent"]) == (2, 3, 3)
+    assert [(v["version"], v["family"]) for v in logic.versions("sparse")] == [("v1", "sammix")]
+
+
 def test_an_encoder_with_random_weights_refuses_training(tmp_path):
     """The service's own 409 message reaches the user."""
     volume = VOLUMES[0]
