@@ -172,7 +172,9 @@ def cam_zero_shot(args, case, split, trained) -> dict:
     return score(case, split, predict)
 
 
-def run_desam(args, case, split, n: int, segmented: list[int], repeat: int) -> dict:
+def run_desam(args, case, split, n: int, segmented: list[int], repeat: int, strategy: str = "box") -> dict:
+    """DeSAM's automatic mode ``strategy`` (``box``: whole box; ``grid``: grid points)
+    trained on the same segmented slices (plus slices labelled absent, their mask empty)."""
     present = presence_from_mask(case.mask, AXIS)
     absent = [i for i in split.train[0].indices if not present[i]]
     n_empty = min(len(absent), math.ceil(0.3 * n * repeat))
@@ -184,18 +186,19 @@ def run_desam(args, case, split, n: int, segmented: list[int], repeat: int) -> d
     features = args.work_dir / "features"
     precompute(model, data, features)
     reader = FeatureReader(model, features, storage_dtype=STORAGE_DTYPE)
-    config = TrainConfig(family="desam", strategy="box", epochs=args.desam_epochs, batch_size=args.batch_size,
+    config = TrainConfig(family="desam", strategy=strategy, epochs=args.desam_epochs, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=0)
     family = get_family("desam")
     t0 = time.perf_counter()
-    result = Trainer(model, family, data, reader, config, args.work_dir / f"desam-box-{n}",
+    result = Trainer(model, family, data, reader, config, args.work_dir / f"desam-{strategy}-{n}",
                      events=lambda e: log.info("desam-%d %s", n, {k: e[k] for k in ("event", "epoch", "loss",
                                                "validation_dice") if k in e})).run(resume=False)
     seconds = time.perf_counter() - t0
     model.eval()
 
     def predict(index):
-        mask = family.predict(model, reader.load(case, AXIS, index, model.device), "box", config.prediction_options())
+        mask = family.predict(model, reader.load(case, AXIS, index, model.device), strategy,
+                              config.prediction_options())
         return mask, mask.any()
 
     row = score(case, split, predict)
@@ -217,7 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--box-jitter", type=float, default=0.1)
     parser.add_argument("--bn-momentum", type=float, default=0.3)
     parser.add_argument("--strategy", default="cam_box", choices=("gt_box", "cam_box"))
-    parser.add_argument("--only-sammix", action="store_true", help="leave out the CAM -> SAM and DeSAM baselines")
+    parser.add_argument("--rows", default="sammix,cam-sam,desam-box",
+                        help="what to run, of sammix, cam-sam (needs sammix), desam-box, desam-grid")
     parser.add_argument("--slice-step", type=int, default=1,
                         help="every n-th training slice carries its presence label")
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "slicer-desam" / "runs" / "sammix")
@@ -226,6 +230,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     counts = [int(s) for s in args.segmented.split(",") if s.strip()]
+    rows = {r.strip() for r in args.rows.split(",") if r.strip()}
+    unknown = rows - {"sammix", "cam-sam", "desam-box", "desam-grid"}
+    if unknown or ("cam-sam" in rows and "sammix" not in rows):
+        parser.error(f"--rows: unknown {sorted(unknown)} or cam-sam without sammix")
     if args.tiny:
         case = tiny_case()
     else:
@@ -240,23 +248,27 @@ def main(argv=None) -> int:
     for n in counts:
         segmented = choose_segmented(case, split, n)
         repeat = max(1, args.segmented_passes // n)
-        row, model = run_sammix(args, case, split, n, segmented, repeat)
-        report["runs"][f"sammix-{n}"] = row
-        row["strategy"] = args.strategy
-        if not args.only_sammix:
-            report["runs"][f"cam-sam-{n}"] = cam_zero_shot(args, case, split, model)
-            report["runs"][f"desam-box-{n}"] = run_desam(args, case, split, n, segmented, repeat)
-        report["runs"][f"sammix-{n}"]["segmented_slices"] = segmented
-        report["runs"][f"sammix-{n}"]["repeat"] = repeat
-        del model
+        if "sammix" in rows:
+            row, model = run_sammix(args, case, split, n, segmented, repeat)
+            report["runs"][f"sammix-{n}"] = row
+            row.update({"strategy": args.strategy, "segmented_slices": segmented, "repeat": repeat})
+            if "cam-sam" in rows:
+                report["runs"][f"cam-sam-{n}"] = cam_zero_shot(args, case, split, model)
+            del model
+        for strategy in ("box", "grid"):
+            if f"desam-{strategy}" in rows:
+                report["runs"][f"desam-{strategy}-{n}"] = run_desam(args, case, split, n, segmented, repeat,
+                                                                    strategy)
+                report["runs"][f"desam-{strategy}-{n}"]["segmented_slices"] = segmented
     report["total_seconds"] = time.perf_counter() - t_all
-    print("\nValidation slabs (whole, empty slices included):",
-          {k: report["runs"][f"sammix-{counts[0]}"][k] for k in ("slices", "empty_slices")})
+    first = next(iter(report["runs"].values()))
+    print("\nValidation slabs (whole, empty slices included):", {k: first[k] for k in ("slices", "empty_slices")})
     print(f"{'model':40}{'Dice':>8}{'presence acc.':>15}{'empty with mask':>17}{'s/step':>8}{'train s':>9}")
     for n in counts:
         for key, label in ((f"sammix-{n}", f"SAM-Mix ({args.strategy}), {n} segmented"),
                            (f"cam-sam-{n}", f"CAM boxes -> SAM (classifier of {n})"),
-                           (f"desam-box-{n}", f"DeSAM whole box, {n} segmented")):
+                           (f"desam-box-{n}", f"DeSAM whole box, {n} segmented"),
+                           (f"desam-grid-{n}", f"DeSAM grid points, {n} segmented")):
             r = report["runs"].get(key)
             if r is None:
                 continue
