@@ -224,7 +224,7 @@ def test_model_file_refusals(base, tmp_path):
     save_decoder(base, tmp_path / "desam.safetensors", structure="liver")
     refused(tmp_path / "desam.safetensors", r"format 'desam-decoder' \(a DeSAM decoder\) is not 'dbsam-model'")
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    refused(tmp_path / "junk.safetensors", "not a readable safetensors file")
+    refused(tmp_path / "junk.safetensors", "not a readable DB-SAM model file")
 
     def variant(name, **kw):
         path = tmp_path / f"{name}.safetensors"

@@ -31,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..atomic import atomic_write_bytes
-from ..modeling.checkpoint import CheckpointError
+from ..modeling.checkpoint import CheckpointError, read_metadata, read_safetensors
 from ..modeling.lora import lora_modules
 from .sammix import SamMix, build_sammix
 
@@ -112,19 +110,11 @@ def read_sammix(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     """The tensors and metadata of a SAM-Mix file, its container, format, version and
     adapter hash checked (not yet its fit to a model)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: SAM-Mix file not found")
-    raw = path.read_bytes()
-    try:
-        tensors = st_load(raw)
-        header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])
-        meta = json.loads(header["__metadata__"]["desam"])
-    except (SafetensorError, ValueError, OverflowError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not a readable SAM-Mix file (truncated, corrupt or without our "
-                              f"metadata): {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != SAMMIX_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path}: format {found!r} is not {SAMMIX_FORMAT!r} (a SAM-Mix model file)")
+    tensors, entries = read_safetensors(path, "SAM-Mix file")
+    meta = read_metadata(path, entries, "SAM-Mix file")
+    if meta.get("format") != SAMMIX_FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {SAMMIX_FORMAT!r} (a SAM-Mix model "
+                              "file)")
     if meta.get("format_version") != SAMMIX_FORMAT_VERSION:
         raise CheckpointError(f"{path}: SAM-Mix format version {meta.get('format_version')} is not supported "
                               f"(this build reads version {SAMMIX_FORMAT_VERSION})")

@@ -152,24 +152,46 @@ def save_decoder(
     return save_modules(model, path, model.decoder_modules(), format=format, structure=structure, training=training)
 
 
+def read_safetensors(path: str | os.PathLike, what: str, *, tensors: bool = True,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every file of ours is a safetensors container: its tensors (none when ``tensors`` is
+    false: the header alone is parsed) and its header's ``__metadata__`` entries.
+    ``CheckpointError`` names ``what`` for a missing file or an unreadable container."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    raw = path.read_bytes()
+    try:
+        loaded = st_load(raw) if tensors else {}
+        header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])
+        entries = header.get("__metadata__") or {}
+        if not isinstance(entries, dict):
+            raise ValueError("its __metadata__ is not a mapping")
+    except (SafetensorError, ValueError, OverflowError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt): {exc}") from exc
+    return loaded, entries
+
+
+def read_metadata(path: str | os.PathLike, entries: Mapping[str, str], what: str, key: str = "desam",
+                  ) -> dict[str, Any]:
+    """The JSON object stored under ``key`` in a container's metadata entries."""
+    try:
+        meta = json.loads(entries[key])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable {what}: no metadata of ours under {key!r} (another kind of "
+                              f"safetensors file?)") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a readable {what}: its {key!r} metadata is not a JSON object")
+    return meta
+
+
 def read_decoder(path: str | os.PathLike, *, format: str = DECODER_FORMAT,
                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and validate a decoder file's container and metadata (not yet the model fit);
     its format must be ``format``."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: decoder file not found")
-    raw = path.read_bytes()
-    try:
-        tensors = st_load(raw)
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + header_len])
-    except (SafetensorError, ValueError, OverflowError) as exc:
-        raise CheckpointError(f"{path}: not a readable DeSAM decoder file (truncated or corrupt): {exc}") from exc
-    try:
-        meta = json.loads(header.get("__metadata__", {})["desam"])
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: no DeSAM metadata in this safetensors file") from exc
+    tensors, entries = read_safetensors(path, "DeSAM decoder file")
+    meta = read_metadata(path, entries, "DeSAM decoder file")
     found = meta.get("format")
     if found != format:
         what = f" ({OTHER_FORMATS[found]})" if found in OTHER_FORMATS else ""
@@ -188,17 +210,9 @@ def read_model_metadata(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     model is the family's loader's to check. A DeSAM decoder file is read whole
     (``read_decoder``); the others' own readers check their tensors when loaded."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: model file not found")
-    raw = path.read_bytes()
-    try:
-        header_len = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8: 8 + header_len])
-        meta = json.loads(header["__metadata__"]["desam"])
-    except (ValueError, OverflowError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not a readable model file (truncated, corrupt or without our metadata): "
-                              f"{exc}") from exc
-    found = meta.get("format") if isinstance(meta, dict) else None
+    _, entries = read_safetensors(path, "model file", tensors=False)
+    meta = read_metadata(path, entries, "model file")
+    found = meta.get("format")
     if found not in SERVED_FORMATS:
         what = f" ({OTHER_FORMATS[found]})" if found in OTHER_FORMATS else ""
         raise CheckpointError(f"{path}: format {found!r}{what} is not one the service serves "

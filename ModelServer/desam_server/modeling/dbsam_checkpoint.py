@@ -26,13 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from ..atomic import atomic_write_bytes
-from .checkpoint import CheckpointError, _check_keys
+from .checkpoint import CheckpointError, _check_keys, read_metadata, read_safetensors
 from .dbsam_encoder import TRAINABLE_PARTS, DBSAMEncoder
 from .dbsam_parameters import dbsam_layout
 from .desam import DeSAM
@@ -117,16 +115,8 @@ def read_dbsam(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
     """Read a DB-SAM weights file's tensors and metadata, checking container, format and
     version (not yet the fit to an encoder)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: DB-SAM weights file not found")
-    raw = path.read_bytes()
-    try:
-        tensors = st_load(raw)
-        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-        meta = json.loads(header["__metadata__"][METADATA_KEY])
-    except (SafetensorError, ValueError, OverflowError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not a readable DB-SAM weights file (truncated, corrupt or another "
-                              f"kind of safetensors file): {exc}") from exc
+    tensors, entries = read_safetensors(path, "DB-SAM weights file")
+    meta = read_metadata(path, entries, "DB-SAM weights file", METADATA_KEY)
     if meta.get("format") != DBSAM_FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {DBSAM_FORMAT!r}")
     if meta.get("format_version") != DBSAM_FORMAT_VERSION:

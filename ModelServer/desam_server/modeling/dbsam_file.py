@@ -31,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..atomic import atomic_write_bytes
-from .checkpoint import DECODER_FORMAT, OTHER_FORMATS, CheckpointError, _check_keys
+from .checkpoint import DECODER_FORMAT, OTHER_FORMATS, CheckpointError, _check_keys, read_metadata, read_safetensors
 from .dbsam_checkpoint import DBSAM_FORMAT, SHAPE_HYPER_PARAMETERS, dbsam_state_dict, dbsam_weights_sha256
 from .dbsam_model import DBSAM
 
@@ -85,25 +83,12 @@ def read_dbsam_model(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     """A DB-SAM model file's tensors and metadata, after checking container, format,
     version and the recorded hash (not yet the fit to a model)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: DB-SAM model file not found")
-    raw = path.read_bytes()
-    try:
-        tensors = st_load(raw)
-        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-        entries = header.get("__metadata__") or {}
-    except (SafetensorError, ValueError, OverflowError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt): {exc}") from exc
-    if METADATA_KEY not in entries:
-        if "dbsam" in entries:
-            raise CheckpointError(f"{path}: this is a DB-SAM encoder weights file ({DBSAM_FORMAT!r}: the encoder "
-                                  f"blocks alone, no mask decoder), not a {DBSAM_MODEL_FORMAT!r} file")
-        raise CheckpointError(f"{path}: no DB-SAM model metadata in this safetensors file")
-    try:
-        meta = json.loads(entries[METADATA_KEY])
-        found = meta.get("format")
-    except (json.JSONDecodeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: unreadable metadata: {exc}") from exc
+    tensors, entries = read_safetensors(path, "DB-SAM model file")
+    if METADATA_KEY not in entries and "dbsam" in entries:
+        raise CheckpointError(f"{path}: this is a DB-SAM encoder weights file ({DBSAM_FORMAT!r}: the encoder "
+                              f"blocks alone, no mask decoder), not a {DBSAM_MODEL_FORMAT!r} file")
+    meta = read_metadata(path, entries, "DB-SAM model file", METADATA_KEY)
+    found = meta.get("format")
     if found != DBSAM_MODEL_FORMAT:
         what = {DECODER_FORMAT: "a DeSAM decoder", **OTHER_FORMATS}.get(found)
         raise CheckpointError(f"{path}: format {found!r}{f' ({what})' if what else ''} is not "

@@ -25,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from segment_anything.modeling.image_encoder import Attention as SamAttention
 from torch import nn
 
 from ..atomic import atomic_write_bytes
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, read_metadata, read_safetensors
 from .lora_linear import LoRALinear
 from .tiny_vit_blocks import WindowAttention
 
@@ -149,16 +147,8 @@ def save_lora(encoder: nn.Module, path: str | os.PathLike, *, encoder_name: str,
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and metadata of a ``sam-lora`` file, its container and format checked."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: LoRA file not found")
-    raw = path.read_bytes()
-    try:
-        tensors = st_load(raw)
-        header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])
-        meta = json.loads(header["__metadata__"]["desam"])
-    except (SafetensorError, ValueError, OverflowError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: not a readable LoRA file (truncated, corrupt or without metadata): "
-                              f"{exc}") from exc
+    tensors, entries = read_safetensors(path, "LoRA file")
+    meta = read_metadata(path, entries, "LoRA file")
     if meta.get("format") != LORA_FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} is not {LORA_FORMAT!r}")
     if meta.get("format_version") != LORA_FORMAT_VERSION:
