@@ -64,6 +64,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segmented-slices", action="append", default=None, metavar="I,J,...",
                    help="sammix: the slices of a case whose segmentation trains SAM (the other slices give presence "
                         "labels only, from the case's label); once per --case, in order")
+    p.add_argument("--present-slices", action="append", default=None, metavar="I,J,A-B,...",
+                   help="sammix: the slices of a case holding the structure (indices and ranges; every other slice "
+                        "is labelled absent); default: the slices where the case's label is not empty; once per "
+                        "--case, in order")
     p.add_argument("--family-option", action="append", default=[], metavar="KEY=JSON",
                    help="an option of the family (training.family.get_family), e.g. classifier_depth=18; repeat")
     p.add_argument("--epochs", type=int, default=50)
@@ -90,24 +94,38 @@ def _cases(args):
     cases = [load_case(v, lab, structure=args.structure, segment=args.segment, window=window,
                        modality=args.modality) for v, lab in args.case]
     segmented = getattr(args, "segmented_slices", None)
+    present = getattr(args, "present_slices", None)
     if getattr(args, "family", "desam") != "sammix":
-        if segmented:
-            raise ValueError("--segmented-slices is for --family sammix")
+        if segmented or present:
+            raise ValueError("--segmented-slices and --present-slices are for --family sammix")
         return cases
     from .training.sammix_data import sammix_case_from_case
 
     if not segmented or len(segmented) != len(cases):
         raise ValueError(f"--family sammix needs one --segmented-slices per --case ({len(cases)}), got "
                          f"{len(segmented or [])}")
-    return [sammix_case_from_case(case, axis=args.axis, segmented=[int(i) for i in _ints(text, "--segmented-slices")])
-            for case, text in zip(cases, segmented, strict=True)]
+    if present is not None and len(present) != len(cases):
+        raise ValueError(f"give one --present-slices per --case ({len(cases)}) or none, got {len(present)}")
+    return [sammix_case_from_case(case, axis=args.axis, segmented=_ints(text, "--segmented-slices"),
+                                  present_slices=None if present is None else _ints(present[n], "--present-slices"))
+            for n, (case, text) in enumerate(zip(cases, segmented, strict=True))]
 
 
 def _ints(text: str, what: str) -> list[int]:
+    """Slice indices from ``I,J,A-B`` (a range A-B includes both ends)."""
+    out: list[int] = []
     try:
-        return [int(p) for p in text.replace(" ", "").split(",") if p]
+        for part in text.replace(" ", "").split(","):
+            if "-" in part[1:]:
+                first, last = (int(v) for v in part.split("-", 1))
+                if last < first:
+                    raise ValueError
+                out.extend(range(first, last + 1))
+            elif part:
+                out.append(int(part))
     except ValueError:
-        raise ValueError(f"{what}: comma-separated slice indices, got {text!r}") from None
+        raise ValueError(f"{what}: comma-separated slice indices or ranges (12-40), got {text!r}") from None
+    return out
 
 
 def _family_options(items: list[str]) -> dict:

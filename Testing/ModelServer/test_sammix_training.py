@@ -95,6 +95,29 @@ def test_presence_labels_and_segmented_slices_must_agree():
     assert case.known(0) and case.known(3) and not case.known(4) and case.known(7)
 
 
+def test_a_case_with_a_label_becomes_a_sammix_case_from_slice_lists():
+    """``sammix_case_from_case`` (the command line's and the API's way): the label kept on
+    the segmented slices; presence from the label, or from ``present_slices``."""
+    from desam_server.cli_training import _ints
+
+    plain = phantom_cases(1)[0]
+    present = np.flatnonzero(presence_from_mask(plain.mask, "k"))
+    derived = sammix_case_from_case(plain, axis="k", segmented=[int(present[0])])
+    assert derived.presence.tolist() == presence_from_mask(plain.mask, "k").tolist()
+    assert np.array_equal(derived.mask, keep_slices(plain.mask, "k", [int(present[0])]))
+    listed = sammix_case_from_case(plain, axis="k", segmented=[int(present[0])],
+                                   present_slices=present.tolist())
+    assert listed.presence.tolist() == derived.presence.tolist() and listed.window == plain.window
+    with pytest.raises(CaseError, match="segmented slice 99 is outside"):
+        sammix_case_from_case(plain, axis="k", segmented=[99])
+    with pytest.raises(CaseError, match="labelled absent"):
+        sammix_case_from_case(plain, axis="k", segmented=[int(present[0])], present_slices=present[1:].tolist())
+    assert _ints("1, 3,5-7", "--present-slices") == [1, 3, 5, 6, 7]
+    for bad in ("1,x", "7-5"):
+        with pytest.raises(ValueError, match="slice indices or ranges"):
+            _ints(bad, "--present-slices")
+
+
 def test_a_run_needs_segmented_slices_and_both_presence_classes():
     plain = phantom_cases(3)
     no_segmentation = [sammix_case_from_case(c, axis="k", segmented=[]) for c in plain]

@@ -24,8 +24,7 @@ import numpy as np
 
 from ..io import Geometry, Volume
 from ..training.cases import Case, CaseError, case_from_arrays
-from ..training.sammix_data import keep_slices, presence_from_mask, sammix_case
-from ..wire import axis_dimension
+from ..training.sammix_data import sammix_case_from_case
 from .errors import NotFound, ServiceError, Unprocessable
 from .volume_store import VolumeStore
 
@@ -93,18 +92,9 @@ def family_cases(cases: list[Case], refs: Sequence[dict], *, family: str, axis: 
         if not segmented:
             raise Unprocessable(f"{what}: a {SLICE_LISTS_FAMILY} case needs segmented_slices: the slices (along "
                                 f"{axis}) whose label trains SAM")
-        count = case.volume.shape[axis_dimension(axis)]
-        outside = [i for i in segmented if i >= count]
-        if outside:
-            raise Unprocessable(f"{what}: segmented slice {outside[0]} is outside the volume's {count} slices "
-                                f"along {axis}")
-        present = ref.get("present_slices")
         try:
-            out.append(sammix_case(case.volume, structure=case.structure,
-                                   segmentation=keep_slices(case.mask, axis, segmented), segmented=segmented,
-                                   axis=axis, window=case.window, group=case.group,
-                                   presence=None if present is not None else presence_from_mask(case.mask, axis),
-                                   present_slices=present))
+            out.append(sammix_case_from_case(case, axis=axis, segmented=segmented,
+                                             present_slices=ref.get("present_slices")))
         except CaseError as exc:
             raise Unprocessable(f"{what}: {exc}") from None
     return out

@@ -136,14 +136,24 @@ def sammix_case(volume: Volume, *, structure: str, segmentation: np.ndarray, seg
                       window=window, group=group, axis=axis, presence=presence, segmented=tuple(segmented))
 
 
-def sammix_case_from_case(case: Case, *, axis: str, segmented: Sequence[int]) -> SamMixCase:
-    """A SAM-Mix case from a case with a whole-volume segmentation: presence labels
-    derived from it (``presence_from_mask``), its label kept on the ``segmented`` slices
-    only. The same volume, window and group."""
+def sammix_case_from_case(case: Case, *, axis: str, segmented: Sequence[int],
+                          present_slices: Sequence[int] | None = None) -> SamMixCase:
+    """A SAM-Mix case from a case: its label kept on the ``segmented`` slices only;
+    presence labels from ``present_slices`` (the slices holding the structure, every other
+    one absent) or, by default, derived from the label as a whole-volume segmentation
+    (``presence_from_mask``). The same volume, window and group. ``CaseError`` for an
+    index outside the volume or lists that contradict the label."""
+    if axis not in AXES:
+        raise CaseError(f"unknown axis {axis!r}; use one of {', '.join(AXES)}")
     segmented = [int(i) for i in segmented]
-    return SamMixCase(volume=case.volume, mask=keep_slices(case.mask, axis, segmented), structure=case.structure,
-                      window=case.window, group=case.group, axis=axis, presence=presence_from_mask(case.mask, axis),
-                      segmented=tuple(segmented))
+    count = case.volume.shape[axis_dimension(axis)]
+    outside = [i for i in segmented if not 0 <= i < count]
+    if outside:
+        raise CaseError(f"segmented slice {outside[0]} is outside the volume's {count} slices along {axis}")
+    presence = None if present_slices is not None else presence_from_mask(case.mask, axis)
+    return sammix_case(case.volume, structure=case.structure, segmentation=keep_slices(case.mask, axis, segmented),
+                       segmented=segmented, axis=axis, presence=presence, present_slices=present_slices,
+                       window=case.window, group=case.group)
 
 
 @dataclass
