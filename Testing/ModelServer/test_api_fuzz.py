@@ -105,8 +105,11 @@ STATE_DEPENDENT = {
     "POST /segment/propagate": [  # the extent, the seed within the bounds, the wire mask's contents
         SLICE, r"slice range \[[0-9]+, [0-9]+\) is not within", "the seed slice [0-9]+ is outside the range",
         "^mask", "the seed mask is empty"],
-    "POST /training": ["strategy '[a-z_]+' is not one of the [a-z_]+ family's"],  # JSON Schema cannot tie the
-    # strategy to the family's value (DB-SAM trains with boxes only)
+    "POST /training": ["strategy '[a-z_]+' is not one of the [a-z_]+ family's",  # JSON Schema cannot tie the
+                       # strategy to the family's value (DB-SAM trains with boxes only), nor check a family's
+                       # own options (config.family_options: any JSON object in the schema)
+                       "^options: (the [a-z_]+ family takes no options|unknown sammix options|[a-z_]+ must be|"
+                       "classifier_output_stride .* is not one of|rank must be|focal_gamma and)"],
     "PUT /volumes/{volume_id}/labels/{structure}": [  # the mask payload's bytes, and its fit to the volume
         "label payload rejected: ", "does not match the volume's shape", "a label is the whole volume along",
         "the label of .* is empty", "the label payload belongs to volume"],

@@ -186,7 +186,7 @@ def test_label_box_jitter_stays_in_the_slice():
 
 
 def test_family_options_are_checked(tiny_model):
-    with pytest.raises(ValueError, match="unknown sammix options: depth"):
+    with pytest.raises(ValueError, match="unknown sammix options: 'depth'"):
         get_family("sammix", {"depth": 18})
     with pytest.raises(ValueError, match="the desam family takes no options"):
         get_family("desam", {"classifier_depth": 18})

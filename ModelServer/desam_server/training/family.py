@@ -122,7 +122,15 @@ def get_family(name: str, options: dict[str, Any] | None = None) -> ModelFamily:
 
 def _no_options(name: str, options: dict[str, Any]) -> None:
     if options:
-        raise ValueError(f"the {name} family takes no options, got {', '.join(sorted(options))}")
+        raise ValueError(f"the {name} family takes no options, got {option_names(options)}")
+
+
+def option_names(options: dict[str, Any], most: int = 8) -> str:
+    """The names of ``options`` for an error message: quoted, each cut to 40 characters,
+    at most ``most`` of them (they come from a request)."""
+    names = sorted(options)
+    shown = ", ".join(repr(name[:40]) for name in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _desam(**options):

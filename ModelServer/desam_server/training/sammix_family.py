@@ -48,7 +48,7 @@ from ..modeling.lora import lora_modules
 from ..modeling.sammix_loss import SamMixLoss
 from ..modeling.slice_classifier import DILATIONS, RESNETS
 from .desam_family import low_res_target
-from .family import SliceImage, TrainItem
+from .family import SliceImage, TrainItem, option_names
 from .sammix_data import SamMixTrainingData, build_sammix_data
 
 __all__ = ["SamMixFamily", "SamMixSettings", "SamMixTrainingModule", "label_box", "STRATEGIES"]
@@ -172,7 +172,8 @@ class SamMixFamily:
         known = {f.name for f in fields(SamMixSettings)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown sammix options: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown sammix options: {option_names(dict.fromkeys(unknown))}; known: "
+                             f"{', '.join(sorted(known))}")
         self.settings = SamMixSettings(**options)
         s = self.settings
         self.loss_fn = SamMixLoss(focal_weight=s.focal_weight, dice_weight=s.dice_weight, alpha=s.focal_alpha,
