@@ -14,8 +14,12 @@ mask-embedding fusion" (``PDMM(fuse_mask_embedding=False)``): the same grid stra
 and grid procedure; PRIM only scores prompts, PDMM's mask does not depend on them. Its
 files have a format of their own, which the service refuses.
 
-Dice and cross-entropy are MONAI's ``DiceCELoss`` (sigmoid, per-sample Dice: an empty
-slice predicted empty costs nothing), the IoU term ``torch.nn.MSELoss``.
+Dice and cross-entropy are MONAI's ``DiceCELoss`` (sigmoid, per-sample Dice, MONAI's
+default smoothing 1e-5), the IoU term ``torch.nn.MSELoss``. On a slice with an empty
+target the Dice term stays near its full 1 until every logit is below about -24
+(measured: 1.0 at -8, 0.998 at -16, 0.20 at -24): empty training slices
+(``empty_ratio``) pull the logits far below the mask threshold, and they hold up a
+run's reported loss until they do (docs/DBSAM.md, "The paper's 12 epochs").
 Targets live in the logits' frame: the label resized like the image (longest side to the
 input size) and padded, at a quarter of the input size.
 """
