@@ -18,7 +18,7 @@ What a family reads per slice is its ``input_kind``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -125,10 +125,10 @@ def _no_options(name: str, options: dict[str, Any]) -> None:
         raise ValueError(f"the {name} family takes no options, got {option_names(options)}")
 
 
-def option_names(options: dict[str, Any], most: int = 8) -> str:
-    """The names of ``options`` for an error message: quoted, each cut to 40 characters,
-    at most ``most`` of them (they come from a request)."""
-    names = sorted(options)
+def option_names(names: Iterable[str], most: int = 8) -> str:
+    """Option names for an error message: quoted, each cut to 40 characters, at most
+    ``most`` of them (they come from a request)."""
+    names = sorted(names)
     shown = ", ".join(repr(name[:40]) for name in names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 

@@ -24,9 +24,8 @@ import numpy as np
 from ..atomic import atomic_write_bytes
 from ..engine.preprocess import IntensityWindow
 from ..io import Geometry, Volume
-from ..wire import axis_dimension
 from .cases import Case
-from .sammix_data import SamMixCase
+from .sammix_data import SamMixCase, sammix_case
 
 __all__ = ["JobSpec", "write_cases", "read_cases", "write_spec", "read_spec", "SPEC_FILE", "OUTPUT_DIR", "CASES_DIR"]
 
@@ -107,11 +106,10 @@ def read_cases(job_dir: Path, entries: Sequence[dict]) -> list[Case]:
         volume = Volume(array, geometry)
         if "sammix" in entry:
             labels = entry["sammix"]
-            presence = np.zeros(volume.shape[axis_dimension(labels["axis"])], dtype=bool)
-            presence[labels["present_slices"]] = True
-            cases.append(SamMixCase(volume=volume, mask=mask, structure=entry["structure"], window=window,
-                                    group=entry.get("group"), axis=labels["axis"], presence=presence,
-                                    segmented=tuple(labels["segmented_slices"])))
+            cases.append(sammix_case(volume, structure=entry["structure"], segmentation=mask,
+                                     segmented=labels["segmented_slices"], axis=labels["axis"],
+                                     present_slices=labels["present_slices"], window=window,
+                                     group=entry.get("group")))
             continue
         cases.append(Case(volume=volume, mask=mask, structure=entry["structure"], window=window,
                           group=entry.get("group")))

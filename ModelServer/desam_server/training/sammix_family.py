@@ -172,7 +172,7 @@ class SamMixFamily:
         known = {f.name for f in fields(SamMixSettings)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown sammix options: {option_names(dict.fromkeys(unknown))}; known: "
+            raise ValueError(f"unknown sammix options: {option_names(unknown)}; known: "
                              f"{', '.join(sorted(known))}")
         self.settings = SamMixSettings(**options)
         s = self.settings
